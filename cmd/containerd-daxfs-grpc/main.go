@@ -28,6 +28,9 @@ func commands() map[string]command {
 		"region":  {"region init|status|ls|gc|verify: operate the shared memory region", runRegion},
 		"mount":   {"mount IMAGE DIR: mount an image file or region entry read-only", runMount},
 		"umount":  {"umount DIR: unmount what mount mounted", runUmount},
+		// fuse-serve is the long-lived FUSE serving process the daemon
+		// starts; operators do not run it by hand.
+		"fuse-serve": {"fuse-serve: serve FUSE mounts (started by the daemon)", runFuseServe},
 	}
 }
 
