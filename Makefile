@@ -1,0 +1,46 @@
+# containerd-daxfs: build, test and demo targets. Run as root on Debian with Go.
+GO        ?= go
+FUZZTIME  ?= 10s
+BIN       := bin/containerd-daxfs-grpc
+# Packages with goroutines or cross-process state run under the race detector.
+RACE_PKGS := ./daxmem/... ./mounter/... ./snapshotter/...
+
+.PHONY: all build deps check test unit fuzz bench demo clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/containerd-daxfs-grpc
+
+deps:
+	scripts/deps.sh
+
+# check fails on unformatted files and vet findings.
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# test is the whole suite: what CI runs (.ci/run) and what the README says.
+test: deps check build unit fuzz
+
+unit:
+	$(GO) test -count=1 -race -timeout 15m $(RACE_PKGS)
+	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v -e /daxmem -e /mounter -e /snapshotter)
+
+# fuzz runs every fuzz target of the module for FUZZTIME each.
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+			echo "fuzz $$pkg $$f ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
+
+demo: deps build
+	scripts/demo.sh
+
+clean:
+	rm -rf bin
