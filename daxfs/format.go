@@ -1,20 +1,3 @@
-// Package daxfs writes and reads DAXFS v5 static images, the format the
-// out-of-tree Linux daxfs module mounts, plus an optional extension block
-// (mtimes, xattrs, device numbers) that the kernel ignores.
-//
-// The package is pure: bytes in, bytes out. It knows nothing of containers,
-// OCI whiteouts or the shared memory region.
-//
-// Layout (all integers little-endian, offsets in the base image relative to
-// the base image start, which is 4096 bytes into the image):
-//
-//	0       superblock (4096 bytes)
-//	4096    base superblock (4096 bytes)
-//	...     inode table, directory arrays, symlink targets, page-aligned
-//	        file data and the extension block, in an order that obeys the
-//	        rules in ../DESIGN (section 3). Our Writer streams file data
-//	        first and writes the metadata after it; the offsets in the
-//	        superblocks say where each part is.
 package daxfs
 
 import "errors"
@@ -37,6 +20,19 @@ const (
 	// area (offset 48) and at the start of the block itself.
 	ExtMagic   = 0x31455844 // "DXE1"
 	ExtVersion = 1
+
+	// ExtFlagSorted in the extension header's flags says every directory's
+	// entries are sorted by name in byte order.
+	ExtFlagSorted = 1 << 0
+
+	// MaxXattrValue is the largest xattr value we store (XATTR_SIZE_MAX).
+	MaxXattrValue = 65536
+	// MaxSymlinkLen is the longest symlink target we store (PATH_MAX - 1).
+	MaxSymlinkLen = 4095
+
+	extHeaderSize = 32
+	extRecordSize = 32
+	xattrHdrSize  = 8
 )
 
 // File type bits of Inode.Mode, as in stat(2).
@@ -62,6 +58,9 @@ var (
 	ErrNameTooLong  = errors.New("daxfs: name longer than 255 bytes")
 	ErrTooManyNodes = errors.New("daxfs: more than 2^32-1 inodes")
 	ErrNoSpace      = errors.New("daxfs: image does not fit its output")
+	// ErrInvalidHeader: a Header the image cannot represent (unknown file
+	// type, bad symlink target, bad xattr, negative size, ...).
+	ErrInvalidHeader = errors.New("daxfs: invalid entry")
 )
 
 // Inode is one decoded entry of the inode table.
@@ -79,7 +78,8 @@ func (in Inode) IsDir() bool     { return in.Mode&ModeTypeMask == ModeDir }
 func (in Inode) IsRegular() bool { return in.Mode&ModeTypeMask == ModeRegular }
 func (in Inode) IsSymlink() bool { return in.Mode&ModeTypeMask == ModeSymlink }
 
-// Dirent is one directory entry.
+// Dirent is one directory entry. Name aliases the image bytes (no copy):
+// it stays valid as long as the image memory stays mapped.
 type Dirent struct {
 	Name string
 	Ino  uint32

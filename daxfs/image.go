@@ -1,74 +1,441 @@
 package daxfs
 
+import (
+	"fmt"
+	"strings"
+	"unsafe"
+)
+
 // Image reads a DAXFS image held in a byte slice (usually an mmapped window
 // of the region). It copies nothing it does not have to: Data and Readlink
-// return sub-slices of the image. Every accessor is bounds checked and
-// returns an error wrapping ErrCorrupt rather than panicking, even on an
-// image that was never validated.
+// return sub-slices of the image, and Dirent names alias it. Every accessor
+// is bounds checked and returns an error wrapping ErrCorrupt rather than
+// panicking, even on an image that was never validated.
 type Image struct {
-	b []byte
+	b        []byte
+	base     []byte // the base image: b[BaseOffset : BaseOffset+base_size]
+	total    uint64
+	inodeOff uint64
+	count    uint32
+	dataOff  uint64
+	sorted   bool
+	ext      []byte // the extension block, nil if none
+	xattrs   []byte // the extension block's xattr area
+}
+
+func corrupt(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrCorrupt}, args...)...)
 }
 
 // Open checks the two superblocks (magics, version, block size, that the
 // inode table and extension block lie inside b) and returns an Image. It does
 // not walk the tree: call Validate for that.
-func Open(b []byte) (*Image, error) { return nil, errUnimplemented }
+func Open(b []byte) (*Image, error) {
+	if len(b) < BaseOffset+BlockSize {
+		return nil, corrupt("image of %d bytes is smaller than its two superblocks", len(b))
+	}
+	switch {
+	case le.Uint32(b[0:]) != SuperMagic:
+		return nil, corrupt("superblock: bad magic %#x", le.Uint32(b[0:]))
+	case le.Uint32(b[4:]) != Version:
+		return nil, corrupt("superblock: version %d, want %d", le.Uint32(b[4:]), Version)
+	case le.Uint32(b[12:]) != BlockSize:
+		return nil, corrupt("superblock: block size %d, want %d", le.Uint32(b[12:]), BlockSize)
+	case le.Uint64(b[24:]) != BaseOffset:
+		return nil, corrupt("superblock: base_offset %d, want %d", le.Uint64(b[24:]), BaseOffset)
+	case le.Uint32(b[48:]) != 0 || le.Uint64(b[40:]) != 0:
+		return nil, corrupt("superblock: branch table present: not a static image")
+	case le.Uint64(b[80:]) != 0:
+		return nil, corrupt("superblock: delta region present: not a static image")
+	}
+	total, baseSize := le.Uint64(b[16:]), le.Uint64(b[32:])
+	switch {
+	case total > uint64(len(b)):
+		return nil, corrupt("superblock: total_size %d exceeds the %d bytes given", total, len(b))
+	case baseSize < BlockSize || baseSize > total-BaseOffset || total < BaseOffset:
+		return nil, corrupt("superblock: base_size %d does not fit total_size %d", baseSize, total)
+	}
+	im := &Image{b: b, base: b[BaseOffset : BaseOffset+baseSize], total: total}
+	bs := im.base
+	switch {
+	case le.Uint32(bs[0:]) != BaseMagic:
+		return nil, corrupt("base superblock: bad magic %#x", le.Uint32(bs[0:]))
+	case le.Uint32(bs[4:]) != Version:
+		return nil, corrupt("base superblock: version %d, want %d", le.Uint32(bs[4:]), Version)
+	case le.Uint32(bs[8:]) != 0:
+		return nil, corrupt("base superblock: flags %#x: external backing file not supported", le.Uint32(bs[8:]))
+	case le.Uint32(bs[12:]) != BlockSize:
+		return nil, corrupt("base superblock: block size %d, want %d", le.Uint32(bs[12:]), BlockSize)
+	case le.Uint64(bs[16:]) != baseSize:
+		return nil, corrupt("base superblock: total_size %d differs from base_size %d", le.Uint64(bs[16:]), baseSize)
+	case le.Uint32(bs[36:]) != RootIno:
+		return nil, corrupt("base superblock: root inode %d, want %d", le.Uint32(bs[36:]), RootIno)
+	}
+	im.inodeOff, im.count, im.dataOff = le.Uint64(bs[24:]), le.Uint32(bs[32:]), le.Uint64(bs[40:])
+	switch {
+	case im.count == 0:
+		return nil, corrupt("base superblock: no inodes")
+	case im.inodeOff < BlockSize || im.inodeOff > baseSize || uint64(im.count)*InodeSize > baseSize-im.inodeOff:
+		return nil, corrupt("base superblock: inode table (%d inodes at %d) outside the base image of %d bytes", im.count, im.inodeOff, baseSize)
+	case im.dataOff > baseSize:
+		return nil, corrupt("base superblock: data_offset %d outside the base image of %d bytes", im.dataOff, baseSize)
+	}
+	if le.Uint32(bs[48:]) == ExtMagic {
+		if v := le.Uint32(bs[52:]); v != ExtVersion {
+			return nil, corrupt("extension header: version %d, want %d", v, ExtVersion)
+		}
+		flags := le.Uint32(bs[56:])
+		if flags&^uint32(ExtFlagSorted) != 0 {
+			return nil, corrupt("extension header: unknown flags %#x", flags)
+		}
+		im.sorted = flags&ExtFlagSorted != 0
+		off, size := le.Uint64(bs[64:]), le.Uint64(bs[72:])
+		if size != 0 || off != 0 {
+			if err := im.openExt(off, size); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return im, nil
+}
 
-// Validate checks the whole image in time linear in its size: every offset,
-// size, count and inode number, names (non-empty, no '/', no NUL, at most
-// 255 bytes, no duplicates, not "." or ".."), 4096 alignment of file data,
-// NUL-terminated symlinks, nlink, that no entry points at an unused slot,
-// and that every used inode is reachable from the root. The error names the
-// inode and the rule broken.
-func Validate(b []byte) error { return errUnimplemented }
+func (im *Image) openExt(off, size uint64) error {
+	bsz := uint64(len(im.base))
+	if off < BlockSize || off > bsz || size > bsz-off || off%8 != 0 {
+		return corrupt("extension block (%d bytes at %d) outside the base image of %d bytes", size, off, bsz)
+	}
+	e := im.base[off : off+size]
+	if size < extHeaderSize {
+		return corrupt("extension block of %d bytes is shorter than its header", size)
+	}
+	switch {
+	case le.Uint32(e[0:]) != ExtMagic:
+		return corrupt("extension block: bad magic %#x", le.Uint32(e[0:]))
+	case le.Uint32(e[4:]) != ExtVersion:
+		return corrupt("extension block: version %d, want %d", le.Uint32(e[4:]), ExtVersion)
+	case le.Uint32(e[8:]) != im.count:
+		return corrupt("extension block: %d records for %d inodes", le.Uint32(e[8:]), im.count)
+	case le.Uint32(e[12:]) != extRecordSize:
+		return corrupt("extension block: record size %d, want %d", le.Uint32(e[12:]), extRecordSize)
+	}
+	xoff, xsize := le.Uint64(e[16:]), le.Uint64(e[24:])
+	if want := extHeaderSize + uint64(im.count)*extRecordSize; xoff != want || xsize != size-xoff || xoff > size {
+		return corrupt("extension block: xattr area (%d bytes at %d) does not end the %d-byte block after %d records", xsize, xoff, size, im.count)
+	}
+	im.ext = e
+	im.xattrs = e[xoff:]
+	return nil
+}
 
 // Bytes returns the image bytes the Image reads.
 func (im *Image) Bytes() []byte { return im.b }
 
 // InodeCount returns the number of inode table slots (used or not).
-func (im *Image) InodeCount() uint32 { return 0 }
+func (im *Image) InodeCount() uint32 { return im.count }
 
 // TotalSize returns the superblock's total_size: the window the image
 // needs mapped, which for a view includes the layers it references.
-func (im *Image) TotalSize() uint64 { return 0 }
+func (im *Image) TotalSize() uint64 { return im.total }
+
+// Sorted reports whether the image says its directory entries are sorted
+// by name (images our Writer made), so Lookup can binary search.
+func (im *Image) Sorted() bool { return im.sorted }
+
+// rawInode decodes slot ino (1-based) without checking it.
+func (im *Image) rawInode(ino uint32) Inode {
+	r := im.base[im.inodeOff+uint64(ino-1)*InodeSize:]
+	return Inode{
+		Ino:        le.Uint32(r[0:]),
+		Mode:       le.Uint32(r[4:]),
+		UID:        le.Uint32(r[8:]),
+		GID:        le.Uint32(r[12:]),
+		Size:       le.Uint64(r[16:]),
+		DataOffset: le.Uint64(r[24:]),
+		Nlink:      le.Uint32(r[32:]),
+	}
+}
 
 // Inode returns inode ino (1-based).
-func (im *Image) Inode(ino uint32) (Inode, error) { return Inode{}, errUnimplemented }
+func (im *Image) Inode(ino uint32) (Inode, error) {
+	if ino == 0 || ino > im.count {
+		return Inode{}, fmt.Errorf("inode %d: %w (image has %d)", ino, ErrNotExist, im.count)
+	}
+	in := im.rawInode(ino)
+	if in.Ino != ino {
+		if in.Ino == 0 && in.Mode == 0 {
+			return Inode{}, fmt.Errorf("inode %d: %w: unused slot", ino, ErrNotExist)
+		}
+		return Inode{}, corrupt("inode %d: slot holds ino %d", ino, in.Ino)
+	}
+	return in, nil
+}
+
+// span returns base[off:off+n] or an error.
+func (im *Image) span(off, n uint64, what string, ino uint32) ([]byte, error) {
+	if off > uint64(len(im.base)) || n > uint64(len(im.base))-off {
+		return nil, corrupt("inode %d: %s (%d bytes at %d) outside the base image of %d bytes", ino, what, n, off, len(im.base))
+	}
+	return im.base[off : off+n], nil
+}
+
+func (im *Image) dirInode(dir uint32) (Inode, error) {
+	in, err := im.Inode(dir)
+	if err != nil {
+		return in, err
+	}
+	if !in.IsDir() {
+		return in, fmt.Errorf("inode %d: %w", dir, ErrNotDir)
+	}
+	return in, nil
+}
+
+// direntAt decodes entry i of directory inode in (i < count).
+func (im *Image) direntAt(in Inode, i uint64) (Dirent, error) {
+	off := in.DataOffset + i*DirentStride
+	if off < in.DataOffset {
+		return Dirent{}, corrupt("inode %d: entry %d offset overflows", in.Ino, i)
+	}
+	h, err := im.span(off, 16, "directory entry", in.Ino)
+	if err != nil {
+		return Dirent{}, err
+	}
+	nl := uint64(le.Uint16(h[8:]))
+	if nl == 0 || nl > MaxNameLen {
+		return Dirent{}, corrupt("inode %d: entry %d: name length %d", in.Ino, i, nl)
+	}
+	name, err := im.span(off+16, nl, "directory entry name", in.Ino)
+	if err != nil {
+		return Dirent{}, err
+	}
+	return Dirent{Name: unsafe.String(&name[0], len(name)), Ino: le.Uint32(h[0:]), Mode: le.Uint32(h[4:])}, nil
+}
 
 // Lookup finds name in directory dir: binary search in images our Writer
 // made (entries sorted by name in byte order), linear search otherwise.
-func (im *Image) Lookup(dir uint32, name string) (Dirent, error) { return Dirent{}, errUnimplemented }
+func (im *Image) Lookup(dir uint32, name string) (Dirent, error) {
+	in, err := im.dirInode(dir)
+	if err != nil {
+		return Dirent{}, err
+	}
+	n := in.Size / DirentSize
+	if im.sorted {
+		lo, hi := uint64(0), n
+		for lo < hi {
+			mid := lo + (hi-lo)/2
+			d, err := im.direntAt(in, mid)
+			if err != nil {
+				return Dirent{}, err
+			}
+			switch c := strings.Compare(d.Name, name); {
+			case c == 0:
+				return d, nil
+			case c < 0:
+				lo = mid + 1
+			default:
+				hi = mid
+			}
+		}
+	} else {
+		for i := uint64(0); i < n; i++ {
+			d, err := im.direntAt(in, i)
+			if err != nil {
+				return Dirent{}, err
+			}
+			if d.Name == name {
+				return d, nil
+			}
+		}
+	}
+	return Dirent{}, fmt.Errorf("inode %d: %q: %w", dir, name, ErrNotExist)
+}
 
 // LookupPath resolves a slash-separated path from the root without
 // following symlinks.
-func (im *Image) LookupPath(path string) (Inode, error) { return Inode{}, errUnimplemented }
+func (im *Image) LookupPath(path string) (Inode, error) {
+	cur := uint32(RootIno)
+	for rest := path; rest != ""; {
+		c := rest
+		if i := strings.IndexByte(rest, '/'); i >= 0 {
+			c, rest = rest[:i], rest[i+1:]
+		} else {
+			rest = ""
+		}
+		if c == "" || c == "." {
+			continue
+		}
+		d, err := im.Lookup(cur, c)
+		if err != nil {
+			return Inode{}, fmt.Errorf("%s: %w", path, err)
+		}
+		cur = d.Ino
+	}
+	in, err := im.Inode(cur)
+	if err != nil {
+		return Inode{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return in, nil
+}
 
 // DirentCount returns the number of entries of directory dir.
-func (im *Image) DirentCount(dir uint32) (int, error) { return 0, errUnimplemented }
+func (im *Image) DirentCount(dir uint32) (int, error) {
+	in, err := im.dirInode(dir)
+	if err != nil {
+		return 0, err
+	}
+	n := in.Size / DirentSize
+	if n > uint64(len(im.base))/DirentSize+1 {
+		return 0, corrupt("inode %d: directory size %d larger than the image", dir, in.Size)
+	}
+	return int(n), nil
+}
 
 // DirentAt returns entry i (0-based, in stored order) of directory dir, so a
 // FUSE readdir can resume at an offset without allocating the whole list.
-func (im *Image) DirentAt(dir uint32, i int) (Dirent, error) { return Dirent{}, errUnimplemented }
+func (im *Image) DirentAt(dir uint32, i int) (Dirent, error) {
+	in, err := im.dirInode(dir)
+	if err != nil {
+		return Dirent{}, err
+	}
+	if i < 0 || uint64(i) >= in.Size/DirentSize {
+		return Dirent{}, fmt.Errorf("inode %d: entry %d: %w", dir, i, ErrNotExist)
+	}
+	return im.direntAt(in, uint64(i))
+}
 
 // ReadDir returns every entry of directory dir in stored order.
-func (im *Image) ReadDir(dir uint32) ([]Dirent, error) { return nil, errUnimplemented }
+func (im *Image) ReadDir(dir uint32) ([]Dirent, error) {
+	n, err := im.DirentCount(dir)
+	if err != nil {
+		return nil, err
+	}
+	in, _ := im.Inode(dir)
+	out := make([]Dirent, 0, n)
+	for i := 0; i < n; i++ {
+		d, err := im.direntAt(in, uint64(i))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
 
 // Readlink returns a symlink's target (a sub-slice of the image).
-func (im *Image) Readlink(ino uint32) ([]byte, error) { return nil, errUnimplemented }
+func (im *Image) Readlink(ino uint32) ([]byte, error) {
+	in, err := im.Inode(ino)
+	if err != nil {
+		return nil, err
+	}
+	if !in.IsSymlink() {
+		return nil, fmt.Errorf("inode %d: %w: not a symlink", ino, ErrInvalidPath)
+	}
+	if in.Size == ^uint64(0) {
+		return nil, corrupt("inode %d: symlink size %d", ino, in.Size)
+	}
+	b, err := im.span(in.DataOffset, in.Size+1, "symlink target", ino)
+	if err != nil {
+		return nil, err
+	}
+	if b[in.Size] != 0 {
+		return nil, corrupt("inode %d: symlink target not NUL terminated", ino)
+	}
+	return b[:in.Size:in.Size], nil
+}
 
 // Data returns a regular file's bytes (a sub-slice of the image).
-func (im *Image) Data(ino uint32) ([]byte, error) { return nil, errUnimplemented }
+func (im *Image) Data(ino uint32) ([]byte, error) {
+	in, err := im.Inode(ino)
+	if err != nil {
+		return nil, err
+	}
+	if !in.IsRegular() {
+		return nil, fmt.Errorf("inode %d: %w: not a regular file", ino, ErrInvalidPath)
+	}
+	if in.Size == 0 {
+		return []byte{}, nil
+	}
+	b, err := im.span(in.DataOffset, in.Size, "file data", ino)
+	if err != nil {
+		return nil, err
+	}
+	return b[:len(b):len(b)], nil
+}
 
 // HasExtension reports whether the image carries an extension block.
-func (im *Image) HasExtension() bool { return false }
+func (im *Image) HasExtension() bool { return im.ext != nil }
+
+// record returns inode ino's extension record, or nil.
+func (im *Image) record(ino uint32) []byte {
+	if im.ext == nil || ino == 0 || ino > im.count {
+		return nil
+	}
+	off := extHeaderSize + uint64(ino-1)*extRecordSize
+	return im.ext[off : off+extRecordSize]
+}
 
 // ModTime returns inode ino's modification time from the extension block;
 // ok is false when the image has none.
-func (im *Image) ModTime(ino uint32) (t Timespec, ok bool) { return Timespec{}, false }
+func (im *Image) ModTime(ino uint32) (t Timespec, ok bool) {
+	r := im.record(ino)
+	if r == nil {
+		return Timespec{}, false
+	}
+	return Timespec{Sec: int64(le.Uint64(r[0:])), Nsec: le.Uint32(r[8:])}, true
+}
 
 // Rdev returns a device node's number (Linux dev_t encoding) from the
 // extension block, or 0.
-func (im *Image) Rdev(ino uint32) uint64 { return 0 }
+func (im *Image) Rdev(ino uint32) uint64 {
+	r := im.record(ino)
+	if r == nil {
+		return 0
+	}
+	return le.Uint64(r[16:])
+}
 
-// Xattrs returns inode ino's extended attributes, sorted by name.
-func (im *Image) Xattrs(ino uint32) ([]Xattr, error) { return nil, errUnimplemented }
+// Xattrs returns inode ino's extended attributes, sorted by name. Names and
+// values alias the image bytes.
+func (im *Image) Xattrs(ino uint32) ([]Xattr, error) {
+	if ino == 0 || ino > im.count {
+		return nil, fmt.Errorf("inode %d: %w (image has %d)", ino, ErrNotExist, im.count)
+	}
+	r := im.record(ino)
+	if r == nil {
+		return nil, nil
+	}
+	cnt, off := le.Uint32(r[12:]), le.Uint64(r[24:])
+	if cnt == 0 {
+		return nil, nil
+	}
+	if uint64(cnt) > uint64(len(im.xattrs))/xattrHdrSize {
+		return nil, corrupt("inode %d: %d xattrs do not fit the xattr area", ino, cnt)
+	}
+	out := make([]Xattr, 0, cnt)
+	for i := uint32(0); i < cnt; i++ {
+		name, val, next, err := im.xattrAt(ino, off)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, Xattr{Name: name, Value: val})
+		off = next
+	}
+	return out, nil
+}
+
+// xattrAt decodes the xattr at off in the xattr area.
+func (im *Image) xattrAt(ino uint32, off uint64) (name string, val []byte, next uint64, err error) {
+	a := im.xattrs
+	if off > uint64(len(a)) || uint64(len(a))-off < xattrHdrSize {
+		return "", nil, 0, corrupt("inode %d: xattr at %d outside the xattr area of %d bytes", ino, off, len(a))
+	}
+	nl, vl := uint64(le.Uint16(a[off:])), uint64(le.Uint32(a[off+4:]))
+	if nl == 0 || nl > MaxNameLen || vl > MaxXattrValue {
+		return "", nil, 0, corrupt("inode %d: xattr at %d: name length %d, value length %d", ino, off, nl, vl)
+	}
+	body := off + xattrHdrSize
+	if nl+vl > uint64(len(a))-body {
+		return "", nil, 0, corrupt("inode %d: xattr at %d runs past the xattr area", ino, off)
+	}
+	n := a[body : body+nl]
+	return unsafe.String(&n[0], len(n)), a[body+nl : body+nl+vl : body+nl+vl], body + nl + vl, nil
+}

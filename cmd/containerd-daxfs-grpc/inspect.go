@@ -1,8 +1,170 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
-func runInspect(ctx context.Context, args []string) error { return errors.New("not implemented yet") }
+// runInspect validates an image file and lists its tree: one ls -l style
+// line per path, or with --json the JSON array of the upstream fixture's
+// expected.json format.
+func runInspect(ctx context.Context, args []string) error {
+	asJSON := false
+	var path string
+	for _, a := range args {
+		switch {
+		case a == "--json" || a == "-json":
+			asJSON = true
+		case len(a) > 0 && a[0] == '-':
+			return fmt.Errorf("%w: unknown flag %s", errUsage, a)
+		case path != "":
+			return fmt.Errorf("%w: more than one image", errUsage)
+		default:
+			path = a
+		}
+	}
+	if path == "" {
+		return fmt.Errorf("%w: no image given", errUsage)
+	}
+	b, unmap, err := mmapFile(path)
+	if err != nil {
+		return err
+	}
+	defer unmap()
+	out := bufio.NewWriter(os.Stdout)
+	if err := inspectImage(out, b, asJSON); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return out.Flush()
+}
+
+// inspectImage validates image b and writes its listing to out.
+func inspectImage(out io.Writer, b []byte, asJSON bool) error {
+	if err := daxfs.Validate(b); err != nil {
+		return err
+	}
+	im, err := daxfs.Open(b)
+	if err != nil {
+		return err
+	}
+	tree, err := im.Tree()
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		j, err := daxfs.TreeJSON(tree)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(out, "%s\n", j)
+		return err
+	}
+	for _, e := range tree {
+		if _, err := io.WriteString(out, listLine(e)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// listLine renders one path like ls -l: mode, links, owner, size, mtime
+// (when the image has an extension block), path, link target.
+func listLine(e daxfs.TreeEntry) string {
+	var typ byte
+	nlink := e.Nlink
+	size := strconv.FormatUint(e.Size, 10)
+	switch e.Type {
+	case "dir":
+		typ, nlink, size = 'd', 0, strconv.Itoa(len(e.Entries))+" entries"
+	case "symlink":
+		typ, nlink, size = 'l', 1, strconv.Itoa(len(e.Target))
+	case "char", "block":
+		typ = 'c'
+		if e.Type == "block" {
+			typ = 'b'
+		}
+		size = fmt.Sprintf("%d, %d", unix.Major(e.Rdev), unix.Minor(e.Rdev))
+	case "fifo":
+		typ = 'p'
+	case "socket":
+		typ = 's'
+	default:
+		typ = '-'
+	}
+	line := fmt.Sprintf("%s %3s %5d %5d %12s", modeString(typ, e.Mode), linkCount(nlink), e.UID, e.GID, size)
+	if e.HasExt {
+		line += " " + time.Unix(e.MTime.Sec, int64(e.MTime.Nsec)).UTC().Format("2006-01-02 15:04:05")
+	}
+	line += " " + e.Path
+	if e.Type == "symlink" {
+		line += " -> " + e.Target
+	}
+	for _, x := range e.Xattrs {
+		line += fmt.Sprintf(" [%s=%q]", x.Name, x.Value)
+	}
+	return line + "\n"
+}
+
+func linkCount(n uint32) string {
+	if n == 0 {
+		return "-"
+	}
+	return strconv.FormatUint(uint64(n), 10)
+}
+
+func modeString(typ byte, perm uint32) string {
+	const rwx = "rwxrwxrwx"
+	s := []byte{typ, '-', '-', '-', '-', '-', '-', '-', '-', '-'}
+	for i := 0; i < 9; i++ {
+		if perm&(1<<(8-i)) != 0 {
+			s[1+i] = rwx[i]
+		}
+	}
+	special := func(bit uint32, pos int, set, unset byte) {
+		if perm&bit != 0 {
+			if s[pos] == '-' {
+				s[pos] = unset
+			} else {
+				s[pos] = set
+			}
+		}
+	}
+	special(0o4000, 3, 's', 'S')
+	special(0o2000, 6, 's', 'S')
+	special(0o1000, 9, 't', 'T')
+	return string(s)
+}
+
+// mmapFile maps a whole file read-only.
+func mmapFile(path string) ([]byte, func(), error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, nil, err
+	}
+	if st.Size() == 0 {
+		return nil, nil, fmt.Errorf("%s: %w: empty file", path, daxfs.ErrCorrupt)
+	}
+	if int64(int(st.Size())) != st.Size() {
+		return nil, nil, errors.New(path + ": file too large to map")
+	}
+	b, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return nil, nil, fmt.Errorf("mmap %s: %w", path, err)
+	}
+	return b, func() { unix.Munmap(b) }, nil
+}

@@ -1,0 +1,56 @@
+package daxfs
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// fixtureDir holds the upstream tool's image of tree.tar and its tree.
+const fixtureDir = "/work/shared/fixtures/upstream-v5"
+
+func readFixture(t testing.TB, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(fixtureDir, name))
+	if err != nil {
+		t.Fatalf("fixture: %v", err)
+	}
+	return b
+}
+
+func TestFixtureTreeMatchesExpected(t *testing.T) {
+	img := readFixture(t, "static.daxfs")
+	want := bytes.TrimRight(readFixture(t, "expected.json"), "\n")
+	if err := Validate(img); err != nil {
+		t.Fatalf("Validate(upstream image): %v", err)
+	}
+	im, err := Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree, err := im.Tree()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := TreeJSON(tree)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		os.WriteFile(filepath.Join(t.TempDir(), "got.json"), got, 0o644)
+		t.Fatalf("tree JSON differs from expected.json:\n%s", firstDiff(got, want))
+	}
+}
+
+func firstDiff(a, b []byte) string {
+	la, lb := bytes.Split(a, []byte("\n")), bytes.Split(b, []byte("\n"))
+	for i := 0; i < len(la) && i < len(lb); i++ {
+		if !bytes.Equal(la[i], lb[i]) {
+			return "line " + itoa(i+1) + ":\n got  " + string(la[i]) + "\n want " + string(lb[i])
+		}
+	}
+	return "lengths differ: " + itoa(len(la)) + " vs " + itoa(len(lb)) + " lines"
+}
+
+func itoa(i int) string { return string(bytes.TrimSpace([]byte(fmtInt(i)))) }

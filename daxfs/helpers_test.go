@@ -1,0 +1,5 @@
+package daxfs
+
+import "strconv"
+
+func fmtInt(i int) string { return strconv.Itoa(i) }
