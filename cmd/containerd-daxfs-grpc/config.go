@@ -1,0 +1,185 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// defaultConfigPath is read when --config is not given; a missing file
+// means "all defaults".
+const defaultConfigPath = "/etc/containerd-daxfs/config.toml"
+
+// Config is the daemon's configuration file. Every key is optional.
+type Config struct {
+	Root              string `toml:"root"`
+	Address           string `toml:"address"`
+	ContainerdAddress string `toml:"containerd_address"`
+	LogLevel          string `toml:"log_level"`
+	MetricsAddress    string `toml:"metrics_address"`
+
+	Region RegionConfig `toml:"region"`
+	Mount  MountConfig  `toml:"mount"`
+	GC     GCConfig     `toml:"gc"`
+}
+
+// RegionConfig selects the shared memory region.
+type RegionConfig struct {
+	Backend string `toml:"backend"` // file, hugetlbfs, devdax, fsdax
+	Path    string `toml:"path"`
+	Size    Size   `toml:"size"`
+	// Entries is the number of index slots (images) the region holds.
+	Entries int `toml:"entries"`
+	// Participants is the number of participant slots.
+	Participants int `toml:"participants"`
+	// MaxLayerSize bounds one layer image.
+	MaxLayerSize Size `toml:"max_layer_size"`
+}
+
+// MountConfig selects how views are mounted.
+type MountConfig struct {
+	Mode     string `toml:"mode"`     // auto, fuse, kernel
+	Validate *bool  `toml:"validate"` // validate images before mounting them
+}
+
+// GCConfig schedules region garbage collection.
+type GCConfig struct {
+	Interval Duration `toml:"interval"`
+}
+
+// DefaultConfig is what the daemon runs with when nothing is configured:
+// a file-backed region under /dev/shm.
+func DefaultConfig() Config {
+	t := true
+	return Config{
+		Root:              "/var/lib/containerd-daxfs",
+		Address:           "/run/containerd-daxfs/containerd-daxfs-grpc.sock",
+		ContainerdAddress: "/run/containerd/containerd.sock",
+		LogLevel:          "info",
+		Region: RegionConfig{
+			Backend:      "file",
+			Path:         "/dev/shm/containerd-daxfs/region",
+			Size:         8 << 30,
+			Entries:      4096,
+			Participants: 64,
+		},
+		Mount: MountConfig{Mode: "auto", Validate: &t},
+		GC:    GCConfig{Interval: Duration(10 * time.Minute)},
+	}
+}
+
+// LoadConfig reads path over the defaults. A missing file at the default
+// path is not an error; a missing file that was asked for is.
+func LoadConfig(path string, explicit bool) (Config, error) {
+	cfg := DefaultConfig()
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && !explicit {
+		return cfg, nil
+	}
+	if err != nil {
+		return cfg, fmt.Errorf("reading config: %w", err)
+	}
+	dec := toml.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		var sm *toml.StrictMissingError
+		if errors.As(err, &sm) {
+			return cfg, fmt.Errorf("config %s: %s", path, sm.String())
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return cfg, fmt.Errorf("config %s:%d:%d: %v", path, row, col, de)
+		}
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, cfg.check()
+}
+
+func (c Config) check() error {
+	switch c.Region.Backend {
+	case "file", "hugetlbfs", "devdax", "fsdax":
+	default:
+		return fmt.Errorf("config: region.backend %q: want file, hugetlbfs, devdax or fsdax", c.Region.Backend)
+	}
+	switch c.Mount.Mode {
+	case "auto", "fuse", "kernel":
+	default:
+		return fmt.Errorf("config: mount.mode %q: want auto, fuse or kernel", c.Mount.Mode)
+	}
+	if c.Root == "" || c.Address == "" || c.Region.Path == "" {
+		return errors.New("config: root, address and region.path must not be empty")
+	}
+	if c.Region.Size <= 0 && c.Region.Backend != "devdax" {
+		return errors.New("config: region.size must be positive")
+	}
+	return nil
+}
+
+// Size is a byte count written as a number or a string with a unit
+// ("512MiB", "8GiB", "1G").
+type Size int64
+
+// UnmarshalText parses sizes with binary (KiB, MiB, GiB, TiB) or decimal
+// (K, M, G, T, KB, MB, GB, TB) units.
+func (s *Size) UnmarshalText(b []byte) error {
+	v, err := ParseSize(string(b))
+	*s = Size(v)
+	return err
+}
+
+// UnmarshalTOML accepts a bare integer too.
+func (s *Size) UnmarshalTOML(v any) error {
+	switch x := v.(type) {
+	case int64:
+		*s = Size(x)
+		return nil
+	case string:
+		return s.UnmarshalText([]byte(x))
+	}
+	return fmt.Errorf("size: want a number or a string, got %T", v)
+}
+
+// ParseSize parses a size such as "8GiB" or "4096".
+func ParseSize(str string) (int64, error) {
+	t := strings.TrimSpace(str)
+	i := len(t)
+	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') {
+		i--
+	}
+	num, unit := t[:i], strings.ToLower(strings.TrimSpace(t[i:]))
+	n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("size %q: not a non-negative number with an optional unit", str)
+	}
+	mult := map[string]int64{
+		"": 1, "b": 1,
+		"k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+		"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+	}[unit]
+	if mult == 0 {
+		return 0, fmt.Errorf("size %q: unknown unit %q", str, unit)
+	}
+	if n > (1<<63-1)/mult {
+		return 0, fmt.Errorf("size %q overflows", str)
+	}
+	return n * mult, nil
+}
+
+// Duration is a time.Duration written as "10m", "1h30m".
+type Duration time.Duration
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("duration %q: %w", b, err)
+	}
+	*d = Duration(v)
+	return nil
+}

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		err  bool
+	}{
+		{"4096", 4096, false},
+		{"8GiB", 8 << 30, false},
+		{"512 MiB", 512 << 20, false},
+		{"1G", 1e9, false},
+		{"2tb", 2e12, false},
+		{"", 0, true},
+		{"GiB", 0, true},
+		{"-1", 0, true},
+		{"3 parsecs", 0, true},
+		{"99999999999TiB", 0, true},
+	} {
+		got, err := ParseSize(tc.in)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.err)
+		}
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	dir := t.TempDir()
+	write := func(s string) string {
+		p := filepath.Join(dir, "config.toml")
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+
+	cfg, err := LoadConfig(filepath.Join(dir, "absent.toml"), false)
+	if err != nil || cfg.Region.Path != "/dev/shm/containerd-daxfs/region" || cfg.Mount.Mode != "auto" {
+		t.Fatalf("defaults: %+v %v", cfg, err)
+	}
+	if _, err := LoadConfig(filepath.Join(dir, "absent.toml"), true); err == nil {
+		t.Fatal("an explicitly named missing config must be an error")
+	}
+
+	cfg, err = LoadConfig(write(`
+root = "/tmp/r"
+[region]
+size = "1GiB"
+entries = 128
+[mount]
+mode = "fuse"
+[gc]
+interval = "30s"
+`), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Root != "/tmp/r" || cfg.Region.Size != 1<<30 || cfg.Region.Entries != 128 || cfg.Mount.Mode != "fuse" ||
+		time.Duration(cfg.GC.Interval) != 30*time.Second || cfg.Region.Backend != "file" {
+		t.Fatalf("parsed config: %+v", cfg)
+	}
+	if cfg, err = LoadConfig(write("[region]\nsize = 1048576\n"), true); err != nil || cfg.Region.Size != 1<<20 {
+		t.Fatalf("integer size: %+v %v", cfg.Region, err)
+	}
+
+	for _, tc := range []struct{ body, want string }{
+		{"rooot = 1\n", "rooot"},
+		{"[region]\nbackend = \"nvme\"\n", "region.backend"},
+		{"[mount]\nmode = \"magic\"\n", "mount.mode"},
+		{"[region]\nsize = \"lots\"\n", "lots"},
+		{"[gc]\ninterval = \"soon\"\n", "soon"},
+		{"root = \n", "config"},
+	} {
+		_, err := LoadConfig(write(tc.body), true)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("config %q: error %v, want one mentioning %q", tc.body, err, tc.want)
+		}
+	}
+}
