@@ -1,0 +1,400 @@
+package converter
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"strings"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
+)
+
+// Format is the encoding of a layer blob, detected from its first bytes.
+type Format int
+
+const (
+	FormatTar   Format = iota // an uncompressed tar
+	FormatGzip                // a gzip compressed tar
+	FormatZstd                // a zstd compressed tar
+	FormatDAXFS               // already a DAXFS layer image
+)
+
+func (f Format) String() string {
+	switch f {
+	case FormatTar:
+		return "tar"
+	case FormatGzip:
+		return "gzip"
+	case FormatZstd:
+		return "zstd"
+	case FormatDAXFS:
+		return "daxfs"
+	}
+	return fmt.Sprintf("Format(%d)", int(f))
+}
+
+// DetectFormat classifies a blob by its first bytes (at least 4 are needed
+// to tell anything but a tar).
+func DetectFormat(head []byte) Format {
+	switch {
+	case len(head) >= 2 && head[0] == 0x1f && head[1] == 0x8b:
+		return FormatGzip
+	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == 0xfd2fb528:
+		return FormatZstd
+	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == daxfs.SuperMagic:
+		return FormatDAXFS
+	}
+	return FormatTar
+}
+
+// LayerOptions tune ConvertLayer.
+type LayerOptions struct {
+	// MaxSize bounds the image size in bytes (the extent the caller
+	// claimed); 0 means no bound. An oversized layer fails with an error
+	// wrapping ErrTooLarge, and the uncompressed stream is also bounded
+	// (see maxTarSize) so a decompression bomb cannot run forever.
+	MaxSize int64
+	// Writer is passed to daxfs.NewWriter.
+	Writer daxfs.WriterOptions
+}
+
+// LayerResult describes a converted layer.
+type LayerResult struct {
+	// DiffID is the sha256 of the uncompressed tar (of the blob itself for
+	// a DAXFS layer image): what the image config's rootfs.diff_ids hold.
+	DiffID digest.Digest
+	// Size is the number of image bytes written to out.
+	Size int64
+	// Format is the blob's detected encoding.
+	Format Format
+	// TarSize is the length of the uncompressed stream.
+	TarSize int64
+	// Entries counts the tar entries (or image inodes) converted.
+	Entries int
+}
+
+// maxTrailing bounds the bytes read after a tar's end-of-archive marker
+// (they count for the diffID, but a well-formed tar has at most a record's
+// padding there).
+const maxTrailing = 1 << 20
+
+// maxTarSize bounds the uncompressed stream for a given image bound: a tar
+// entry takes at least 512 bytes, its image form at least an inode and a
+// directory entry (336 bytes), so a tar over four times the image bound
+// cannot fit it (allowing generously for PAX records the image drops).
+func maxTarSize(maxSize int64) int64 {
+	if maxSize <= 0 {
+		return 0
+	}
+	return 4*maxSize + maxTrailing
+}
+
+// ConvertLayer reads one layer blob from r and writes its DAXFS layer image
+// to out (from offset 0), in one pass and without holding file data in
+// memory. The encoding is detected from the bytes: tar, gzip or zstd
+// compressed tar, or a DAXFS layer image, which is validated and copied
+// verbatim. On error nothing useful is in out and the caller discards it;
+// the error names the entry at fault.
+func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOptions) (LayerResult, error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	head, err := br.Peek(4)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return LayerResult{}, fmt.Errorf("reading layer: %w", err)
+	}
+	format := DetectFormat(head)
+	res := LayerResult{Format: format}
+
+	var stream io.Reader
+	switch format {
+	case FormatDAXFS:
+		return copyImage(ctx, br, out, opts)
+	case FormatGzip:
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return res, fmt.Errorf("gzip layer: %w", err)
+		}
+		defer zr.Close()
+		stream = zr
+	case FormatZstd:
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return res, fmt.Errorf("zstd layer: %w", err)
+		}
+		defer zr.Close()
+		stream = zr
+	default:
+		stream = br
+	}
+
+	cr := &countingReader{r: stream, h: sha256.New(), limit: maxTarSize(opts.MaxSize)}
+	w := daxfs.NewWriter(out, opts.Writer)
+	b := newLayerBuilder(w, opts.MaxSize)
+	if err := addTar(ctx, tar.NewReader(cr), b, format); err != nil {
+		return res, err
+	}
+	// The diffID covers the whole uncompressed stream, padding included;
+	// reading to the end also makes gzip check its trailer.
+	cr.trailing = true
+	if _, err := io.Copy(io.Discard, cr); err != nil {
+		return res, fmt.Errorf("%s layer: after the end of the tar: %w", format, err)
+	}
+	n, err := b.finish()
+	if err != nil {
+		return res, err
+	}
+	res.Size = n
+	res.TarSize = cr.n
+	res.Entries = b.entries
+	res.DiffID = digest.NewDigestFromBytes(digest.SHA256, cr.h.Sum(nil))
+	return res, nil
+}
+
+// countingReader hashes and counts the uncompressed stream and enforces
+// the bounds on it.
+type countingReader struct {
+	r        io.Reader
+	h        hash.Hash
+	n        int64
+	limit    int64 // 0: none
+	trailing bool  // past the end-of-archive marker
+	trailN   int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 {
+		c.h.Write(p[:n])
+		c.n += int64(n)
+		if c.trailing {
+			c.trailN += int64(n)
+			if c.trailN > maxTrailing {
+				return n, fmt.Errorf("more than %d bytes after the end-of-archive marker", maxTrailing)
+			}
+		}
+		if c.limit > 0 && c.n > c.limit {
+			return n, fmt.Errorf("%w: uncompressed stream longer than %d bytes", ErrTooLarge, c.limit)
+		}
+	}
+	return n, err
+}
+
+// addTar feeds every entry of tr to b.
+func addTar(ctx context.Context, tr *tar.Reader, b *layerBuilder, format Format) error {
+	last := ""
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			if last == "" {
+				return fmt.Errorf("%s layer: reading the first tar header: %w", format, err)
+			}
+			return fmt.Errorf("%s layer: reading the tar header after entry %q: %w", format, last, err)
+		}
+		last = hdr.Name
+		if err := addTarEntry(hdr, tr, b); err != nil {
+			if errors.Is(err, io.ErrUnexpectedEOF) {
+				return fmt.Errorf("%s layer: truncated: %w", format, err)
+			}
+			return fmt.Errorf("%s layer: %w", format, err)
+		}
+	}
+}
+
+func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
+		return nil // containerd ignores global PAX headers too
+	}
+	p, err := cleanEntryPath(hdr.Name)
+	if err != nil {
+		return fmt.Errorf("entry %q: %w", hdr.Name, err)
+	}
+	if p == "" {
+		// containerd's applier ignores the root entry: the root keeps
+		// the snapshot directory's attributes.
+		return nil
+	}
+	base := p[strings.LastIndexByte(p, '/')+1:]
+	kind, err := classifyName(base)
+	if err != nil {
+		return fmt.Errorf("entry %q: %w", hdr.Name, err)
+	}
+	if kind != notWhiteout {
+		return b.whiteout(p)
+	}
+	if hdr.Uid < 0 || hdr.Gid < 0 || int64(hdr.Uid) > 1<<32-1 || int64(hdr.Gid) > 1<<32-1 {
+		return fmt.Errorf("entry %q: uid %d or gid %d out of range", hdr.Name, hdr.Uid, hdr.Gid)
+	}
+	h := &daxfs.Header{
+		Path:    p,
+		Mode:    uint32(hdr.Mode) & daxfs.ModePermMask,
+		UID:     uint32(hdr.Uid),
+		GID:     uint32(hdr.Gid),
+		ModTime: boundTime(hdr.ModTime),
+	}
+	opaque := false
+	for k, v := range hdr.PAXRecords {
+		name, ok := strings.CutPrefix(k, "SCHILY.xattr.")
+		if !ok {
+			continue
+		}
+		if isOverlayXattr(name) {
+			// An overlay upper holding this xattr would make the
+			// directory opaque: say so the OCI way.
+			if v == "y" && (name == opaqueXattrs[0] || name == opaqueXattrs[1]) && hdr.Typeflag == tar.TypeDir {
+				opaque = true
+			}
+			continue
+		}
+		if h.Xattrs == nil {
+			h.Xattrs = make(map[string][]byte)
+		}
+		h.Xattrs[name] = []byte(v)
+	}
+
+	switch hdr.Typeflag {
+	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse:
+		if hdr.Size < 0 {
+			return fmt.Errorf("entry %q: negative size", hdr.Name)
+		}
+		h.Mode |= daxfs.ModeRegular
+		h.Size = hdr.Size
+		return b.add(h, data)
+	case tar.TypeDir:
+		h.Mode |= daxfs.ModeDir
+		if err := b.add(h, nil); err != nil {
+			return err
+		}
+		if opaque {
+			return b.whiteout(joinPath(p, whiteoutOpaque))
+		}
+		return nil
+	case tar.TypeSymlink:
+		if hdr.Linkname == "" {
+			return fmt.Errorf("entry %q: symlink with an empty target", hdr.Name)
+		}
+		if strings.IndexByte(hdr.Linkname, 0) >= 0 {
+			return fmt.Errorf("entry %q: symlink target contains a NUL byte", hdr.Name)
+		}
+		// Linux ignores a symlink's permission bits: lchmod cannot set
+		// them and every symlink shows 0777.
+		h.Mode = daxfs.ModeSymlink | 0o777
+		h.Linkname = hdr.Linkname
+		return b.add(h, nil)
+	case tar.TypeLink:
+		target, err := cleanEntryPath(hdr.Linkname)
+		if err != nil {
+			return fmt.Errorf("entry %q: hard link target: %w", hdr.Name, err)
+		}
+		if target == "" || target == p {
+			return fmt.Errorf("entry %q: hard link to %q", hdr.Name, hdr.Linkname)
+		}
+		return b.link(p, target, h)
+	case tar.TypeChar, tar.TypeBlock:
+		if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 1<<32-1 || hdr.Devminor > 1<<32-1 {
+			return fmt.Errorf("entry %q: device number out of range", hdr.Name)
+		}
+		if hdr.Typeflag == tar.TypeChar && hdr.Devmajor == 0 && hdr.Devminor == 0 {
+			// A 0/0 character device is an overlay whiteout: once
+			// extracted into a snapshot it hides the name, as the OCI
+			// marker does.
+			dir := ""
+			if i := strings.LastIndexByte(p, '/'); i >= 0 {
+				dir = p[:i]
+			}
+			return b.whiteout(joinPath(dir, whiteoutPrefix+base))
+		}
+		h.Mode |= daxfs.ModeChar
+		if hdr.Typeflag == tar.TypeBlock {
+			h.Mode = h.Mode&^daxfs.ModeTypeMask | daxfs.ModeBlock
+		}
+		h.Rdev = unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))
+		return b.add(h, nil)
+	case tar.TypeFifo:
+		h.Mode |= daxfs.ModeFIFO
+		return b.add(h, nil)
+	}
+	return fmt.Errorf("entry %q: unsupported tar entry type %q", hdr.Name, hdr.Typeflag)
+}
+
+// copyImage validates a blob that already is a DAXFS layer image and copies
+// it to out unchanged. Validation needs the whole image addressable: when
+// out is a Window (a region extent) the image is copied first and checked
+// in place, otherwise it is read into memory (bounded by MaxSize).
+func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOptions) (LayerResult, error) {
+	res := LayerResult{Format: FormatDAXFS}
+	h := sha256.New()
+	var img []byte
+	if win, ok := out.(*daxfs.Window); ok {
+		buf := win.Bytes()
+		if opts.MaxSize > 0 && int64(len(buf)) > opts.MaxSize {
+			buf = buf[:opts.MaxSize]
+		}
+		n, err := io.ReadFull(r, buf)
+		switch {
+		case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+		case err != nil:
+			return res, fmt.Errorf("daxfs layer: %w", err)
+		default:
+			var one [1]byte
+			if m, _ := io.ReadFull(r, one[:]); m > 0 {
+				return res, fmt.Errorf("daxfs layer: %w: longer than %d bytes", ErrTooLarge, len(buf))
+			}
+		}
+		img = buf[:n]
+	} else {
+		lr := io.Reader(r)
+		if opts.MaxSize > 0 {
+			lr = io.LimitReader(r, opts.MaxSize+1)
+		}
+		var bb bytes.Buffer
+		if _, err := bb.ReadFrom(lr); err != nil {
+			return res, fmt.Errorf("daxfs layer: %w", err)
+		}
+		if opts.MaxSize > 0 && int64(bb.Len()) > opts.MaxSize {
+			return res, fmt.Errorf("daxfs layer: %w: longer than %d bytes", ErrTooLarge, opts.MaxSize)
+		}
+		img = bb.Bytes()
+	}
+	if err := ctx.Err(); err != nil {
+		return res, err
+	}
+	if err := daxfs.Validate(img); err != nil {
+		return res, fmt.Errorf("daxfs layer: invalid image: %w", err)
+	}
+	im, err := daxfs.Open(img)
+	if err != nil {
+		return res, fmt.Errorf("daxfs layer: %w", err)
+	}
+	// A layer image stands alone: its size covers exactly the blob.
+	if im.TotalSize() != uint64(len(img)) {
+		return res, fmt.Errorf("daxfs layer: image total_size %d differs from the blob's %d bytes (a view, or truncated)", im.TotalSize(), len(img))
+	}
+	if _, ok := out.(*daxfs.Window); !ok {
+		if _, err := out.WriteAt(img, 0); err != nil {
+			return res, fmt.Errorf("daxfs layer: writing image: %w", err)
+		}
+	}
+	h.Write(img)
+	res.DiffID = digest.NewDigestFromBytes(digest.SHA256, h.Sum(nil))
+	res.Size = int64(len(img))
+	res.TarSize = res.Size
+	res.Entries = int(im.InodeCount())
+	return res, nil
+}
