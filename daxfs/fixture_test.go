@@ -47,7 +47,8 @@ func firstDiff(a, b []byte) string {
 	la, lb := bytes.Split(a, []byte("\n")), bytes.Split(b, []byte("\n"))
 	for i := 0; i < len(la) && i < len(lb); i++ {
 		if !bytes.Equal(la[i], lb[i]) {
-			return "line " + itoa(i+1) + ":\n got  " + string(la[i]) + "\n want " + string(lb[i])
+			lo, hi := max(0, i-8), min(i+3, len(la), len(lb))
+			return "line " + itoa(i+1) + ":\n got:\n" + string(bytes.Join(la[lo:hi], []byte("\n"))) + "\n want:\n" + string(bytes.Join(lb[lo:hi], []byte("\n")))
 		}
 	}
 	return "lengths differ: " + itoa(len(la)) + " vs " + itoa(len(lb)) + " lines"

@@ -46,6 +46,9 @@ func (im *Image) Validate() error {
 		if in.Ino != ino {
 			return corrupt("inode %d: slot holds ino %d (rule: ino = slot index + 1)", ino, in.Ino)
 		}
+		if ino == RootIno && !in.IsDir() {
+			return corrupt("inode 1 (/): root is not a directory (mode %#o)", in.Mode)
+		}
 		if in.Nlink == 0 {
 			return corrupt("inode %d: nlink 0 (rule: used inodes have nlink >= 1)", ino)
 		}
@@ -92,9 +95,6 @@ func (im *Image) Validate() error {
 			}
 		default:
 			return corrupt("inode %d: unknown file type in mode %#o", ino, in.Mode)
-		}
-		if ino == RootIno && !in.IsDir() {
-			return corrupt("inode 1 (/): root is not a directory (mode %#o)", in.Mode)
 		}
 	}
 
