@@ -144,7 +144,6 @@ func NewWriter(out io.WriterAt, opts WriterOptions) *Writer {
 	return w
 }
 
-
 func (w *Writer) usable() error {
 	if w.err != nil {
 		return w.err
