@@ -1,0 +1,266 @@
+package daxmem
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+)
+
+// Ref sets this participant's reference bit on the READY image (kind,
+// key), so no GC frees it until Unref (or until we are declared dead).
+// Ref is idempotent.
+func (r *Region) Ref(k Kind, key Key) error {
+	id, _, err := r.me()
+	if err != nil {
+		return r.keyErr("ref", k, key, nil, err, "")
+	}
+	mask := uint64(1) << uint(id)
+	r.refMu.Lock()
+	defer r.refMu.Unlock()
+	for {
+		e, w, ok := r.find(k, key)
+		if !ok || e.State == StateWriting {
+			return r.keyErr("ref", k, key, nil, ErrNotFound, "")
+		}
+		if e.State == StateDying {
+			time.Sleep(50 * time.Microsecond) // a GC is deciding: let it
+			continue
+		}
+		refs := word(r.mem, r.eOff(e.Slot)+eRefs)
+		old := orBit(refs, mask)
+		// GC moves READY -> DYING before it reads the bitmap; we set the
+		// bit before re-reading the state. One of us sees the other.
+		now := load(r.mem, r.eOff(e.Slot)+eState)
+		if now == w {
+			return nil
+		}
+		if eStateOf(now) == StateDying {
+			// Keep the bit: GC will see it and restore READY, or it read
+			// the bitmap before we set it and frees the entry; wait.
+			for eStateOf(now) == StateDying {
+				time.Sleep(50 * time.Microsecond)
+				now = load(r.mem, r.eOff(e.Slot)+eState)
+			}
+			if eStateOf(now) == StateReady && r.keyAt(e.Slot) == key && eKindOf(now) == k &&
+				atomic.LoadUint64(refs)&mask != 0 {
+				return nil
+			}
+		}
+		if old&mask == 0 {
+			atomic.AndUint64(refs, ^mask) // the slot changed hands: take our stray bit back
+		}
+	}
+}
+
+// Unref clears this participant's reference bit.
+func (r *Region) Unref(k Kind, key Key) error {
+	id, _, err := r.me()
+	if err != nil {
+		return r.keyErr("unref", k, key, nil, err, "")
+	}
+	r.refMu.Lock()
+	defer r.refMu.Unlock()
+	e, _, ok := r.find(k, key)
+	if !ok {
+		return r.keyErr("unref", k, key, nil, ErrNotFound, "")
+	}
+	atomic.AndUint64(word(r.mem, r.eOff(e.Slot)+eRefs), ^(uint64(1) << uint(id)))
+	return nil
+}
+
+// GCOptions tune a collection.
+type GCOptions struct {
+	// Keep, when set, is asked about every READY entry no live participant
+	// references; returning true keeps it (e.g. a cache policy).
+	Keep func(Entry) bool
+	// MinAge keeps unreferenced entries published less than MinAge ago
+	// (a grace period for a participant about to Ref what it just found).
+	MinAge time.Duration
+	// DryRun counts what would be freed without freeing it.
+	DryRun bool
+}
+
+// GCStats reports what a collection did.
+type GCStats struct {
+	DeadParticipants []ParticipantID
+	BitsCleared      int
+	ClaimsReclaimed  int
+	EntriesFreed     int
+	BytesFreed       int64
+	Kept             int
+}
+
+// GC reclaims dead participants (their reference bits and WRITING claims),
+// then frees READY entries that no live participant references. Any joined
+// participant may run it at any time.
+func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
+	var st GCStats
+	me, _, err := r.me()
+	if err != nil {
+		return st, fmt.Errorf("gc region %s: %w", r.be.path, err)
+	}
+	unlock, err := r.lock(ctx)
+	if err != nil {
+		return st, fmt.Errorf("gc region %s: %w", r.be.path, err)
+	}
+	defer unlock()
+	now := time.Now()
+	logger := log.G(ctx)
+	for p := 0; p < r.g.participants; p++ {
+		if ParticipantID(p) == me || opts.DryRun {
+			continue
+		}
+		off := r.pOff(p)
+		w := load(r.mem, off+pState)
+		inc := pIncOf(w)
+		switch pStateOf(w) {
+		case pAlive, pJoining:
+			if r.alive(p, nil, now) || !cas(r.mem, off+pState, w, pWord(pReclaiming, inc)) {
+				continue
+			}
+		case pReclaiming:
+			// Left by a GC that died holding the lock (we hold it now).
+		default:
+			continue
+		}
+		bits, claims := r.reclaimParticipant(p, inc)
+		st.DeadParticipants = append(st.DeadParticipants, ParticipantID(p))
+		st.BitsCleared += bits
+		st.ClaimsReclaimed += claims
+		logger.WithField("participant", p).WithField("bits", bits).WithField("claims", claims).Info("reclaimed dead participant")
+	}
+	for s := 0; s < r.g.entries; s++ {
+		if err := ctx.Err(); err != nil {
+			return st, err
+		}
+		e, w, ok := r.readEntry(s)
+		if !ok {
+			continue
+		}
+		switch e.State {
+		case StateWriting:
+			if !r.writerAlive(e, now) && !opts.DryRun && r.freeEntry(s, w) {
+				st.ClaimsReclaimed++
+			}
+		case StateDying:
+			if !opts.DryRun {
+				r.resolveDying(s, w)
+			}
+		case StateReady:
+			if e.Refs != 0 && r.sane(e) {
+				continue
+			}
+			if r.sane(e) && ((opts.MinAge > 0 && now.Sub(e.Published) < opts.MinAge) || (opts.Keep != nil && opts.Keep(e))) {
+				st.Kept++
+				continue
+			}
+			if opts.DryRun {
+				st.EntriesFreed++
+				st.BytesFreed += e.Extent
+				continue
+			}
+			dying := next(w, StateDying, e.Kind, int(e.Writer))
+			if !cas(r.mem, r.eOff(s)+eState, w, dying) {
+				continue
+			}
+			if r.resolveDying(s, dying) {
+				st.EntriesFreed++
+				st.BytesFreed += e.Extent
+			}
+		}
+	}
+	return st, nil
+}
+
+// resolveDying finishes a DYING slot: back to READY if anyone set a bit
+// meanwhile, else free. It reports whether the slot was freed.
+func (r *Region) resolveDying(s int, w uint64) bool {
+	off := r.eOff(s)
+	if load(r.mem, off+eRefs) != 0 {
+		cas(r.mem, off+eState, w, next(w, StateReady, eKindOf(w), eWriterOf(w)))
+		return false
+	}
+	return r.freeEntry(s, w)
+}
+
+// Verify recomputes the checksum of the READY image (kind, key).
+func (r *Region) Verify(k Kind, key Key) error {
+	e, ok := r.Lookup(k, key)
+	if !ok {
+		return r.keyErr("verify", k, key, nil, ErrNotFound, "")
+	}
+	return r.VerifyEntry(e)
+}
+
+// VerifyEntry checks one entry (from Entries or Lookup).
+func (r *Region) VerifyEntry(e Entry) error {
+	if !r.sane(e) {
+		return r.keyErr("verify", e.Kind, e.Key, &e, ErrCorrupt, fmt.Sprintf("index entry %d has an impossible extent [%d,+%d)", e.Slot, e.Offset, e.Extent))
+	}
+	if r.closed.Load() {
+		return ErrClosed
+	}
+	sum, err := checksum(r.mem[e.Offset : e.Offset+e.Length])
+	if err != nil {
+		return r.keyErr("verify", e.Kind, e.Key, &e, err, "")
+	}
+	if sum != e.Checksum {
+		return r.keyErr("verify", e.Kind, e.Key, &e, ErrCorrupt, fmt.Sprintf("crc32c %08x, index says %08x (offset %d, %d bytes)", sum, e.Checksum, e.Offset, e.Length))
+	}
+	return nil
+}
+
+// Stats summarises a region.
+type Stats struct {
+	Path         string
+	Backend      string
+	Durability   string
+	PhysAddr     uint64
+	PhysKnown    bool
+	Size         int64
+	DataOffset   int64
+	DataSize     int64
+	Used         int64 // bytes in non-FREE extents
+	Free         int64
+	LargestFree  int64
+	EntrySlots   int
+	Ready        int
+	Writing      int
+	Dying        int
+	Participants []Participant
+	MaxProbe     int
+	Generation   uint64
+	Created      time.Time
+}
+
+// Stats reads the region's state without locking.
+func (r *Region) Stats() Stats {
+	gaps := r.gaps(r.occupied(-1))
+	var free int64
+	for _, g := range gaps {
+		free += g.end - g.off
+	}
+	s := Stats{
+		Path: r.be.path, Backend: r.be.name, Durability: r.be.Durability(),
+		PhysAddr: r.be.phys, PhysKnown: r.be.physKnown,
+		Size: r.g.size, DataOffset: r.g.dataOff, DataSize: r.g.dataSize,
+		Free: free, Used: r.g.dataSize - free, LargestFree: largest(gaps),
+		EntrySlots: r.g.entries, Participants: r.Participants(),
+		MaxProbe: int(load(r.mem, hMaxProbe)), Generation: r.Generation(),
+		Created: time.Unix(0, r.g.created),
+	}
+	for _, e := range r.Entries() {
+		switch e.State {
+		case StateReady:
+			s.Ready++
+		case StateWriting:
+			s.Writing++
+		case StateDying:
+			s.Dying++
+		}
+	}
+	return s
+}
