@@ -364,4 +364,3 @@ func (r *Region) Generation() uint64 { return load(r.mem, hGen) }
 func (r *Region) String() string {
 	return r.be.name + ":" + r.be.path + " (" + strconv.FormatInt(r.g.size, 10) + " bytes)"
 }
-
