@@ -436,7 +436,7 @@ func (r *Region) Participants() []Participant {
 		off := r.pOff(p)
 		w := load(r.mem, off+pState)
 		st := pStateOf(w)
-		if st == pFree && pIncOf(w) == 0 {
+		if st == pFree {
 			continue
 		}
 		var boot [16]byte

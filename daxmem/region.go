@@ -33,6 +33,9 @@ type Options struct {
 	// (default 1s). LeaseTimeout is how old a heartbeat may get before the
 	// participant counts as dead (default 10s, at least 3 heartbeats).
 	HeartbeatInterval, LeaseTimeout time.Duration
+	// NoCreate makes Open fail on a missing file instead of creating it
+	// (operator commands that only look).
+	NoCreate bool
 	// SysRoot is where sysfs is mounted (default "/sys"); tests point it at
 	// a fake tree.
 	SysRoot string
@@ -267,7 +270,7 @@ func Open(ctx context.Context, opts Options) (*Region, error) {
 	if err != nil {
 		return nil, err
 	}
-	if o.Backend == BackendFile {
+	if o.Backend == BackendFile && !o.NoCreate {
 		if _, err := os.Stat(o.Path); errors.Is(err, os.ErrNotExist) {
 			r, err := Create(ctx, o)
 			if errors.Is(err, ErrExist) {

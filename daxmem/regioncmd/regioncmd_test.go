@@ -1,0 +1,125 @@
+package regioncmd
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
+)
+
+func run(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	var out bytes.Buffer
+	err := Main(context.Background(), args, &out)
+	return out.String(), err
+}
+
+func TestRegionCommand(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "region")
+	out, err := run(t, "init", "--path", path, "--size", "16M", "--entries", "128")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "16.0 MiB") || !strings.Contains(out, "128 index slots") {
+		t.Fatalf("init output:\n%s", out)
+	}
+	if _, err := run(t, "init", "--path", path, "--size", "16M"); !errors.Is(err, daxmem.ErrExist) {
+		t.Fatalf("init over a region: %v", err)
+	}
+	if _, err := run(t, "status", "--path", path+"-missing"); err == nil {
+		t.Fatal("status of a missing region succeeded (and maybe created it)")
+	}
+	if _, err := run(t, "frobnicate"); !errors.Is(err, ErrUsage) {
+		t.Fatalf("unknown sub-command: %v", err)
+	}
+	if _, err := run(t, "init", "--path", path, "--size", "lots"); !errors.Is(err, ErrUsage) {
+		t.Fatalf("bad size: %v", err)
+	}
+
+	// Put two images in, as a daemon would, and leave one referenced.
+	r, err := daxmem.Open(ctx, daxmem.Options{Path: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := r.Join(ctx, daxmem.ParticipantInfo{Host: "test-host"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	keys := []daxmem.Key{sha256.Sum256([]byte("a")), sha256.Sum256([]byte("b"))}
+	var entries []daxmem.Entry
+	for _, k := range keys {
+		c, err := r.Claim(ctx, daxmem.KindLayer, k, 10000, daxmem.ClaimOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		copy(c.Bytes(), k[:])
+		e, err := c.Publish(ctx, 5000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		entries = append(entries, e)
+	}
+	if err := r.Unref(daxmem.KindLayer, keys[1]); err != nil {
+		t.Fatal(err)
+	}
+
+	out, err = run(t, "status", "--path", path, "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st statusOut
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("%v:\n%s", err, out)
+	}
+	if st.Ready != 2 || len(st.Participants) != 1 || st.Participants[0].Host != "test-host" || !st.Participants[0].Alive {
+		t.Fatalf("status: %+v", st)
+	}
+	out, err = run(t, "ls", "--path", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(out, "READY") != 2 || !strings.Contains(out, keys[0].Short()) {
+		t.Fatalf("ls:\n%s", out)
+	}
+	out, err = run(t, "ls", "--path", path, "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ls []entryJSON
+	if err := json.Unmarshal([]byte(out), &ls); err != nil || len(ls) != 2 {
+		t.Fatalf("ls --json: %v\n%s", err, out)
+	}
+	if out, err = run(t, "verify", "--path", path); err != nil || strings.Count(out, " ok") != 2 {
+		t.Fatalf("verify: %v\n%s", err, out)
+	}
+
+	out, err = run(t, "gc", "--path", path, "--dry-run")
+	if err != nil || !strings.Contains(out, "would free: 1") {
+		t.Fatalf("gc --dry-run: %v\n%s", err, out)
+	}
+	out, err = run(t, "gc", "--path", path)
+	if err != nil || !strings.Contains(out, "images freed: 1") {
+		t.Fatalf("gc: %v\n%s", err, out)
+	}
+	if _, ok := r.Lookup(daxmem.KindLayer, keys[0]); !ok {
+		t.Fatal("gc freed a referenced image")
+	}
+
+	// Corrupt the remaining image: verify fails naming the key.
+	b, err := r.Slice(entries[0].Offset, entries[0].Length)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[1] ^= 0xff
+	out, err = run(t, "verify", "--path", path)
+	if err == nil || !strings.Contains(out, keys[0].String()) || !strings.Contains(out, "checksum mismatch") {
+		t.Fatalf("verify of a corrupt image: %v\n%s", err, out)
+	}
+}
