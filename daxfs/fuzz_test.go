@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -175,5 +176,29 @@ func BenchmarkLookup(b *testing.B) {
 		if _, err := im.LookupPath(paths[i%len(paths)]); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkWriterMemory adds 500,000 empty files (the largest images we
+// expect) and reports the Writer's heap per entry before Close.
+func BenchmarkWriterMemory(b *testing.B) {
+	const n = 500000
+	h := Header{Mode: ModeRegular | 0o644}
+	for it := 0; it < b.N; it++ {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		var f memFile
+		w := NewWriter(&f, WriterOptions{})
+		for i := 0; i < n; i++ {
+			h.Path = fmt.Sprintf("usr/lib/d%04d/file-%07d.so", i%1000, i)
+			if err := w.Add(&h, nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/n, "heapB/entry")
+		runtime.KeepAlive(w)
 	}
 }

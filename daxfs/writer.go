@@ -109,6 +109,8 @@ type Writer struct {
 	lastDir    string
 	lastDirEnt int32
 
+	maxNodes int // inode limit; a field so tests can lower it
+
 	hasExternal bool
 	laidOut     bool
 	closed      bool
@@ -137,6 +139,7 @@ func NewWriter(out io.WriterAt, opts WriterOptions) *Writer {
 		index:      make(map[childKey]int32),
 		pos:        BlockSize,
 		lastDirEnt: -1,
+		maxNodes:   math.MaxInt32 - 1,
 	}
 	w.nodes = append(w.nodes, wnode{mode: ModeDir | 0o755, ref: -1, dir: 0, extra: -1})
 	w.dirs = append(w.dirs, nil)
@@ -215,7 +218,8 @@ func splitPath(p string) (dir, base string) {
 }
 
 func (w *Writer) newNode(n wnode) (int32, error) {
-	if len(w.nodes) >= math.MaxInt32-1 {
+	// Node indices are int32, below the format's own limit of 2^32-1.
+	if len(w.nodes) >= w.maxNodes {
 		return -1, ErrTooManyNodes
 	}
 	w.nodes = append(w.nodes, n)

@@ -378,3 +378,21 @@ func TestViewExternal(t *testing.T) {
 		t.Fatalf("mtime %v %v", ts, ok)
 	}
 }
+
+func TestWriterTooManyInodes(t *testing.T) {
+	var f memFile
+	w := NewWriter(&f, WriterOptions{})
+	w.maxNodes = 4 // root + 3
+	add(t, w, "a", "")
+	add(t, w, "b", "")
+	add(t, w, "c", "")
+	err := w.Add(&Header{Path: "d/e", Mode: ModeRegular}, nil)
+	if !errors.Is(err, ErrTooManyNodes) || !strings.Contains(err.Error(), "d/e") {
+		t.Fatalf("error %v, want ErrTooManyNodes naming d/e", err)
+	}
+	// The image so far is still valid.
+	if _, err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	must(t, Validate(f.b))
+}
