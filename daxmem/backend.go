@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -47,6 +48,9 @@ type backend struct {
 	mapSync bool
 	// msync says Flush must msync the range to make it durable.
 	msync bool
+	// aligned says the mapping was placed by mapAligned (unmap with
+	// MunmapPtr, not unix.Munmap).
+	aligned bool
 	// reserve: fallocate extents before a writer stores to them, so a full
 	// tmpfs gives an error instead of SIGBUS; punch: give freed extents'
 	// memory back.
@@ -285,6 +289,55 @@ func (b *backend) mapBackend(n int64, mmap mmapFunc) ([]byte, error) {
 		}
 	}
 	return nil, fmt.Errorf("map %s (%s backend, %d bytes): %w", b.path, b.name, n, lastErr)
+}
+
+// mapRegion maps n bytes the way the backend needs.
+func (b *backend) mapRegion(n int64) ([]byte, error) {
+	if b.name == BackendDevDAX {
+		return b.mapAligned(n)
+	}
+	return b.mapBackend(n, unix.Mmap)
+}
+
+// mapAligned maps n bytes of a device DAX instance at an address aligned
+// to the device alignment: device DAX refuses (or faults on) mappings that
+// are not, and the kernel only aligns them itself on some versions. It
+// reserves n+align bytes of address space, maps the device over the
+// aligned part with MAP_FIXED and returns the rest.
+func (b *backend) mapAligned(n int64) ([]byte, error) {
+	if n <= 0 || n != int64(int(n)) || n%b.align != 0 {
+		return nil, fmt.Errorf("map %s: %w: %d bytes is not a multiple of %d", b.path, ErrInvalidSize, n, b.align)
+	}
+	size, align := uintptr(n), uintptr(b.align)
+	resv, err := unix.MmapPtr(-1, 0, nil, size+align, unix.PROT_NONE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, fmt.Errorf("map %s: reserve %d bytes of address space: %w", b.path, size+align, err)
+	}
+	head := (align - uintptr(resv)%align) % align
+	at := unsafe.Add(resv, head)
+	p, err := unix.MmapPtr(int(b.f.Fd()), 0, at, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_FIXED)
+	if err != nil {
+		unix.MunmapPtr(resv, size+align)
+		return nil, fmt.Errorf("map %s (%s backend, %d bytes at %d-byte alignment): %w", b.path, b.name, n, align, err)
+	}
+	if head > 0 {
+		unix.MunmapPtr(resv, head)
+	}
+	if tail := align - head; tail > 0 {
+		unix.MunmapPtr(unsafe.Add(at, size), tail)
+	}
+	b.aligned = true
+	return unsafe.Slice((*byte)(p), n), nil
+}
+
+func (b *backend) unmap(mem []byte) error {
+	if len(mem) == 0 {
+		return nil
+	}
+	if b.aligned {
+		return unix.MunmapPtr(unsafe.Pointer(&mem[0]), uintptr(len(mem)))
+	}
+	return unix.Munmap(mem)
 }
 
 // flush makes [off, off+n) durable where the backend needs it.

@@ -95,7 +95,6 @@ type Region struct {
 	mem   []byte // [0, size) as the header says
 	g     geometry
 	self  identity
-	mmap  mmapFunc
 	close sync.Once
 
 	lockMu sync.Mutex // serialises this process's use of the region lock word
@@ -206,17 +205,17 @@ func createDevDAX(o Options) (*Region, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create region %s: %w", o.Path, err)
 	}
-	mem, err := be.mapBackend(n, unix.Mmap)
+	mem, err := be.mapRegion(n)
 	if err != nil {
 		be.close()
 		return nil, err
 	}
 	if _, err := parseHeader(o.Path, mem, n); err == nil {
-		unix.Munmap(mem)
+		be.unmap(mem)
 		be.close()
 		return nil, fmt.Errorf("create region %s: %w", o.Path, ErrExist)
 	}
-	unix.Munmap(mem)
+	be.unmap(mem)
 	r, err := initRegion(be, n, o)
 	if err != nil {
 		be.close()
@@ -234,7 +233,7 @@ func initRegion(be *backend, n int64, o Options) (*Region, error) {
 	}
 	g.created = time.Now().UnixNano()
 	_, _ = rand.Read(g.uuid[:])
-	mem, err := be.mapBackend(n, unix.Mmap)
+	mem, err := be.mapRegion(n)
 	if err != nil {
 		return nil, err
 	}
@@ -291,7 +290,7 @@ func openExisting(o Options) (*Region, error) {
 		be.close()
 		return nil, &HeaderError{Path: o.Path, Reason: fmt.Sprintf("only %d bytes, too small for a region", n)}
 	}
-	mem, err := be.mapBackend(n, unix.Mmap)
+	mem, err := be.mapRegion(n)
 	if err != nil {
 		be.close()
 		return nil, fmt.Errorf("open region %s: %w", o.Path, err)
@@ -301,7 +300,7 @@ func openExisting(o Options) (*Region, error) {
 		err = &HeaderError{Path: o.Path, Reason: fmt.Sprintf("region alignment %d does not suit the %s backend (%d)", g.align, be.name, be.align)}
 	}
 	if err != nil {
-		unix.Munmap(mem)
+		be.unmap(mem)
 		be.close()
 		return nil, err
 	}
@@ -317,7 +316,7 @@ func (r *Region) Close() error {
 	r.close.Do(func() {
 		r.stopHeartbeat()
 		r.closed.Store(true)
-		if e := unix.Munmap(r.full); e != nil {
+		if e := r.be.unmap(r.full); e != nil {
 			err = e
 		}
 		if e := r.be.close(); e != nil && err == nil {
