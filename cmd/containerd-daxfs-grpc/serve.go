@@ -3,6 +3,236 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	diffapi "github.com/containerd/containerd/api/services/diff/v1"
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/diffservice"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/content"
+	contentproxy "github.com/containerd/containerd/v2/core/content/proxy"
+	"github.com/containerd/log"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	contentapi "github.com/containerd/containerd/api/services/content/v1"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
+	"github.com/containerd-daxfs/containerd-daxfs/mounter"
+	"github.com/containerd-daxfs/containerd-daxfs/overlay"
+	"github.com/containerd-daxfs/containerd-daxfs/snapshotter"
 )
 
-func runServe(ctx context.Context, args []string) error { return errors.New("not implemented yet") }
+// runServe runs the daemon: it joins the region, serves the snapshots and
+// diff services on one unix socket, collects garbage periodically, and
+// stops cleanly on SIGTERM or SIGINT (mounted views stay mounted: they are
+// served by the separate fuse-serve process and adopted at the next start).
+func runServe(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	configPath := fs.String("config", defaultConfigPath, "configuration file")
+	root := fs.String("root", "", "state directory (overrides root)")
+	address := fs.String("address", "", "unix socket to serve on (overrides address)")
+	ctrdAddress := fs.String("containerd-address", "", "containerd's socket (overrides containerd_address)")
+	logLevel := fs.String("log-level", "", "log level (overrides log_level)")
+	regionPath := fs.String("region-path", "", "region file or device (overrides region.path)")
+	regionSize := fs.String("region-size", "", "region size when creating it, e.g. 8GiB (overrides region.size)")
+	mountMode := fs.String("mount-mode", "", "auto, fuse or kernel (overrides mount.mode)")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	explicit := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == "config" {
+			explicit = true
+		}
+	})
+	cfg, err := LoadConfig(*configPath, explicit)
+	if err != nil {
+		return err
+	}
+	override := func(dst *string, v string) {
+		if v != "" {
+			*dst = v
+		}
+	}
+	override(&cfg.Root, *root)
+	override(&cfg.Address, *address)
+	override(&cfg.ContainerdAddress, *ctrdAddress)
+	override(&cfg.LogLevel, *logLevel)
+	override(&cfg.Region.Path, *regionPath)
+	override(&cfg.Mount.Mode, *mountMode)
+	if *regionSize != "" {
+		n, err := ParseSize(*regionSize)
+		if err != nil {
+			return err
+		}
+		cfg.Region.Size = Size(n)
+	}
+	if err := cfg.check(); err != nil {
+		return err
+	}
+	if err := log.SetLevel(cfg.LogLevel); err != nil {
+		return fmt.Errorf("log level %q: %w", cfg.LogLevel, err)
+	}
+	if err := log.SetFormat(log.TextFormat); err != nil {
+		return err
+	}
+	return serve(ctx, cfg)
+}
+
+func serve(ctx context.Context, cfg Config) error {
+	logger := log.G(ctx).WithField("root", cfg.Root)
+	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return err
+	}
+
+	region, err := daxmem.Open(ctx, daxmem.Options{
+		Backend:      cfg.Region.Backend,
+		Path:         cfg.Region.Path,
+		Size:         int64(cfg.Region.Size),
+		Entries:      cfg.Region.Entries,
+		Participants: cfg.Region.Participants,
+	})
+	if err != nil {
+		return fmt.Errorf("opening region %s: %w", cfg.Region.Path, err)
+	}
+	defer region.Close()
+	host, _ := os.Hostname()
+	bootID, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	id, err := region.Join(ctx, daxmem.ParticipantInfo{Host: host, BootID: string(bootID), PID: os.Getpid()}, filepath.Join(cfg.Root, "participant"))
+	if err != nil {
+		return fmt.Errorf("joining region %s: %w", cfg.Region.Path, err)
+	}
+	logger.WithField("region", region.Path()).WithField("participant", id).Info("joined region")
+
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	validate := cfg.Mount.Validate == nil || *cfg.Mount.Validate
+	mnt, err := mounter.New(ctx, cfg.Mount.Mode, mounter.FUSEOptions{
+		StateDir: filepath.Join(cfg.Root, "fuse"),
+		Binary:   self,
+		Validate: validate,
+	})
+	if err != nil {
+		return fmt.Errorf("starting the %s mounter: %w", cfg.Mount.Mode, err)
+	}
+
+	sn, err := snapshotter.New(ctx, snapshotter.Config{
+		Root:         cfg.Root,
+		Region:       region,
+		Mounter:      mnt,
+		Overlay:      overlay.DefaultOptions(),
+		MaxLayerSize: int64(cfg.Region.MaxLayerSize),
+	})
+	if err != nil {
+		return err
+	}
+	defer sn.Close()
+
+	cc := &containerdContent{address: cfg.ContainerdAddress}
+	defer cc.Close()
+	differ := snapshotter.NewDiffer(sn, cc.Provider)
+
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(differ, differ))
+
+	if err := os.MkdirAll(filepath.Dir(cfg.Address), 0o711); err != nil {
+		return err
+	}
+	if err := os.Remove(cfg.Address); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing stale socket %s: %w", cfg.Address, err)
+	}
+	l, err := net.Listen("unix", cfg.Address)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", cfg.Address, err)
+	}
+	defer os.Remove(cfg.Address)
+
+	gcCtx, stopGC := context.WithCancel(ctx)
+	defer stopGC()
+	go collectGarbage(gcCtx, region, time.Duration(cfg.GC.Interval))
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	logger.WithField("address", cfg.Address).Info("serving snapshots and diff services")
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serving on %s: %w", cfg.Address, err)
+	case <-ctx.Done():
+	}
+	logger.Info("stopping")
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		srv.Stop()
+	}
+	return nil
+}
+
+// collectGarbage reclaims unreferenced images and dead participants' claims
+// every interval.
+func collectGarbage(ctx context.Context, region *daxmem.Region, interval time.Duration) {
+	if interval <= 0 {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		st, err := region.GC(ctx, daxmem.GCOptions{MinAge: interval})
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("region garbage collection")
+			continue
+		}
+		log.G(ctx).WithField("stats", fmt.Sprintf("%+v", st)).Debug("region garbage collection")
+	}
+}
+
+// containerdContent dials containerd's content store on first use: the
+// daemon starts before containerd (which dials us), so it cannot connect
+// at start.
+type containerdContent struct {
+	address string
+
+	mu    sync.Mutex
+	conn  *grpc.ClientConn
+	store content.Store
+}
+
+func (c *containerdContent) Provider(ctx context.Context) (content.Provider, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.store != nil {
+		return c.store, nil
+	}
+	conn, err := grpc.NewClient("unix://"+c.address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("dialing containerd at %s: %w", c.address, err)
+	}
+	c.conn = conn
+	c.store = contentproxy.NewContentStore(contentapi.NewContentClient(conn))
+	return c.store, nil
+}
+
+func (c *containerdContent) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn != nil {
+		c.conn.Close()
+	}
+}

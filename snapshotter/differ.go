@@ -1,0 +1,217 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/diff"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
+	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
+	"github.com/containerd-daxfs/containerd-daxfs/overlay"
+)
+
+// ContentFunc returns the content store layer blobs are read from, for the
+// namespace in ctx. The daemon connects to containerd lazily through it.
+type ContentFunc func(ctx context.Context) (content.Provider, error)
+
+// Differ is the diff.Applier served as containerd's "daxfs-diff" proxy
+// plugin. It converts a layer blob straight into the region in one pass
+// for our extraction snapshots; for every other mount it answers
+// ErrNotImplemented so containerd's diff service moves on to the walking
+// differ.
+type Differ struct {
+	s       *Snapshotter
+	content ContentFunc
+}
+
+var (
+	_ diff.Applier  = (*Differ)(nil)
+	_ diff.Comparer = (*Differ)(nil)
+)
+
+// NewDiffer returns the Applier for s.
+func NewDiffer(s *Snapshotter, content ContentFunc) *Differ {
+	return &Differ{s: s, content: content}
+}
+
+// Compare is not ours to do: containerd's walking differ computes diffs.
+func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	return ocispec.Descriptor{}, fmt.Errorf("daxfs differ does not compare mounts: %w", errdefs.ErrNotImplemented)
+}
+
+// stagingID returns the snapshot ID of one of our writable mounts.
+func (s *Snapshotter) stagingID(mounts []mount.Mount) (string, bool) {
+	upper, ok := overlay.UpperDir(mounts)
+	if !ok {
+		return "", false
+	}
+	snaps := filepath.Join(s.root, "snapshots") + "/"
+	rest, ok := strings.CutPrefix(upper, snaps)
+	if !ok {
+		return "", false
+	}
+	id, fs, ok := strings.Cut(rest, "/")
+	if !ok || fs != "fs" || id == "" {
+		return "", false
+	}
+	return id, true
+}
+
+// isStagedMount reports whether mounts are the read-only mount of an
+// extraction whose layer the region already holds.
+func (s *Snapshotter) isStagedMount(mounts []mount.Mount) bool {
+	return len(mounts) == 1 && mounts[0].Type == "bind" && mounts[0].Source == s.emptyDir() && mounts[0].ReadOnly()
+}
+
+// Apply converts the layer desc into the region for the extraction
+// snapshot behind mounts.
+func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+	s := d.s
+	if s.isStagedMount(mounts) {
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s is already staged from the region: %w", desc.Digest, errdefs.ErrFailedPrecondition)
+	}
+	id, ok := s.stagingID(mounts)
+	if !ok {
+		return ocispec.Descriptor{}, fmt.Errorf("mounts are not a daxfs extraction snapshot: %w", errdefs.ErrNotImplemented)
+	}
+	st, ok, err := s.readStage(id)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	if !ok {
+		// A container's or a parentless test snapshot: the walking differ
+		// applies into its upper and Commit converts it.
+		return ocispec.Descriptor{}, fmt.Errorf("snapshot %s is not an extraction snapshot: %w", id, errdefs.ErrNotImplemented)
+	}
+	if st.Hit || st.Applied {
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s is already in the region: %w", st.DiffID, errdefs.ErrFailedPrecondition)
+	}
+	if !isLayerType(desc.MediaType) {
+		return ocispec.Descriptor{}, fmt.Errorf("media type %q of %s: %w", desc.MediaType, desc.Digest, errdefs.ErrNotImplemented)
+	}
+	var config diff.ApplyConfig
+	for _, o := range opts {
+		if err := o(ctx, desc, &config); err != nil {
+			return ocispec.Descriptor{}, err
+		}
+	}
+	if len(config.ProcessorPayloads) > 0 {
+		// Stream processors (e.g. decryption) are containerd's business.
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s needs stream processors: %w", desc.Digest, errdefs.ErrNotImplemented)
+	}
+
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	ctx = namespaces.WithNamespace(ctx, ns)
+	provider, err := d.content(ctx)
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("content store for layer %s: %w", desc.Digest, err)
+	}
+
+	out, err := d.convert(ctx, provider, desc, st)
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
+	}
+	st.Applied = true
+	if err := s.writeStage(id, st); err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	return out, nil
+}
+
+// convert streams blob desc into a layer image in the region under the
+// layer's diffID and returns the uncompressed layer's descriptor.
+func (d *Differ) convert(ctx context.Context, provider content.Provider, desc ocispec.Descriptor, st stage) (ocispec.Descriptor, error) {
+	s := d.s
+	key, err := regionKey(st.DiffID)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	done := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID}
+	// A layer image is larger than its blob (file data is page aligned and
+	// the blob is compressed). Claim a generous bound; Publish gives the
+	// unused tail back, and a layer that still does not fit is retried
+	// with a larger one.
+	bound := max(desc.Size*16, 64<<20)
+	for {
+		if _, ok := s.region.Lookup(daxmem.KindLayer, key); ok {
+			// Converted by another participant meanwhile: same diffID,
+			// same layer. Nothing to download.
+			return done, nil
+		}
+		if s.maxSize > 0 {
+			bound = min(bound, s.maxSize)
+		}
+		c, err := s.region.Claim(ctx, daxmem.KindLayer, key, bound, daxmem.ClaimOptions{})
+		switch {
+		case errors.Is(err, daxmem.ErrExists):
+			continue
+		case errors.Is(err, daxmem.ErrBusy):
+			if _, err := s.region.Wait(ctx, daxmem.KindLayer, key); err != nil {
+				return ocispec.Descriptor{}, fmt.Errorf("waiting for another participant converting it: %w", err)
+			}
+			continue
+		case err != nil:
+			return ocispec.Descriptor{}, fmt.Errorf("claiming %d bytes of the region: %w", bound, err)
+		}
+		ra, err := provider.ReaderAt(ctx, desc)
+		if err != nil {
+			_ = c.Abort(ctx)
+			return ocispec.Descriptor{}, fmt.Errorf("opening blob: %w", err)
+		}
+		res, err := converter.ConvertLayer(ctx, io.NewSectionReader(ra, 0, ra.Size()), daxfs.NewWindow(c.Bytes()), converter.LayerOptions{MaxSize: s.maxSize})
+		size := res.Size
+		ra.Close()
+		if errors.Is(err, daxfs.ErrNoSpace) && (s.maxSize == 0 || bound < s.maxSize) {
+			_ = c.Abort(ctx)
+			log.G(ctx).WithField("bound", bound).Debug("layer image larger than claimed: retrying with more")
+			bound *= 4
+			continue
+		}
+		if err != nil {
+			_ = c.Abort(ctx)
+			return ocispec.Descriptor{}, err
+		}
+		if res.DiffID != st.DiffID {
+			_ = c.Abort(ctx)
+			return ocispec.Descriptor{}, fmt.Errorf("computed diffID %s does not match %s: %w", res.DiffID, st.DiffID, errdefs.ErrFailedPrecondition)
+		}
+		if err := daxfs.Validate(c.Bytes()[:size]); err != nil {
+			_ = c.Abort(ctx)
+			return ocispec.Descriptor{}, fmt.Errorf("converted image is invalid: %w", err)
+		}
+		if _, err := c.Publish(ctx, size); err != nil {
+			_ = c.Abort(ctx)
+			return ocispec.Descriptor{}, fmt.Errorf("publishing: %w", err)
+		}
+		done.Size = res.Size
+		log.G(ctx).WithField("diffID", st.DiffID).WithField("size", size).Debug("layer converted into the region")
+		return done, nil
+	}
+}
+
+func isLayerType(mt string) bool {
+	switch mt {
+	case ocispec.MediaTypeImageLayer, ocispec.MediaTypeImageLayerGzip, ocispec.MediaTypeImageLayerZstd,
+		images.MediaTypeDockerSchema2Layer, images.MediaTypeDockerSchema2LayerGzip,
+		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // still served by registries
+		ocispec.MediaTypeImageLayerNonDistributableZstd: //nolint:staticcheck
+		return true
+	}
+	return false
+}

@@ -1,0 +1,81 @@
+package snapshotter
+
+import (
+	"maps"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/opencontainers/go-digest"
+)
+
+// Private state is kept in snapshot labels under our own prefix, never
+// under containerd.io/snapshot/: those arrive from image annotations and a
+// manifest could forge them. Labels under our prefix coming from a client
+// are dropped, so only the snapshotter itself ever sets them.
+const (
+	labelPrefix = "io.containerd.daxfs.v1/"
+	// labelLayer holds the region key (a digest) of the layer image a
+	// committed snapshot adds on top of its parent.
+	labelLayer = labelPrefix + "layer"
+	// labelChain holds the chain key of a committed snapshot: the region
+	// key of the view that merges it with all its parents.
+	labelChain = labelPrefix + "chain"
+)
+
+// Labels containerd's unpacker sets on an extraction Prepare.
+const (
+	labelSnapshotRef = snapshots.LabelSnapshotRef    // containerd.io/snapshot.ref: the chain ID being unpacked
+	labelDiffID      = snapshots.LabelSnapshotDiffID // containerd.io/snapshot/diff-id
+)
+
+// withoutPrivate returns labels without keys under our prefix.
+func withoutPrivate(labels map[string]string) map[string]string {
+	out := make(map[string]string, len(labels))
+	for k, v := range labels {
+		if !strings.HasPrefix(k, labelPrefix) {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// privateOf returns only the keys under our prefix.
+func privateOf(labels map[string]string) map[string]string {
+	out := map[string]string{}
+	for k, v := range labels {
+		if strings.HasPrefix(k, labelPrefix) {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// sanitizeOpts applies client options to learn their labels and parent, and
+// returns options that carry the labels without our private keys, followed
+// by extra (our own) labels.
+func sanitizeOpts(opts []snapshots.Opt, extra map[string]string) (snapshots.Info, []snapshots.Opt, error) {
+	var info snapshots.Info
+	for _, o := range opts {
+		if err := o(&info); err != nil {
+			return info, nil, err
+		}
+	}
+	labels := withoutPrivate(info.Labels)
+	maps.Copy(labels, extra)
+	info.Labels = labels
+	out := []snapshots.Opt{snapshots.WithLabels(labels)}
+	if info.Parent != "" {
+		out = append(out, snapshots.WithParent(info.Parent))
+	}
+	return info, out, nil
+}
+
+// chainKey returns the chain key of a layer on top of parent, the way OCI
+// computes chain IDs: so when layer keys are diffIDs, chain keys are the
+// image's chain IDs.
+func chainKey(parent, layer digest.Digest) digest.Digest {
+	if parent == "" {
+		return layer
+	}
+	return digest.FromString(parent.String() + " " + layer.String())
+}

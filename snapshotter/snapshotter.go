@@ -1,0 +1,576 @@
+// Package snapshotter is the containerd snapshots.Snapshotter (and the
+// diff.Applier) of containerd-daxfs.
+//
+// Committed snapshots are layer images in the shared region, keyed by the
+// layer's diffID when containerd says which layer it is unpacking (so every
+// participant of the region shares them), or by the sha256 of the image
+// otherwise. A chain of committed snapshots is served to containers as a
+// view image (the merged tree of the chain, metadata only) mounted once per
+// chain under mnt/, the read-only lower of each container's overlay.
+//
+// Layout of the state directory:
+//
+//	metadata.db           containerd's snapshot metadata (bolt)
+//	empty/                an empty directory: lower of parentless snapshots
+//	snapshots/<id>/fs     upper directory of an active snapshot
+//	snapshots/<id>/work   overlay work directory
+//	snapshots/<id>/stage  extraction state (JSON) of an unpack snapshot
+//	mnt/<chain>           mounted views, one per chain in use
+package snapshotter
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/continuity/fs"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
+	"github.com/containerd-daxfs/containerd-daxfs/mounter"
+	"github.com/containerd-daxfs/containerd-daxfs/overlay"
+)
+
+// Config configures a Snapshotter.
+type Config struct {
+	// Root is the state directory.
+	Root string
+	// Region holds the images; the caller opened and joined it.
+	Region *daxmem.Region
+	// Mounter puts views on directories.
+	Mounter mounter.Mounter
+	// Overlay are the overlayfs options of container roots.
+	Overlay overlay.Options
+	// MaxLayerSize bounds one layer image (0: no bound but the region's).
+	MaxLayerSize int64
+}
+
+// Snapshotter implements snapshots.Snapshotter over the shared region.
+type Snapshotter struct {
+	root    string
+	ms      *storage.MetaStore
+	region  *daxmem.Region
+	mounter mounter.Mounter
+	ovl     overlay.Options
+	maxSize int64
+
+	views *viewTable
+
+	closeOnce sync.Once
+}
+
+var _ snapshots.Snapshotter = (*Snapshotter)(nil)
+
+// New opens (or creates) the snapshotter state under cfg.Root.
+func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
+	if cfg.Root == "" || cfg.Region == nil || cfg.Mounter == nil {
+		return nil, fmt.Errorf("snapshotter needs a root, a region and a mounter: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := overlay.Supported(); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{cfg.Root, filepath.Join(cfg.Root, "snapshots"), filepath.Join(cfg.Root, "mnt"), filepath.Join(cfg.Root, "empty")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	// The empty lower is the root directory of parentless containers
+	// until they write to it: make it look like a normal root.
+	if err := os.Chmod(filepath.Join(cfg.Root, "empty"), 0o755); err != nil {
+		return nil, err
+	}
+	ms, err := storage.NewMetaStore(filepath.Join(cfg.Root, "metadata.db"))
+	if err != nil {
+		return nil, fmt.Errorf("opening snapshot metadata: %w", err)
+	}
+	s := &Snapshotter{
+		root:    cfg.Root,
+		ms:      ms,
+		region:  cfg.Region,
+		mounter: cfg.Mounter,
+		ovl:     cfg.Overlay,
+		maxSize: cfg.MaxLayerSize,
+	}
+	s.views = newViewTable(s)
+	if err := s.views.adopt(ctx); err != nil {
+		ms.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Snapshotter) upperPath(id string) string { return filepath.Join(s.root, "snapshots", id, "fs") }
+func (s *Snapshotter) workPath(id string) string  { return filepath.Join(s.root, "snapshots", id, "work") }
+func (s *Snapshotter) stagePath(id string) string { return filepath.Join(s.root, "snapshots", id, "stage") }
+func (s *Snapshotter) emptyDir() string           { return filepath.Join(s.root, "empty") }
+
+// Stat returns the info of a snapshot.
+func (s *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
+	info, err := s.info(ctx, key)
+	info.Labels = public(info.Labels)
+	return info, err
+}
+
+// info returns the info of a snapshot with our private labels.
+func (s *Snapshotter) info(ctx context.Context, key string) (info snapshots.Info, err error) {
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	return info, err
+}
+
+// public returns labels as clients see them: without our private keys,
+// and nil when nothing is left (as a snapshot without labels reads).
+func public(labels map[string]string) map[string]string {
+	if labels == nil {
+		return nil
+	}
+	out := withoutPrivate(labels)
+	if len(out) == 0 && len(labels) != 0 {
+		return nil
+	}
+	return out
+}
+
+// Update changes labels of a snapshot. Our private labels cannot be set,
+// changed or removed through it.
+func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (out snapshots.Info, err error) {
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, cur, _, err := storage.GetInfo(ctx, info.Name)
+		if err != nil {
+			return err
+		}
+		info.Labels = withoutPrivate(info.Labels)
+		var paths []string
+		for _, p := range fieldpaths {
+			if strings.HasPrefix(p, "labels."+labelPrefix) {
+				continue
+			}
+			paths = append(paths, p)
+		}
+		if len(fieldpaths) == 0 || containsLabelsPath(fieldpaths) {
+			// A whole-labels replace must keep our private labels.
+			for k, v := range privateOf(cur.Labels) {
+				info.Labels[k] = v
+			}
+			if len(fieldpaths) == 0 {
+				paths = nil
+			}
+		}
+		if len(fieldpaths) > 0 && len(paths) == 0 {
+			out = cur
+			return nil
+		}
+		out, err = storage.UpdateInfo(ctx, info, paths...)
+		return err
+	})
+	out.Labels = public(out.Labels)
+	return out, err
+}
+
+func containsLabelsPath(paths []string) bool {
+	for _, p := range paths {
+		if p == "labels" {
+			return true
+		}
+	}
+	return false
+}
+
+// Usage returns the resources a snapshot takes: for an active snapshot its
+// upper directory, for a committed one its layer image in the region.
+func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	var (
+		id   string
+		info snapshots.Info
+		u    snapshots.Usage
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		id, info, u, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return u, err
+	}
+	if info.Kind == snapshots.KindActive {
+		du, err := fs.DiskUsage(ctx, s.upperPath(id))
+		if err != nil {
+			return u, err
+		}
+		u = snapshots.Usage(du)
+	}
+	return u, nil
+}
+
+// Mounts returns the mounts of an active or view snapshot.
+func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	var (
+		snap storage.Snapshot
+		info snapshots.Info
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		snap, err = storage.GetSnapshot(ctx, key)
+		if err != nil {
+			return err
+		}
+		_, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mounts of %s: %w", key, err)
+	}
+	return s.mounts(ctx, snap, info)
+}
+
+// Prepare creates an active snapshot. An extraction snapshot (containerd's
+// unpacker sets the ref and diff-id labels) whose layer the region already
+// holds is returned read-only: containerd then skips download and apply.
+func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindActive, key, parent, opts)
+}
+
+// View creates a read-only view of a committed snapshot.
+func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindView, key, parent, opts)
+}
+
+// stage is the extraction state of an unpack snapshot, kept beside its upper.
+type stage struct {
+	// DiffID is the layer containerd unpacks into this snapshot.
+	DiffID digest.Digest `json:"diffID"`
+	// Hit: the region held the layer at Prepare; nothing is applied.
+	Hit bool `json:"hit,omitempty"`
+	// Applied: our differ wrote the layer image into the region.
+	Applied bool `json:"applied,omitempty"`
+}
+
+func (s *Snapshotter) readStage(id string) (stage, bool, error) {
+	var st stage
+	b, err := os.ReadFile(s.stagePath(id))
+	if errors.Is(err, os.ErrNotExist) {
+		return st, false, nil
+	}
+	if err != nil {
+		return st, false, err
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return st, false, fmt.Errorf("stage of snapshot %s: %w", id, err)
+	}
+	return st, true, nil
+}
+
+func (s *Snapshotter) writeStage(id string, st stage) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	tmp := s.stagePath(id) + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, s.stagePath(id))
+}
+
+func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, retErr error) {
+	info, opts, err := sanitizeOpts(opts, nil)
+	if err != nil {
+		return nil, err
+	}
+	var st *stage
+	if kind == snapshots.KindActive {
+		if d, ok := info.Labels[labelDiffID]; ok && info.Labels[labelSnapshotRef] != "" {
+			diffID, err := digest.Parse(d)
+			if err != nil {
+				return nil, fmt.Errorf("label %s=%q of %s: %w", labelDiffID, d, key, errdefs.ErrInvalidArgument)
+			}
+			st = &stage{DiffID: diffID}
+			// The target chain may exist already (another unpack of the
+			// same image): containerd then skips this layer.
+			if _, err := s.info(ctx, info.Labels[labelSnapshotRef]); err == nil {
+				return nil, fmt.Errorf("target snapshot %q: %w", info.Labels[labelSnapshotRef], errdefs.ErrAlreadyExists)
+			}
+			if _, ok, err := s.lookupLayer(diffID); err != nil {
+				return nil, err
+			} else if ok {
+				st.Hit = true
+			}
+		}
+	}
+
+	var (
+		snap    storage.Snapshot
+		created snapshots.Info
+		dir     string
+	)
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var err error
+		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
+		if err != nil {
+			return err
+		}
+		_, created, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		if kind != snapshots.KindActive {
+			return nil
+		}
+		dir = filepath.Join(s.root, "snapshots", snap.ID)
+		if err := os.MkdirAll(filepath.Join(dir, "fs"), 0o755); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(filepath.Join(dir, "work"), 0o711); err != nil {
+			return err
+		}
+		if st != nil {
+			return s.writeStage(snap.ID, *st)
+		}
+		return nil
+	})
+	if err != nil {
+		if dir != "" {
+			_ = os.RemoveAll(dir)
+		}
+		return nil, fmt.Errorf("creating snapshot %s: %w", key, err)
+	}
+	defer func() {
+		if retErr != nil {
+			if err := s.Remove(ctx, key); err != nil {
+				log.G(ctx).WithError(err).WithField("key", key).Warn("removing snapshot after a failed create")
+			}
+		}
+	}()
+	if st != nil && st.Hit {
+		log.G(ctx).WithField("key", key).WithField("diffID", st.DiffID).Debug("layer found in the region: staged")
+		m, err := overlay.ReadOnlyBind(s.emptyDir())
+		if err != nil {
+			return nil, err
+		}
+		return []mount.Mount{m}, nil
+	}
+	return s.mounts(ctx, snap, created)
+}
+
+// mounts computes the mounts of a snapshot, mounting its parent's view when
+// needed.
+func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
+	if snap.Kind == snapshots.KindActive {
+		if st, ok, err := s.readStage(snap.ID); err != nil {
+			return nil, err
+		} else if ok && st.Hit {
+			m, err := overlay.ReadOnlyBind(s.emptyDir())
+			return []mount.Mount{m}, err
+		}
+	}
+	lower := s.emptyDir()
+	if len(snap.ParentIDs) > 0 {
+		dir, err := s.views.acquire(ctx, info.Parent, snap.ID)
+		if err != nil {
+			return nil, fmt.Errorf("view of %s for %s: %w", info.Parent, info.Name, err)
+		}
+		lower = dir
+	}
+	if snap.Kind == snapshots.KindView {
+		m, err := overlay.ReadOnlyBind(lower)
+		return []mount.Mount{m}, err
+	}
+	m, err := overlay.Container([]string{lower}, s.upperPath(snap.ID), s.workPath(snap.ID), s.ovl)
+	return []mount.Mount{m}, err
+}
+
+// Commit turns an active snapshot into a committed one: its layer image is
+// in the region (our differ put it there, or the region already had it), or
+// it is made now from the upper directory.
+func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	var (
+		id   string
+		info snapshots.Info
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		id, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if info.Kind != snapshots.KindActive {
+		return fmt.Errorf("snapshot %s is not active: %w", key, errdefs.ErrFailedPrecondition)
+	}
+	st, staged, err := s.readStage(id)
+	if err != nil {
+		return err
+	}
+	// The parent may be given at commit (containerd's parallel unpack
+	// rebases layers prepared without one).
+	req, _, err := sanitizeOpts(opts, nil)
+	if err != nil {
+		return err
+	}
+	parent := info.Parent
+	if parent == "" {
+		parent = req.Parent
+	}
+
+	var layer digest.Digest
+	switch {
+	case staged && (st.Hit || st.Applied):
+		layer = st.DiffID
+	default:
+		// The walking differ or a container wrote into the upper: convert
+		// it. Keyed by the diffID when containerd named the layer, else by
+		// the image's own digest.
+		layer, err = s.commitUpper(ctx, id, st.DiffID)
+		if err != nil {
+			return fmt.Errorf("converting snapshot %s to a layer image: %w", key, err)
+		}
+	}
+	e, ok, err := s.lookupLayer(layer)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("layer %s of snapshot %s is not in the region: %w", layer, key, errdefs.ErrNotFound)
+	}
+	if err := s.region.Ref(daxmem.KindLayer, e.Key); err != nil {
+		return fmt.Errorf("referencing layer %s: %w", layer, err)
+	}
+
+	var parentChain digest.Digest
+	if parent != "" {
+		pinfo, err := s.info(ctx, parent)
+		if err != nil {
+			return fmt.Errorf("parent %s of %s: %w", parent, key, err)
+		}
+		parentChain = digest.Digest(pinfo.Labels[labelChain])
+		if parentChain == "" {
+			return fmt.Errorf("parent %s of %s has no layer chain: %w", parent, key, errdefs.ErrFailedPrecondition)
+		}
+	}
+	private := map[string]string{
+		labelLayer: layer.String(),
+		labelChain: chainKey(parentChain, layer).String(),
+	}
+	_, opts, err = sanitizeOpts(opts, private)
+	if err != nil {
+		return err
+	}
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, err := storage.CommitActive(ctx, key, name, snapshots.Usage{Size: e.Length, Inodes: 1}, opts...)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("committing snapshot %s as %s: %w", key, name, err)
+	}
+	s.views.release(ctx, id)
+	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the committed snapshot's directory")
+	}
+	return nil
+}
+
+// Remove removes a snapshot. Its layer stays in the region while another
+// committed snapshot (or another participant) references it.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	var (
+		id     string
+		info   snapshots.Info
+		layers map[string]bool
+	)
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var err error
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		if _, _, err = storage.Remove(ctx, key); err != nil {
+			return err
+		}
+		if info.Kind == snapshots.KindCommitted {
+			layers = map[string]bool{}
+			return storage.WalkInfo(ctx, func(ctx context.Context, i snapshots.Info) error {
+				if l := i.Labels[labelLayer]; l != "" {
+					layers[l] = true
+				}
+				return nil
+			})
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("removing snapshot %s: %w", key, err)
+	}
+	s.views.release(ctx, id)
+	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the snapshot's directory")
+	}
+	if l := info.Labels[labelLayer]; info.Kind == snapshots.KindCommitted && l != "" && !layers[l] {
+		k, err := regionKey(digest.Digest(l))
+		if err == nil {
+			err = s.region.Unref(daxmem.KindLayer, k)
+		}
+		if err != nil && !errdefs.IsNotFound(err) {
+			log.G(ctx).WithError(err).WithField("layer", l).Warn("dropping our reference to a layer")
+		}
+	}
+	return nil
+}
+
+// Walk calls fn for every snapshot matching the filters.
+func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			info.Labels = public(info.Labels)
+			return fn(ctx, info)
+		}, filters...)
+	})
+}
+
+// Cleanup unmounts views no snapshot uses and removes directories of
+// snapshots that no longer exist.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	ids := map[string]bool{}
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		got, err := storage.IDMap(ctx)
+		for id := range got {
+			ids[id] = true
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !ids[e.Name()] {
+			if err := os.RemoveAll(filepath.Join(s.root, "snapshots", e.Name())); err != nil {
+				log.G(ctx).WithError(err).WithField("id", e.Name()).Warn("removing a stale snapshot directory")
+			}
+		}
+	}
+	return s.views.cleanup(ctx)
+}
+
+// Close closes the metadata store. Mounted views stay mounted: running
+// containers keep using them, and a restarted daemon adopts them.
+func (s *Snapshotter) Close() error {
+	var err error
+	s.closeOnce.Do(func() { err = s.ms.Close() })
+	return err
+}
