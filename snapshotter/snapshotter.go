@@ -109,10 +109,16 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	return s, nil
 }
 
-func (s *Snapshotter) upperPath(id string) string { return filepath.Join(s.root, "snapshots", id, "fs") }
-func (s *Snapshotter) workPath(id string) string  { return filepath.Join(s.root, "snapshots", id, "work") }
-func (s *Snapshotter) stagePath(id string) string { return filepath.Join(s.root, "snapshots", id, "stage") }
-func (s *Snapshotter) emptyDir() string           { return filepath.Join(s.root, "empty") }
+func (s *Snapshotter) upperPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "fs")
+}
+func (s *Snapshotter) workPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "work")
+}
+func (s *Snapshotter) stagePath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "stage")
+}
+func (s *Snapshotter) emptyDir() string { return filepath.Join(s.root, "empty") }
 
 // Stat returns the info of a snapshot.
 func (s *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
