@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"time"
+	"unsafe"
 )
 
 // Header describes one entry given to Writer.Add.
@@ -69,6 +70,48 @@ type wentry struct {
 	dead   bool // removed (or inside a removed subtree); skipped by Layout
 }
 
+// chunked is an append-only array in fixed-size chunks: growing it never
+// copies (a 500k-entry image would otherwise copy and fault in its node
+// array several times over).
+type chunked[T any] struct {
+	chunks [][]T
+	n      int
+}
+
+const chunkBits = 10
+
+func (c *chunked[T]) at(i int32) *T { return &c.chunks[i>>chunkBits][i&(1<<chunkBits-1)] }
+
+func (c *chunked[T]) push(v T) int32 {
+	if c.n>>chunkBits == len(c.chunks) {
+		c.chunks = append(c.chunks, make([]T, 1<<chunkBits))
+	}
+	c.chunks[c.n>>chunkBits][c.n&(1<<chunkBits-1)] = v
+	c.n++
+	return int32(c.n - 1)
+}
+
+// arena copies names into shared chunks: one allocation per 64 KiB of
+// names instead of one per name.
+type arena struct{ cur []byte }
+
+const arenaChunk = 64 << 10
+
+func (a *arena) clone(s string) string {
+	if s == "" {
+		return ""
+	}
+	if len(s) > cap(a.cur)-len(a.cur) {
+		if len(s) > arenaChunk/4 {
+			return strings.Clone(s)
+		}
+		a.cur = make([]byte, 0, arenaChunk)
+	}
+	start := len(a.cur)
+	a.cur = append(a.cur, s...)
+	return unsafe.String(&a.cur[start], len(s))
+}
+
 type childKey struct {
 	parent int32
 	name   string
@@ -94,11 +137,12 @@ type Writer struct {
 	out  io.WriterAt
 	opts WriterOptions
 
-	ents   []wentry
-	nodes  []wnode
+	ents   chunked[wentry]
+	nodes  chunked[wnode]
 	dirs   [][]int32 // per directory inode: child entry indices
 	extras []wextra
 	index  map[childKey]int32
+	names  arena
 
 	buf []byte
 	pos uint64 // next free data offset, relative to the base start
@@ -141,9 +185,9 @@ func NewWriter(out io.WriterAt, opts WriterOptions) *Writer {
 		lastDirEnt: -1,
 		maxNodes:   math.MaxInt32 - 1,
 	}
-	w.nodes = append(w.nodes, wnode{mode: ModeDir | 0o755, ref: -1, dir: 0, extra: -1})
+	w.nodes.push(wnode{mode: ModeDir | 0o755, ref: -1, dir: 0, extra: -1})
 	w.dirs = append(w.dirs, nil)
-	w.ents = append(w.ents, wentry{parent: -1, node: 0})
+	w.ents.push(wentry{parent: -1, node: 0})
 	return w
 }
 
@@ -219,14 +263,13 @@ func splitPath(p string) (dir, base string) {
 
 func (w *Writer) newNode(n wnode) (int32, error) {
 	// Node indices are int32, below the format's own limit of 2^32-1.
-	if len(w.nodes) >= w.maxNodes {
+	if w.nodes.n >= w.maxNodes {
 		return -1, ErrTooManyNodes
 	}
-	w.nodes = append(w.nodes, n)
-	return int32(len(w.nodes) - 1), nil
+	return w.nodes.push(n), nil
 }
 
-func (w *Writer) isDirEnt(e int32) bool { return w.nodes[w.ents[e].node].dir >= 0 }
+func (w *Writer) isDirEnt(e int32) bool { return w.nodes.at(w.ents.at(e).node).dir >= 0 }
 
 // dirFor resolves (creating missing directories) the directory dir and
 // returns its entry index. full is the caller's path, for errors.
@@ -253,7 +296,7 @@ func (w *Writer) dirFor(dir, full string) (int32, error) {
 				return -1, fmt.Errorf("daxfs: %s: %w", full, err)
 			}
 			w.dirs = append(w.dirs, nil)
-			e = w.addEntry(cur, strings.Clone(c), n)
+			e = w.addEntry(cur, w.names.clone(c), n)
 		} else if !w.isDirEnt(e) {
 			return -1, fmt.Errorf("daxfs: %s: %w: %s is not a directory", full, ErrNotDir, dir[:done-1])
 		}
@@ -264,10 +307,9 @@ func (w *Writer) dirFor(dir, full string) (int32, error) {
 }
 
 func (w *Writer) addEntry(parent int32, name string, node int32) int32 {
-	e := int32(len(w.ents))
-	w.ents = append(w.ents, wentry{name: name, parent: parent, node: node})
+	e := w.ents.push(wentry{name: name, parent: parent, node: node})
 	w.index[childKey{parent, name}] = e
-	pd := w.nodes[w.ents[parent].node].dir
+	pd := w.nodes.at(w.ents.at(parent).node).dir
 	w.dirs[pd] = append(w.dirs[pd], e)
 	return e
 }
@@ -276,16 +318,16 @@ func (w *Writer) addEntry(parent int32, name string, node int32) int32 {
 func (w *Writer) killSubtree(n int32) {
 	stack := []int32{n}
 	for len(stack) > 0 {
-		d := w.nodes[stack[len(stack)-1]].dir
+		d := w.nodes.at(stack[len(stack)-1]).dir
 		stack = stack[:len(stack)-1]
 		for _, c := range w.dirs[d] {
-			ce := &w.ents[c]
+			ce := w.ents.at(c)
 			if ce.dead {
 				continue
 			}
 			ce.dead = true
 			delete(w.index, childKey{ce.parent, ce.name})
-			if w.nodes[ce.node].dir >= 0 {
+			if w.nodes.at(ce.node).dir >= 0 {
 				stack = append(stack, ce.node)
 			}
 		}
@@ -297,17 +339,17 @@ func (w *Writer) killSubtree(n int32) {
 // bind makes name in parent refer to node, replacing what was there.
 func (w *Writer) bind(parent int32, name string, node int32) {
 	if e, ok := w.index[childKey{parent, name}]; ok {
-		old := w.ents[e].node
+		old := w.ents.at(e).node
 		if old == node {
 			return
 		}
-		if w.nodes[old].dir >= 0 {
+		if w.nodes.at(old).dir >= 0 {
 			w.killSubtree(old)
 		}
-		w.ents[e].node = node
+		w.ents.at(e).node = node
 		return
 	}
-	w.addEntry(parent, strings.Clone(name), node)
+	w.addEntry(parent, w.names.clone(name), node)
 }
 
 func checkType(mode uint32) bool {
@@ -415,7 +457,7 @@ func (w *Writer) add(h *Header, data io.Reader, ref int32, extOff uint64) (int32
 		case strings.IndexByte(t, 0) >= 0:
 			return -1, fmt.Errorf("daxfs: %s: %w: NUL in symlink target", p, ErrInvalidHeader)
 		}
-		ex.target = strings.Clone(t)
+		ex.target = w.names.clone(t)
 		n.size = uint64(len(t))
 	case ModeChar, ModeBlock:
 		if !w.opts.NoExtension {
@@ -427,7 +469,7 @@ func (w *Writer) add(h *Header, data io.Reader, ref int32, extOff uint64) (int32
 		if typ != ModeDir {
 			return -1, fmt.Errorf("daxfs: %q: %w: the root must be a directory", h.Path, ErrInvalidHeader)
 		}
-		root := &w.nodes[0]
+		root := w.nodes.at(0)
 		if err := w.attrs(h, root, &ex); err != nil {
 			return -1, err
 		}
@@ -443,10 +485,10 @@ func (w *Writer) add(h *Header, data io.Reader, ref int32, extOff uint64) (int32
 	// A directory over a directory keeps its children.
 	if typ == ModeDir {
 		if e, ok := w.index[childKey{parent, base}]; ok && w.isDirEnt(e) {
-			old := &w.nodes[w.ents[e].node]
+			old := w.nodes.at(w.ents.at(e).node)
 			old.mode, old.uid, old.gid, old.mtimeSec, old.mtimeNsec = n.mode, n.uid, n.gid, n.mtimeSec, n.mtimeNsec
 			w.setExtra(old, ex)
-			return w.ents[e].node, nil
+			return w.ents.at(e).node, nil
 		}
 		n.dir = int32(len(w.dirs))
 	}
@@ -546,15 +588,15 @@ func (w *Writer) Link(path, target string, h *Header) error {
 	if err != nil {
 		return fmt.Errorf("daxfs: link %s to %s: %w", p, t, err)
 	}
-	node := w.ents[te].node
-	if w.nodes[node].dir >= 0 {
+	node := w.ents.at(te).node
+	if w.nodes.at(node).dir >= 0 {
 		return fmt.Errorf("daxfs: link %s to %s: %w: hard link to a directory", p, t, ErrInvalidHeader)
 	}
 	if p == "" {
 		return fmt.Errorf("daxfs: link %q to %s: %w: the root cannot be a link", path, t, ErrInvalidPath)
 	}
 	if h != nil {
-		n := w.nodes[node]
+		n := *w.nodes.at(node)
 		ex := wextra{}
 		if n.extra >= 0 {
 			ex = w.extras[n.extra]
@@ -568,7 +610,7 @@ func (w *Writer) Link(path, target string, h *Header) error {
 			ex.xattrs = xs
 		}
 		w.setExtra(&n, ex)
-		w.nodes[node] = n
+		*w.nodes.at(node) = n
 	}
 	dir, base := splitPath(p)
 	parent, err := w.dirFor(dir, p)
@@ -618,10 +660,10 @@ func (w *Writer) Remove(path string) error {
 	if err != nil {
 		return nil
 	}
-	en := &w.ents[e]
+	en := w.ents.at(e)
 	en.dead = true
 	delete(w.index, childKey{en.parent, en.name})
-	if w.nodes[en.node].dir >= 0 {
+	if w.nodes.at(en.node).dir >= 0 {
 		w.killSubtree(en.node)
 	}
 	return nil
@@ -642,19 +684,19 @@ func (w *Writer) Layout() (int64, error) {
 	if w.laidOut {
 		return int64(BaseOffset + w.lay.end), nil
 	}
-	order := make([]int32, 1, len(w.nodes))
+	order := make([]int32, 1, w.nodes.n)
 	order[0] = 0
-	w.nodes[0].ino = 1
-	less := func(a, b int32) int { return strings.Compare(w.ents[a].name, w.ents[b].name) }
+	w.nodes.at(0).ino = 1
+	less := func(a, b int32) int { return strings.Compare(w.ents.at(a).name, w.ents.at(b).name) }
 	for i := 0; i < len(order); i++ {
-		dn := &w.nodes[order[i]]
+		dn := w.nodes.at(order[i])
 		if dn.dir < 0 {
 			continue
 		}
 		kids := w.dirs[dn.dir]
 		live := kids[:0]
 		for _, k := range kids {
-			if !w.ents[k].dead {
+			if !w.ents.at(k).dead {
 				live = append(live, k)
 			}
 		}
@@ -663,10 +705,10 @@ func (w *Writer) Layout() (int64, error) {
 		w.dirs[dn.dir] = live
 		dn.nlink = 2
 		for _, k := range live {
-			cn := w.ents[k].node
-			c := &w.nodes[cn]
+			cn := w.ents.at(k).node
+			c := w.nodes.at(cn)
 			if c.dir >= 0 {
-				w.nodes[order[i]].nlink++
+				w.nodes.at(order[i]).nlink++
 			} else {
 				c.nlink++
 			}
@@ -683,7 +725,7 @@ func (w *Writer) Layout() (int64, error) {
 	l.inodeOff = w.pos
 	cur := l.inodeOff + uint64(len(order))*InodeSize
 	for _, n := range order {
-		nd := &w.nodes[n]
+		nd := w.nodes.at(n)
 		if nd.dir < 0 {
 			continue
 		}
@@ -696,7 +738,7 @@ func (w *Writer) Layout() (int64, error) {
 		}
 	}
 	for _, n := range order {
-		nd := &w.nodes[n]
+		nd := w.nodes.at(n)
 		if nd.mode&ModeTypeMask == ModeSymlink {
 			nd.data = cur
 			cur += nd.size + 1
@@ -706,7 +748,7 @@ func (w *Writer) Layout() (int64, error) {
 		cur = alignUp(cur, 8)
 		l.extOff = cur
 		for _, n := range order {
-			if x := w.nodes[n].extra; x >= 0 {
+			if x := w.nodes.at(n).extra; x >= 0 {
 				for _, xa := range w.extras[x].xattrs {
 					l.xattrSize += xattrHdrSize + uint64(len(xa.Name)) + uint64(len(xa.Value))
 				}
@@ -741,9 +783,9 @@ func (w *Writer) SetExternalBases(bases []uint64, windowSize uint64) error {
 		return fmt.Errorf("daxfs: window size %d is not a multiple of %d", windowSize, BlockSize)
 	}
 	for _, n := range w.lay.order {
-		nd := &w.nodes[n]
-		if nd.ref < 0 {
-			continue
+		nd := w.nodes.at(n)
+		if nd.ref < 0 || nd.size == 0 {
+			continue // empty files get data_offset 0 like our own
 		}
 		var ino = nd.ino
 		if int(nd.ref) >= len(bases) {
@@ -874,7 +916,7 @@ func (w *Writer) writeMeta() error {
 	// Metadata after the file data.
 	s.off = int64(BaseOffset + l.inodeOff)
 	for i, n := range l.order {
-		nd := &w.nodes[n]
+		nd := w.nodes.at(n)
 		r := s.next(InodeSize)
 		le.PutUint32(r[0:], uint32(i+1))
 		le.PutUint32(r[4:], nd.mode)
@@ -883,19 +925,22 @@ func (w *Writer) writeMeta() error {
 		le.PutUint64(r[16:], nd.size)
 		data := nd.data
 		if nd.ref >= 0 {
-			data = w.bases[nd.ref] + nd.data - BaseOffset
+			data = 0
+			if nd.size > 0 {
+				data = w.bases[nd.ref] + nd.data - BaseOffset
+			}
 		}
 		le.PutUint64(r[24:], data)
 		le.PutUint32(r[32:], nd.nlink)
 	}
 	for _, n := range l.order {
-		nd := &w.nodes[n]
+		nd := w.nodes.at(n)
 		if nd.dir < 0 {
 			continue
 		}
 		for _, k := range w.dirs[nd.dir] {
-			e := &w.ents[k]
-			c := &w.nodes[e.node]
+			e := w.ents.at(k)
+			c := w.nodes.at(e.node)
 			r := s.next(DirentStride)
 			le.PutUint32(r[0:], c.ino)
 			le.PutUint32(r[4:], c.mode)
@@ -905,7 +950,7 @@ func (w *Writer) writeMeta() error {
 	}
 	pos := uint64(s.off-BaseOffset) + uint64(s.n)
 	for _, n := range l.order {
-		nd := &w.nodes[n]
+		nd := w.nodes.at(n)
 		if nd.mode&ModeTypeMask == ModeSymlink {
 			s.write([]byte(w.extras[nd.extra].target))
 			s.next(1)
@@ -924,7 +969,7 @@ func (w *Writer) writeMeta() error {
 		le.PutUint64(h[24:], l.xattrSize)
 		var xoff uint64
 		for _, n := range l.order {
-			nd := &w.nodes[n]
+			nd := w.nodes.at(n)
 			r := s.next(extRecordSize)
 			le.PutUint64(r[0:], uint64(nd.mtimeSec))
 			le.PutUint32(r[8:], nd.mtimeNsec)
@@ -941,7 +986,7 @@ func (w *Writer) writeMeta() error {
 			}
 		}
 		for _, n := range l.order {
-			nd := &w.nodes[n]
+			nd := w.nodes.at(n)
 			if nd.extra < 0 {
 				continue
 			}
