@@ -8,12 +8,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 )
 
@@ -235,9 +237,49 @@ func (c *Containerd) Client(tb testing.TB, opts ...client.Opt) *client.Client {
 	return cl
 }
 
+// MountView creates a read-only View snapshot of parent (a committed
+// snapshot key, e.g. an image's top chain ID from
+// testimage.Built.ChainIDs) in snapshotter, mounts it on a new temporary
+// directory and returns that directory. The view is held by a lease, so
+// containerd's garbage collector cannot remove it while the test uses it;
+// at cleanup it is unmounted, removed, and the lease released.
+func (c *Containerd) MountView(tb testing.TB, snapshotter, parent string) string {
+	tb.Helper()
+	cl := c.Client(tb)
+	ctx, done, err := cl.WithLease(c.Context(context.Background()))
+	if err != nil {
+		tb.Fatalf("testenv: creating lease: %v", err)
+	}
+	sn := cl.SnapshotService(snapshotter)
+	dir := shortTempDir(tb, "view")
+	key := "testenv-view-" + filepath.Base(dir)
+	mounts, err := sn.View(ctx, key, parent)
+	if err != nil {
+		_ = done(context.Background())
+		tb.Fatalf("testenv: View %s of %s in snapshotter %s: %v", key, parent, snapshotter, err)
+	}
+	tb.Cleanup(func() {
+		if err := mount.UnmountAll(dir, 0); err != nil {
+			tb.Errorf("testenv: unmounting view %s: %v", dir, err)
+		}
+		if err := sn.Remove(ctx, key); err != nil {
+			tb.Errorf("testenv: removing view %s: %v", key, err)
+		}
+		if err := done(context.Background()); err != nil {
+			tb.Errorf("testenv: releasing lease of view %s: %v", key, err)
+		}
+	})
+	if err := mount.All(mounts, dir); err != nil {
+		tb.Fatalf("testenv: mounting view %s (%v): %v", key, mounts, err)
+	}
+	return dir
+}
+
 // Ctr runs the real ctr binary against the daemon in its namespace
-// (ctr --address A --namespace N args...) and returns its combined output.
-// The error includes the output. Commands time out after 3 minutes.
+// (ctr --address A --namespace N args...) and returns its standard output
+// (ctr logs warnings to standard error, which would corrupt the output of
+// a container). Standard error is logged, and included in the error when
+// ctr fails. Commands time out after 3 minutes.
 func (c *Containerd) Ctr(tb testing.TB, args ...string) (string, error) {
 	tb.Helper()
 	bin := Bin(tb, "ctr")
@@ -246,17 +288,24 @@ func (c *Containerd) Ctr(tb testing.TB, args ...string) (string, error) {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, full...)
 	cmd.Env = c.env
-	var out bytes.Buffer
+	var out, stderr bytes.Buffer
 	cmd.Stdout = &out
-	cmd.Stderr = &out
+	cmd.Stderr = &stderr
 	start := time.Now()
 	err := cmd.Run()
 	tb.Logf("ctr %s (%.1fs)", strings.Join(args, " "), time.Since(start).Seconds())
 	if err != nil {
-		return out.String(), fmt.Errorf("ctr %s: %w\n%s", strings.Join(args, " "), err, out.String())
+		return out.String(), fmt.Errorf("ctr %s: %w\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), err, out.String(), stderr.String())
+	}
+	if msg := strings.TrimSpace(cgroupV1Warning.ReplaceAllString(stderr.String(), "")); msg != "" {
+		tb.Logf("ctr stderr: %s", msg)
 	}
 	return out.String(), nil
 }
+
+// cgroupV1Warning matches the deprecation warning ctr prints on every call
+// on cgroup v1 hosts, kept out of the test log as noise.
+var cgroupV1Warning = regexp.MustCompile(`(?m)^.*DEPRECATION: The support for cgroup v1 is deprecated.*$\n?`)
 
 // CtrOK is Ctr that fails the test when ctr fails.
 func (c *Containerd) CtrOK(tb testing.TB, args ...string) string {
@@ -321,6 +370,9 @@ func (c *Containerd) cleanup(tb testing.TB) {
 		tb.Logf("testenv: killed %d shim process(es) left by containerd %s", n, c.address)
 	}
 	removeNamespaceCgroups(c.Namespace)
+	// The runc shim keeps container state in a host-wide directory per
+	// namespace; remove ours once empty.
+	_ = os.Remove(filepath.Join("/run/containerd/runc", c.Namespace))
 	if tb.Failed() || len(problems) > 0 {
 		tb.Logf("testenv: containerd log %s (tail):\n%s", c.LogPath, c.logTail(150))
 	}
@@ -406,18 +458,28 @@ func killProcessesMentioning(needle string) int {
 	return killed
 }
 
-// removeNamespaceCgroups removes the (by now empty) cgroup v2 directories
-// runc created for the namespace (/sys/fs/cgroup/<ns>/<id>).
+// removeNamespaceCgroups removes the (by now empty) cgroup directories runc
+// created for the namespace: <hierarchy>/<ns>/<id> in every cgroup v1
+// hierarchy, or /sys/fs/cgroup/<ns>/<id> with cgroup v2.
 func removeNamespaceCgroups(ns string) {
-	base := filepath.Join("/sys/fs/cgroup", ns)
-	entries, err := os.ReadDir(base)
-	if err != nil {
-		return
-	}
-	for _, e := range entries {
-		if e.IsDir() {
-			_ = syscall.Rmdir(filepath.Join(base, e.Name()))
+	bases := []string{filepath.Join("/sys/fs/cgroup", ns)}
+	if hierarchies, err := os.ReadDir("/sys/fs/cgroup"); err == nil {
+		for _, h := range hierarchies {
+			if h.IsDir() {
+				bases = append(bases, filepath.Join("/sys/fs/cgroup", h.Name(), ns))
+			}
 		}
 	}
-	_ = syscall.Rmdir(base)
+	for _, base := range bases {
+		entries, err := os.ReadDir(base)
+		if err != nil {
+			continue
+		}
+		for _, e := range entries {
+			if e.IsDir() {
+				_ = syscall.Rmdir(filepath.Join(base, e.Name()))
+			}
+		}
+		_ = syscall.Rmdir(base)
+	}
 }

@@ -1,0 +1,164 @@
+package testenv
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestParseAptSources(t *testing.T) {
+	tests := []struct {
+		name, data, uri, suite string
+		deb822                 bool
+	}{
+		{name: "deb822 with security stanza", deb822: true, data: `Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+`, uri: "http://deb.debian.org/debian", suite: "bookworm"},
+		{name: "deb822 security first, src only, disabled", deb822: true, data: `Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: trixie-security
+
+Types: deb-src
+URIs: http://mirror.example/debian
+Suites: trixie
+
+Types: deb
+Enabled: no
+URIs: http://disabled.example/debian
+Suites: trixie
+
+Types: deb deb-src
+URIs: http://mirror.example/debian
+Suites: trixie trixie-updates
+`, uri: "http://mirror.example/debian", suite: "trixie"},
+		{name: "deb822 third party only", deb822: true, data: "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\n"},
+		{name: "one-line with options", data: "# comment\ndeb-src http://x/debian bookworm main\ndeb [arch=amd64 signed-by=/k.gpg] http://ftp.de.debian.org/debian bookworm main contrib\n",
+			uri: "http://ftp.de.debian.org/debian", suite: "bookworm"},
+		{name: "one-line security only", data: "deb http://security.debian.org/debian-security bookworm-security main\n"},
+		{name: "empty"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var uri, suite string
+			if tc.deb822 {
+				uri, suite = parseDeb822(tc.data)
+			} else {
+				uri, suite = parseOneLine(tc.data)
+			}
+			if uri != tc.uri || suite != tc.suite {
+				t.Fatalf("got %q %q, want %q %q", uri, suite, tc.uri, tc.suite)
+			}
+		})
+	}
+}
+
+func FuzzParseAptSources(f *testing.F) {
+	f.Add("Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n")
+	f.Add("deb [arch=amd64 http://x/debian bookworm main")
+	f.Add("deb [")
+	f.Fuzz(func(t *testing.T, data string) {
+		for _, parse := range []func(string) (string, string){parseDeb822, parseOneLine} {
+			uri, suite := parse(data)
+			if (uri == "") != (suite == "") {
+				t.Fatalf("half a result: %q %q", uri, suite)
+			}
+			if uri != "" && !usableMirror(uri, suite) {
+				t.Fatalf("returned an unusable mirror %q %q", uri, suite)
+			}
+		}
+	})
+}
+
+func TestUnescapeMountinfo(t *testing.T) {
+	for in, want := range map[string]string{
+		`/a/b`:             "/a/b",
+		`/with\040space`:   "/with space",
+		`/tab\011x\134y`:   "/tab\tx\\y",
+		`/trailing\`:       `/trailing\`,
+		`/short\04`:        `/short\04`,
+		`/not\999octal`:    `/not\999octal`,
+		`/x\012newline\04`: "/x\nnewline\\04",
+	} {
+		if got := unescapeMountinfo(in); got != want {
+			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func FuzzUnescapeMountinfo(f *testing.F) {
+	f.Add(`/with\040space`)
+	f.Fuzz(func(t *testing.T, s string) {
+		if got := unescapeMountinfo(s); len(got) > len(s) {
+			t.Fatalf("unescaping grew %q to %q", s, got)
+		}
+	})
+}
+
+// TestUnmountUnder mounts stacked and nested tmpfs instances and checks
+// that unmountUnder removes all of them, deepest first, and nothing else.
+func TestUnmountUnder(t *testing.T) {
+	RequireRoot(t)
+	base := t.TempDir()
+	dir := filepath.Join(base, "with space")
+	outside := filepath.Join(base, "with spaceX") // shares a prefix, not under dir
+	for _, d := range []string{dir, outside} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mountTmpfs := func(p string) {
+		t.Helper()
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", p, "tmpfs", 0, "size=1m"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mountTmpfs(dir)
+	mountTmpfs(dir) // stacked
+	mountTmpfs(filepath.Join(dir, "nested"))
+	mountTmpfs(outside)
+	t.Cleanup(func() { _ = unix.Unmount(outside, unix.MNT_DETACH) })
+
+	points, err := MountsUnder(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(points) != 3 || points[0] != filepath.Join(dir, "nested") {
+		t.Fatalf("MountsUnder = %q, want nested first then dir twice", points)
+	}
+	if err := unmountUnder(dir); err != nil {
+		t.Fatal(err)
+	}
+	if points, _ := MountsUnder(dir); len(points) != 0 {
+		t.Fatalf("left mounted: %q", points)
+	}
+	if points, _ := MountsUnder(outside); len(points) != 1 {
+		t.Fatalf("unmountUnder touched a sibling: %q", points)
+	}
+}
+
+func TestModuleRootAndBin(t *testing.T) {
+	root := ModuleRoot()
+	if _, err := os.Stat(filepath.Join(root, "go.mod")); err != nil {
+		t.Fatal(err)
+	}
+	if p := Bin(t, "sh"); !filepath.IsAbs(p) {
+		t.Fatalf("Bin(sh) = %q, not absolute", p)
+	}
+	if _, err := lookBin("no-such-binary-testenv"); err == nil {
+		t.Fatal("lookBin found a binary that does not exist")
+	}
+}

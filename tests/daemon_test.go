@@ -1,0 +1,229 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
+)
+
+var (
+	buildOnce   sync.Once
+	daemonPath  string
+	daemonBuild error
+)
+
+// daemonBinary builds containerd-daxfs-grpc once per test binary.
+func daemonBinary(tb testing.TB) string {
+	tb.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "daxfs-e2e-bin-")
+		if err != nil {
+			daemonBuild = err
+			return
+		}
+		daemonPath = filepath.Join(dir, "containerd-daxfs-grpc")
+		cmd := exec.Command("go", "build", "-o", daemonPath, "./cmd/containerd-daxfs-grpc")
+		cmd.Dir = testenv.ModuleRoot()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			daemonBuild = fmt.Errorf("building containerd-daxfs-grpc: %v\n%s", err, out)
+		}
+	})
+	if daemonBuild != nil {
+		tb.Fatal(daemonBuild)
+	}
+	return daemonPath
+}
+
+// daxfsDaemon is a containerd-daxfs-grpc daemon with its own root, region
+// file and socket, next to a containerd configured to use it.
+type daxfsDaemon struct {
+	Dir, Root, Socket, Region, LogPath string
+	ctrd                               *testenv.Containerd
+	cmd                                *exec.Cmd
+	exited                             chan struct{}
+}
+
+// containerdConfig is the containerd configuration of DESIGN section 1 for
+// a daemon serving on socket with state in root.
+func containerdConfig(socket, root string) string {
+	return fmt.Sprintf(`
+[proxy_plugins.daxfs]
+  type = "snapshot"
+  address = %q
+  capabilities = ["rebase"]
+  [proxy_plugins.daxfs.exports]
+    root = %q
+[proxy_plugins.daxfs-diff]
+  type = "diff"
+  address = %q
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["daxfs-diff", "walking"]
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "overlayfs"
+    differ = "walking"
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "daxfs"
+    differ = "daxfs-diff"
+`, socket, root, socket)
+}
+
+// startWithDaxfs starts a containerd wired to a fresh daxfs daemon and the
+// daemon itself; both stop at cleanup.
+func startWithDaxfs(t *testing.T, opts testenv.ContainerdOptions) (*testenv.Containerd, *daxfsDaemon) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	bin := daemonBinary(t)
+	dir, err := os.MkdirTemp("/tmp", "dx")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &daxfsDaemon{
+		Dir:     dir,
+		Root:    filepath.Join(dir, "root"),
+		Socket:  filepath.Join(dir, "daxfs.sock"),
+		Region:  filepath.Join(dir, "region"),
+		LogPath: filepath.Join(dir, "daxfs.log"),
+	}
+	opts.ExtraConfig = containerdConfig(d.Socket, d.Root) + opts.ExtraConfig
+	ctrd := testenv.StartContainerd(t, opts)
+	d.ctrd = ctrd
+	cfg := fmt.Sprintf(`root = %q
+address = %q
+containerd_address = %q
+log_level = "debug"
+[region]
+path = %q
+size = "2GiB"
+entries = 1024
+[mount]
+mode = "fuse"
+[gc]
+interval = "1h"
+`, d.Root, d.Socket, ctrd.Address(), d.Region)
+	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.start(t, bin)
+	t.Cleanup(func() { d.cleanup(t) })
+	return ctrd, d
+}
+
+func (d *daxfsDaemon) start(t *testing.T, bin string) {
+	t.Helper()
+	logf, err := os.OpenFile(d.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "serve", "--config", filepath.Join(d.Dir, "config.toml"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		t.Fatal(err)
+	}
+	logf.Close()
+	d.cmd = cmd
+	d.exited = make(chan struct{})
+	go func() { _ = cmd.Wait(); close(d.exited) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("unix", d.Socket); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-d.exited:
+			t.Fatalf("containerd-daxfs-grpc exited at start:\n%s", d.logTail())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatalf("containerd-daxfs-grpc did not serve on %s:\n%s", d.Socket, d.logTail())
+}
+
+// kill stops the daemon with SIGKILL (its FUSE serving process stays).
+func (d *daxfsDaemon) kill(t *testing.T) {
+	t.Helper()
+	if err := d.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-d.exited
+}
+
+func (d *daxfsDaemon) logTail() string {
+	b, _ := os.ReadFile(d.LogPath)
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) > 60 {
+		lines = lines[len(lines)-60:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// cleanup stops the daemon, then the FUSE serving processes, unmounts
+// whatever is left under its directory and removes it. containerd's own
+// cleanup (registered earlier) runs after this one.
+func (d *daxfsDaemon) cleanup(t *testing.T) {
+	if t.Failed() {
+		t.Logf("containerd-daxfs-grpc log:\n%s", d.logTail())
+		if b, err := os.ReadFile(filepath.Join(d.Root, "fuse", "serve.log")); err == nil {
+			t.Logf("fuse-serve log:\n%s", b)
+		}
+	}
+	// containerd must drop its containers before the lowers go away.
+	ctx := context.Background()
+	if cl := d.ctrd; cl != nil {
+		_, _ = cl.Ctr(t, "tasks", "ls")
+	}
+	select {
+	case <-d.exited:
+	default:
+		_ = d.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-d.exited:
+		case <-time.After(15 * time.Second):
+			_ = d.cmd.Process.Kill()
+			<-d.exited
+		}
+	}
+	_ = ctx
+	// The FUSE serving process and its descriptor holder outlive the
+	// daemon by design; end them here.
+	killMentioning(filepath.Join(d.Root, "fuse"))
+	mounts, _ := testenv.MountsUnder(d.Dir)
+	for i := len(mounts) - 1; i >= 0; i-- {
+		_ = mount.UnmountAll(mounts[i], syscall.MNT_DETACH)
+	}
+	_ = os.RemoveAll(d.Dir)
+}
+
+// killMentioning SIGKILLs processes whose command line contains needle.
+func killMentioning(needle string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid := 0
+		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		if strings.Contains(strings.ReplaceAll(string(b), "\x00", " "), needle) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
