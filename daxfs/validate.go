@@ -32,72 +32,11 @@ type validator struct {
 
 // Validate checks the image im reads; see the package function Validate.
 func (im *Image) Validate() error {
+	if err := im.checkInodes(); err != nil {
+		return err
+	}
 	n := im.count
 	v := &validator{im: im}
-	var sumDir uint64
-	for ino := uint32(1); ino <= n; ino++ {
-		in := im.rawInode(ino)
-		if in.Ino == 0 && in.Mode == 0 {
-			if ino == RootIno {
-				return corrupt("inode 1 (/): root slot unused")
-			}
-			continue
-		}
-		if in.Ino != ino {
-			return corrupt("inode %d: slot holds ino %d (rule: ino = slot index + 1)", ino, in.Ino)
-		}
-		if ino == RootIno && !in.IsDir() {
-			return corrupt("inode 1 (/): root is not a directory (mode %#o)", in.Mode)
-		}
-		if in.Nlink == 0 {
-			return corrupt("inode %d: nlink 0 (rule: used inodes have nlink >= 1)", ino)
-		}
-		switch in.Mode & ModeTypeMask {
-		case ModeRegular:
-			if in.DataOffset%BlockSize != 0 {
-				return corrupt("inode %d: file data_offset %d not 4096-aligned (rule: file data is page aligned)", ino, in.DataOffset)
-			}
-			if in.Size > 0 {
-				if _, err := im.span(in.DataOffset, in.Size, "file data", ino); err != nil {
-					return err
-				}
-			}
-		case ModeDir:
-			if in.Size%DirentSize != 0 {
-				return corrupt("inode %d: directory size %d not a multiple of %d (rule: size = count*271)", ino, in.Size, DirentSize)
-			}
-			sumDir += in.Size
-			if sumDir > uint64(len(im.base)) {
-				return corrupt("inode %d: directory sizes add up to more than the base image (%d bytes)", ino, len(im.base))
-			}
-			if c := in.Size / DirentSize; c > 0 {
-				if _, err := im.span(in.DataOffset, (c-1)*DirentStride+16, "directory entries", ino); err != nil {
-					return err
-				}
-			}
-		case ModeSymlink:
-			if in.Size == 0 || in.Size > MaxSymlinkLen {
-				return corrupt("inode %d: symlink target length %d (rule: 1..%d)", ino, in.Size, MaxSymlinkLen)
-			}
-			t, err := im.span(in.DataOffset, in.Size+1, "symlink target", ino)
-			if err != nil {
-				return err
-			}
-			if t[in.Size] != 0 {
-				return corrupt("inode %d: symlink target not NUL terminated (rule: target followed by NUL)", ino)
-			}
-			if bytes.IndexByte(t[:in.Size], 0) >= 0 {
-				return corrupt("inode %d: NUL inside symlink target", ino)
-			}
-		case ModeChar, ModeBlock, ModeFIFO, ModeSocket:
-			if in.Size != 0 {
-				return corrupt("inode %d: special file with size %d (rule: size 0)", ino, in.Size)
-			}
-		default:
-			return corrupt("inode %d: unknown file type in mode %#o", ino, in.Mode)
-		}
-	}
-
 	v.parent = make([]uint32, n+1)
 	v.entry = make([]uint32, n+1)
 	v.refs = make([]uint32, n+1)
@@ -188,6 +127,140 @@ func (im *Image) Validate() error {
 		}
 	}
 	return v.checkExt()
+}
+
+// checkInodes checks every inode table slot on its own: type, sizes and
+// the bounds of what it points at.
+func (im *Image) checkInodes() error {
+	var sumDir uint64
+	for ino := uint32(1); ino <= im.count; ino++ {
+		in := im.rawInode(ino)
+		if in.Ino == 0 && in.Mode == 0 {
+			if ino == RootIno {
+				return corrupt("inode 1 (/): root slot unused")
+			}
+			continue
+		}
+		if in.Ino != ino {
+			return im.inodeErr(ino, "slot holds ino %d (rule: ino = slot index + 1)", in.Ino)
+		}
+		if ino == RootIno && !in.IsDir() {
+			return corrupt("inode 1 (/): root is not a directory (mode %#o)", in.Mode)
+		}
+		if in.Nlink == 0 {
+			return im.inodeErr(ino, "nlink 0 (rule: used inodes have nlink >= 1)")
+		}
+		switch in.Mode & ModeTypeMask {
+		case ModeRegular:
+			if in.DataOffset%BlockSize != 0 {
+				return im.inodeErr(ino, "file data_offset %d not 4096-aligned (rule: file data is page aligned)", in.DataOffset)
+			}
+			if in.Size > 0 {
+				if _, err := im.span(in.DataOffset, in.Size, "file data", ino); err != nil {
+					return im.withPath(ino, err)
+				}
+			}
+		case ModeDir:
+			if in.Size%DirentSize != 0 {
+				return im.inodeErr(ino, "directory size %d not a multiple of %d (rule: size = count*271)", in.Size, DirentSize)
+			}
+			sumDir += in.Size
+			if sumDir > uint64(len(im.base)) {
+				return im.inodeErr(ino, "directory sizes add up to more than the base image (%d bytes)", len(im.base))
+			}
+			if c := in.Size / DirentSize; c > 0 {
+				if _, err := im.span(in.DataOffset, (c-1)*DirentStride+16, "directory entries", ino); err != nil {
+					return im.withPath(ino, err)
+				}
+			}
+		case ModeSymlink:
+			if in.Size == 0 || in.Size > MaxSymlinkLen {
+				return im.inodeErr(ino, "symlink target length %d (rule: 1..%d)", in.Size, MaxSymlinkLen)
+			}
+			t, err := im.span(in.DataOffset, in.Size+1, "symlink target", ino)
+			if err != nil {
+				return im.withPath(ino, err)
+			}
+			if t[in.Size] != 0 {
+				return im.inodeErr(ino, "symlink target not NUL terminated (rule: target followed by NUL)")
+			}
+			if bytes.IndexByte(t[:in.Size], 0) >= 0 {
+				return im.inodeErr(ino, "NUL inside symlink target")
+			}
+		case ModeChar, ModeBlock, ModeFIFO, ModeSocket:
+			if in.Size != 0 {
+				return im.inodeErr(ino, "special file with size %d (rule: size 0)", in.Size)
+			}
+		default:
+			return im.inodeErr(ino, "unknown file type in mode %#o", in.Mode)
+		}
+	}
+
+	return nil
+}
+
+// inodeErr reports a broken rule about inode ino, naming its path when a
+// bounded search finds one.
+func (im *Image) inodeErr(ino uint32, format string, args ...any) error {
+	return im.withPath(ino, corrupt(format, args...))
+}
+
+func (im *Image) withPath(ino uint32, err error) error {
+	if p := im.findPath(ino); p != "" {
+		return fmt.Errorf("inode %d (%s): %w", ino, p, err)
+	}
+	return fmt.Errorf("inode %d: %w", ino, err)
+}
+
+// findPath looks for a path naming inode ino by scanning directories for
+// its parent, level by level. It runs only on the error path, on an image
+// not yet known to be sane, so it is bounded in depth and in entries read.
+func (im *Image) findPath(ino uint32) string {
+	if ino == RootIno {
+		return "/"
+	}
+	budget := 1 << 22
+	var parts []string
+	for depth := 0; ino != RootIno; depth++ {
+		if depth == 256 {
+			return ""
+		}
+		parent, name, ok := im.findParent(ino, &budget)
+		if !ok {
+			return ""
+		}
+		parts = append(parts, name)
+		ino = parent
+	}
+	var sb strings.Builder
+	for i := len(parts) - 1; i >= 0; i-- {
+		sb.WriteByte('/')
+		sb.WriteString(parts[i])
+	}
+	return sb.String()
+}
+
+func (im *Image) findParent(ino uint32, budget *int) (uint32, string, bool) {
+	for d := uint32(1); d <= im.count; d++ {
+		in := im.rawInode(d)
+		if !in.IsDir() || in.Ino != d {
+			continue
+		}
+		cnt := in.Size / DirentSize
+		for i := uint64(0); i < cnt; i++ {
+			if *budget--; *budget <= 0 {
+				return 0, "", false
+			}
+			de, err := im.direntAt(in, i)
+			if err != nil {
+				break
+			}
+			if de.Ino == ino && d != ino {
+				return d, strings.Clone(de.Name), true
+			}
+		}
+	}
+	return 0, "", false
 }
 
 // path names directory ino (reached from the root) for errors.

@@ -23,6 +23,9 @@ func goodImage(t testing.TB) []byte {
 			{Header{Path: "dev/fifo", Mode: ModeFIFO | 0o644}, ""},
 			{Header{Path: "empty", Mode: ModeDir | 0o755}, ""},
 		} {
+			if e.h.Mode&ModeTypeMask == ModeRegular {
+				e.h.Size = int64(len(e.data))
+			}
 			if err := w.Add(&e.h, strings.NewReader(e.data)); err != nil {
 				t.Fatal(err)
 			}
@@ -251,4 +254,23 @@ func TestUpstreamUnusedSlots(t *testing.T) {
 		t.Fatal("ModTime without an extension block")
 	}
 	exercise(im.Bytes())
+}
+
+func TestValidateErrorNamesPath(t *testing.T) {
+	good := goodImage(t)
+	im, _ := Open(good)
+	p := imgPos{img: good, im: im, t: t}
+	a := p.ino("/etc/a")
+	b := append([]byte(nil), good...)
+	le.PutUint64(b[p.inode(a)+24:], 4097)
+	err := Validate(b)
+	if err == nil || !strings.Contains(err.Error(), "/etc/") || !strings.Contains(err.Error(), "4096-aligned") {
+		t.Fatalf("error %v does not name the path and rule", err)
+	}
+	b = append([]byte(nil), good...)
+	e := p.dirent("/etc", "b")
+	le.PutUint32(b[e+4:], 0)
+	if err := Validate(b); err == nil || !strings.Contains(err.Error(), "/etc/b") {
+		t.Fatalf("error %v does not name /etc/b", err)
+	}
 }
