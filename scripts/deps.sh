@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a Debian machine with Go, as root:
 #   - Debian packages: runc, fuse3, erofs-utils, busybox-static, debootstrap,
-#     spin, zstd, kmod (for modprobe);
+#     spin, zstd, kmod (for modprobe), ca-certificates (for the Go proxy);
 #   - containerd v2.4.2 (containerd, ctr, containerd-shim-runc-v2) and the
 #     distribution registry v3.1.2, built from the Go module proxy into
 #     .cache/bin (git-ignored, kept between runs).
@@ -20,7 +20,7 @@ mkdir -p "$bin"
 
 CONTAINERD_VERSION=v2.4.2
 REGISTRY_VERSION=v3.1.2
-pkgs=(runc fuse3 erofs-utils busybox-static debootstrap spin zstd kmod)
+pkgs=(runc fuse3 erofs-utils busybox-static debootstrap spin zstd kmod ca-certificates)
 
 log() { echo "deps: $*" >&2; }
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -62,7 +62,7 @@ go_install() {
 	tmp=$(mktemp -d "$bin/.build.XXXXXX")
 	local targets=()
 	for p in "$@"; do targets+=("$p@$ver"); done
-	if ! GOBIN="$tmp" GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED="${CGO_ENABLED:-1}" go install "${targets[@]}"; then
+	if ! GOBIN="$tmp" GOFLAGS=-mod=mod go install "${targets[@]}"; then
 		rm -rf "$tmp"
 		die "go install ${targets[*]} failed"
 	fi

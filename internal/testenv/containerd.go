@@ -74,7 +74,8 @@ type Containerd struct {
 
 // defaultDisabledPlugins are plugins the harness turns off: NRI listens on a
 // host-wide socket (/var/run/nri/nri.sock) that parallel daemons would fight
-// over, and the listed snapshotters only log errors on this kind of host.
+// over, opt writes to /opt/containerd, tracing would try to export, and the
+// listed snapshotters only log errors on this kind of host.
 var defaultDisabledPlugins = []string{
 	"io.containerd.nri.v1.nri",
 	"io.containerd.snapshotter.v1.btrfs",
@@ -83,6 +84,7 @@ var defaultDisabledPlugins = []string{
 	"io.containerd.snapshotter.v1.aufs",
 	"io.containerd.tracing.processor.v1.otlp",
 	"io.containerd.internal.v1.tracing",
+	"io.containerd.internal.v1.opt",
 }
 
 var criPlugins = []string{

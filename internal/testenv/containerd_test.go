@@ -104,3 +104,20 @@ func TestRegistryServesV2(t *testing.T) {
 		t.Fatalf("registry address %q is not loopback", host)
 	}
 }
+
+// TestContainerdEnableCRI checks that the CRI plugins load when asked for.
+func TestContainerdEnableCRI(t *testing.T) {
+	testenv.RequireRoot(t)
+	ctrd := testenv.StartContainerd(t, testenv.ContainerdOptions{EnableCRI: true})
+	out := ctrd.CtrOK(t, "plugins", "ls")
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 4 && f[0] == "io.containerd.grpc.v1" && f[1] == "cri" {
+			if f[len(f)-1] != "ok" {
+				t.Fatalf("CRI plugin not ok: %s", line)
+			}
+			return
+		}
+	}
+	t.Fatalf("CRI plugin not listed:\n%s", out)
+}
