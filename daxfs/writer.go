@@ -526,10 +526,13 @@ func (w *Writer) copyData(path string, size int64, r io.Reader) (uint64, error) 
 	if padded < uint64(size) || w.pos+padded < w.pos || w.pos+padded > math.MaxInt64-BaseOffset {
 		return 0, fmt.Errorf("daxfs: %s: %w: file of %d bytes", path, ErrNoSpace, size)
 	}
+	start := w.pos
+	if win, ok := w.out.(*Window); ok {
+		return start, w.copyToWindow(win, path, size, padded, r)
+	}
 	if w.buf == nil {
 		w.buf = make([]byte, copyBufSize)
 	}
-	start := w.pos
 	off := int64(BaseOffset + start)
 	var done int64
 	for done < size {
@@ -566,6 +569,27 @@ func (w *Writer) copyData(path string, size int64, r io.Reader) (uint64, error) 
 	}
 	w.pos += padded
 	return start, nil
+}
+
+// copyToWindow reads a file straight into the Window's memory: no copy
+// buffer, one copy per byte.
+func (w *Writer) copyToWindow(win *Window, path string, size int64, padded uint64, r io.Reader) error {
+	off := BaseOffset + w.pos
+	if off > uint64(len(win.b)) || padded > uint64(len(win.b))-off {
+		w.err = fmt.Errorf("daxfs: %s: writing data at %d: %w", path, off, ErrNoSpace)
+		return w.err
+	}
+	dst := win.b[off : off+padded]
+	k, err := io.ReadFull(r, dst[:size])
+	if err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return fmt.Errorf("daxfs: %s: data ends after %d of %d bytes: %w", path, k, size, io.ErrUnexpectedEOF)
+		}
+		return fmt.Errorf("daxfs: %s: reading data: %w", path, err)
+	}
+	clear(dst[size:])
+	w.pos += padded
+	return nil
 }
 
 // Link makes path another name of the regular file (or symlink, device,

@@ -3,6 +3,7 @@ package daxfs
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -67,46 +68,58 @@ func TestWriterErrors(t *testing.T) {
 		{"remove root", nil, func(w *Writer) error { return w.Remove("/") }, ErrInvalidPath, "/"},
 	}
 	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			var f memFile
-			w := NewWriter(&f, WriterOptions{})
-			if tc.prep != nil {
-				if err := tc.prep(w); err != nil {
-					t.Fatalf("prep: %v", err)
+		for _, toWindow := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/window=%v", tc.name, toWindow), func(t *testing.T) {
+				var f memFile
+				var out io.WriterAt = &f
+				win := NewWindow(make([]byte, 1<<20))
+				if toWindow {
+					out = win
 				}
-			}
-			err := tc.call(w)
-			if tc.want == nil && tc.mention == "" {
+				w := NewWriter(out, WriterOptions{})
+				if tc.prep != nil {
+					if err := tc.prep(w); err != nil {
+						t.Fatalf("prep: %v", err)
+					}
+				}
+				err := tc.call(w)
+				if tc.want == nil && tc.mention == "" {
+					if err != nil {
+						t.Fatalf("unexpected error: %v", err)
+					}
+				} else {
+					if err == nil {
+						t.Fatal("no error")
+					}
+					if tc.want != nil && !errors.Is(err, tc.want) {
+						t.Fatalf("error %v is not %v", err, tc.want)
+					}
+					if !strings.Contains(err.Error(), tc.mention) {
+						t.Fatalf("error %q does not name %q", err, tc.mention)
+					}
+				}
+				// An entry error leaves the Writer usable and the image valid.
+				h, r := file("after", "ok")
+				if err := w.Add(h, r); err != nil {
+					t.Fatalf("Add after the error: %v", err)
+				}
+				n, err := w.Close()
 				if err != nil {
-					t.Fatalf("unexpected error: %v", err)
+					t.Fatalf("Close: %v", err)
 				}
-			} else {
-				if err == nil {
-					t.Fatal("no error")
+				img := f.b
+				if toWindow {
+					img = win.Bytes()[:n]
 				}
-				if tc.want != nil && !errors.Is(err, tc.want) {
-					t.Fatalf("error %v is not %v", err, tc.want)
+				if err := Validate(img); err != nil {
+					t.Fatalf("Validate: %v", err)
 				}
-				if !strings.Contains(err.Error(), tc.mention) {
-					t.Fatalf("error %q does not name %q", err, tc.mention)
+				im, _ := Open(img)
+				if d, err := im.Data(mustLookup(t, im, "after").Ino); err != nil || string(d) != "ok" {
+					t.Fatalf("after: %q %v", d, err)
 				}
-			}
-			// An entry error leaves the Writer usable and the image valid.
-			h, r := file("after", "ok")
-			if err := w.Add(h, r); err != nil {
-				t.Fatalf("Add after the error: %v", err)
-			}
-			if _, err := w.Close(); err != nil {
-				t.Fatalf("Close: %v", err)
-			}
-			if err := Validate(f.b); err != nil {
-				t.Fatalf("Validate: %v", err)
-			}
-			im, _ := Open(f.b)
-			if d, err := im.Data(mustLookup(t, im, "after").Ino); err != nil || string(d) != "ok" {
-				t.Fatalf("after: %q %v", d, err)
-			}
-		})
+			})
+		}
 	}
 }
 
