@@ -10,7 +10,8 @@ import (
 // of the region). It copies nothing it does not have to: Data and Readlink
 // return sub-slices of the image, and Dirent names alias it. Every accessor
 // is bounds checked and returns an error wrapping ErrCorrupt rather than
-// panicking, even on an image that was never validated.
+// panicking, even on an image that was never validated. An Image never
+// changes after Open and is safe for concurrent use.
 type Image struct {
 	b        []byte
 	base     []byte // the base image: b[BaseOffset : BaseOffset+base_size]

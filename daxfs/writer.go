@@ -132,7 +132,8 @@ type childKey struct {
 // a given sequence of calls.
 //
 // Errors about one entry (bad name, bad header, short data) leave the
-// Writer usable; an error writing the output is sticky.
+// Writer usable; an error writing the output is sticky. A Writer is not
+// safe for concurrent use.
 type Writer struct {
 	out  io.WriterAt
 	opts WriterOptions
@@ -787,6 +788,8 @@ func (w *Writer) Layout() (int64, error) {
 	}
 	w.lay = l
 	w.laidOut = true
+	w.index = nil // names are frozen: let the lookup map go before Close
+	w.lastDir, w.lastDirEnt = "", -1
 	return int64(BaseOffset + l.end), nil
 }
 
@@ -840,7 +843,10 @@ func (w *Writer) Close() (int64, error) {
 		return 0, errors.New("daxfs: image has external files but SetExternalBases was not called")
 	}
 	w.closed = true
-	if err := w.writeMeta(); err != nil {
+	err = w.writeMeta()
+	// Drop the metadata: the Writer cannot be used again.
+	w.ents, w.nodes, w.dirs, w.extras, w.names, w.buf, w.lay = chunked[wentry]{}, chunked[wnode]{}, nil, nil, arena{}, nil, layout{}
+	if err != nil {
 		w.err = err
 		return 0, err
 	}
