@@ -198,7 +198,7 @@ func (r *Region) conflicts(slot int, k Kind, key Key, start, end int64) bool {
 		if !ok {
 			continue
 		}
-		if e.Kind == k && e.Key == key {
+		if e.Kind == k && e.Key == key && r.sane(e) {
 			return true
 		}
 		if e.Offset < end && start < e.Offset+e.Extent {
@@ -303,6 +303,10 @@ func (r *Region) Wait(ctx context.Context, k Kind, key Key) (Entry, error) {
 		switch e.State {
 		case StateReady:
 			return e, nil
+		case StateDying:
+			// Being freed (or resolved by the next claimant): nothing to
+			// wait for.
+			return Entry{}, r.keyErr("wait", k, key, &e, ErrAbandoned, "image is being freed")
 		case StateWriting:
 			if !r.writerAlive(e, time.Now()) {
 				return Entry{}, r.keyErr("wait", k, key, &e, ErrAbandoned, fmt.Sprintf("writer %d is dead", e.Writer))

@@ -26,7 +26,11 @@ func (r *Region) Ref(k Kind, key Key) error {
 			return r.keyErr("ref", k, key, nil, ErrNotFound, "")
 		}
 		if e.State == StateDying {
-			time.Sleep(50 * time.Microsecond) // a GC is deciding: let it
+			// A GC is deciding; if it stays DYING the GC died: resolve it
+			// under the lock ourselves.
+			if !r.waitDying(e.Slot, w) {
+				return r.keyErr("ref", k, key, nil, ErrNotFound, "")
+			}
 			continue
 		}
 		refs := word(r.mem, r.eOff(e.Slot)+eRefs)
@@ -40,10 +44,8 @@ func (r *Region) Ref(k Kind, key Key) error {
 		if eStateOf(now) == StateDying {
 			// Keep the bit: GC will see it and restore READY, or it read
 			// the bitmap before we set it and frees the entry; wait.
-			for eStateOf(now) == StateDying {
-				time.Sleep(50 * time.Microsecond)
-				now = load(r.mem, r.eOff(e.Slot)+eState)
-			}
+			r.waitDying(e.Slot, now)
+			now = load(r.mem, r.eOff(e.Slot)+eState)
 			if eStateOf(now) == StateReady && r.keyAt(e.Slot) == key && eKindOf(now) == k &&
 				atomic.LoadUint64(refs)&mask != 0 {
 				return nil
@@ -53,6 +55,30 @@ func (r *Region) Ref(k Kind, key Key) error {
 			atomic.AndUint64(refs, ^mask) // the slot changed hands: take our stray bit back
 		}
 	}
+}
+
+// waitDying waits for slot s to leave DYING word w; when a GC died
+// leaving it, it resolves the slot under the lock. It reports false when
+// the lock could not be had.
+func (r *Region) waitDying(s int, w uint64) bool {
+	off := r.eOff(s) + eState
+	for i := 0; i < 100; i++ {
+		if load(r.mem, off) != w {
+			return true
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*r.opts.LeaseTimeout)
+	defer cancel()
+	unlock, err := r.lock(ctx)
+	if err != nil {
+		return false
+	}
+	defer unlock()
+	if load(r.mem, off) == w {
+		r.resolveDying(s, w) // we hold the lock: this DYING is orphaned
+	}
+	return true
 }
 
 // Unref clears this participant's reference bit.
@@ -140,6 +166,15 @@ func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 		if !ok {
 			continue
 		}
+		if !r.sane(e) {
+			// A damaged entry (impossible kind or extent) can serve no
+			// one and would block its key and bytes: free it.
+			logger.WithField("slot", s).WithField("entry", fmt.Sprintf("%+v", e)).Error("freeing damaged index entry")
+			if !opts.DryRun && r.freeEntry(s, w) {
+				st.EntriesFreed++
+			}
+			continue
+		}
 		switch e.State {
 		case StateWriting:
 			if !r.writerAlive(e, now) && !opts.DryRun && r.freeEntry(s, w) {
@@ -150,10 +185,10 @@ func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 				r.resolveDying(s, w)
 			}
 		case StateReady:
-			if e.Refs != 0 && r.sane(e) {
+			if e.Refs != 0 {
 				continue
 			}
-			if r.sane(e) && ((opts.MinAge > 0 && now.Sub(e.Published) < opts.MinAge) || (opts.Keep != nil && opts.Keep(e))) {
+			if (opts.MinAge > 0 && now.Sub(e.Published) < opts.MinAge) || (opts.Keep != nil && opts.Keep(e)) {
 				st.Kept++
 				continue
 			}
