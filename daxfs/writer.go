@@ -917,34 +917,9 @@ func (w *Writer) writeMeta() error {
 		baseSize = w.window - BaseOffset
 	}
 
-	// Superblocks.
-	s := &seqWriter{out: w.out, off: 0, buf: w.buf}
-	sb := s.next(BlockSize)
-	le.PutUint32(sb[0:], SuperMagic)
-	le.PutUint32(sb[4:], Version)
-	le.PutUint32(sb[12:], BlockSize)
-	le.PutUint64(sb[16:], total)
-	le.PutUint64(sb[24:], BaseOffset)
-	le.PutUint64(sb[32:], baseSize)
-	le.PutUint64(sb[64:], uint64(len(l.order))+1)
-	bs := s.next(BlockSize)
-	le.PutUint32(bs[0:], BaseMagic)
-	le.PutUint32(bs[4:], Version)
-	le.PutUint32(bs[12:], BlockSize)
-	le.PutUint64(bs[16:], baseSize)
-	le.PutUint64(bs[24:], l.inodeOff)
-	le.PutUint32(bs[32:], uint32(len(l.order)))
-	le.PutUint32(bs[36:], RootIno)
-	le.PutUint64(bs[40:], BlockSize)
-	le.PutUint32(bs[48:], ExtMagic)
-	le.PutUint32(bs[52:], ExtVersion)
-	le.PutUint32(bs[56:], ExtFlagSorted)
-	le.PutUint64(bs[64:], l.extOff)
-	le.PutUint64(bs[72:], l.extSize)
-	s.flush()
-
-	// Metadata after the file data.
-	s.off = int64(BaseOffset + l.inodeOff)
+	// Metadata after the file data; the superblocks go last, so that an
+	// image whose writing failed has no valid magic.
+	s := &seqWriter{out: w.out, off: int64(BaseOffset + l.inodeOff), buf: w.buf}
 	for i, n := range l.order {
 		nd := w.nodes.at(n)
 		r := s.next(InodeSize)
@@ -1032,6 +1007,36 @@ func (w *Writer) writeMeta() error {
 	}
 	s.zeros(l.end - pos)
 	s.flush()
+
+	// Superblocks.
+	if s.err != nil {
+		return s.err
+	}
+	s.off = 0
+	sb := s.next(BlockSize)
+	le.PutUint32(sb[0:], SuperMagic)
+	le.PutUint32(sb[4:], Version)
+	le.PutUint32(sb[12:], BlockSize)
+	le.PutUint64(sb[16:], total)
+	le.PutUint64(sb[24:], BaseOffset)
+	le.PutUint64(sb[32:], baseSize)
+	le.PutUint64(sb[64:], uint64(len(l.order))+1)
+	bs := s.next(BlockSize)
+	le.PutUint32(bs[0:], BaseMagic)
+	le.PutUint32(bs[4:], Version)
+	le.PutUint32(bs[12:], BlockSize)
+	le.PutUint64(bs[16:], baseSize)
+	le.PutUint64(bs[24:], l.inodeOff)
+	le.PutUint32(bs[32:], uint32(len(l.order)))
+	le.PutUint32(bs[36:], RootIno)
+	le.PutUint64(bs[40:], BlockSize)
+	le.PutUint32(bs[48:], ExtMagic)
+	le.PutUint32(bs[52:], ExtVersion)
+	le.PutUint32(bs[56:], ExtFlagSorted)
+	le.PutUint64(bs[64:], l.extOff)
+	le.PutUint64(bs[72:], l.extSize)
+	s.flush()
+
 	return s.err
 }
 

@@ -409,3 +409,20 @@ func TestWriterTooManyInodes(t *testing.T) {
 	}
 	must(t, Validate(f.b))
 }
+
+// TestWindowNoSpaceForMetadata: file data fits, the metadata does not:
+// Close fails with ErrNoSpace and leaves no superblock behind.
+func TestWindowNoSpaceForMetadata(t *testing.T) {
+	win := NewWindow(make([]byte, BaseOffset+2*BlockSize))
+	w := NewWriter(win, WriterOptions{})
+	add(t, w, "f", strings.Repeat("x", 100))
+	if _, err := w.Close(); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("Close: %v, want ErrNoSpace", err)
+	}
+	if le.Uint32(win.Bytes()) == SuperMagic {
+		t.Fatal("a failed Close wrote the superblock")
+	}
+	if err := Validate(win.Bytes()); err == nil {
+		t.Fatal("half-written image validates")
+	}
+}
