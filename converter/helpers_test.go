@@ -149,6 +149,9 @@ func makeTar(t testing.TB, ents []tarEnt) []byte {
 		if e.typ == tar.TypeReg {
 			h.Size = int64(len(e.data))
 		}
+		if e.typ == tar.TypeXGlobalHeader {
+			h = &tar.Header{Typeflag: e.typ, Name: e.name, PAXRecords: map[string]string{"comment": "global"}}
+		}
 		for k, v := range e.xattr {
 			if h.PAXRecords == nil {
 				h.PAXRecords = map[string]string{}

@@ -144,6 +144,11 @@ func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	if err := addTar(ctx, tar.NewReader(cr), b, format); err != nil {
 		return res, err
 	}
+	if cr.zeroTail < 512 {
+		// archive/tar reports a stream ending between two entries as
+		// a clean end; a complete tar ends with zero blocks.
+		return res, fmt.Errorf("%s layer: truncated: no end-of-archive marker after %d bytes", format, cr.n)
+	}
 	// The diffID covers the whole uncompressed stream, padding included;
 	// reading to the end also makes gzip check its trailer.
 	cr.trailing = true
@@ -170,6 +175,10 @@ type countingReader struct {
 	limit    int64 // 0: none
 	trailing bool  // past the end-of-archive marker
 	trailN   int64
+	// zeroTail counts the zero bytes at the end of what was read so far:
+	// a tar reader that reports the end with fewer than one zero block
+	// behind it ran into the end of a truncated stream.
+	zeroTail int64
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
@@ -177,6 +186,14 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	if n > 0 {
 		c.h.Write(p[:n])
 		c.n += int64(n)
+		i := n
+		for i > 0 && p[i-1] == 0 {
+			i--
+		}
+		if i > 0 {
+			c.zeroTail = 0
+		}
+		c.zeroTail += int64(n - i)
 		if c.trailing {
 			c.trailN += int64(n)
 			if c.trailN > maxTrailing {
@@ -202,6 +219,9 @@ func addTar(ctx context.Context, tr *tar.Reader, b *layerBuilder, format Format)
 			return nil
 		}
 		if err != nil {
+			if errors.Is(err, io.ErrUnexpectedEOF) {
+				err = fmt.Errorf("truncated: %w", err)
+			}
 			if last == "" {
 				return fmt.Errorf("%s layer: reading the first tar header: %w", format, err)
 			}

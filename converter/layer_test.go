@@ -1,0 +1,295 @@
+package converter
+
+import (
+	"archive/tar"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
+)
+
+func gz(t testing.TB, b []byte) []byte {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	zw.Write(b)
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func zst(t testing.TB, b []byte) []byte {
+	var buf bytes.Buffer
+	zw, err := zstd.NewWriter(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zw.Write(b)
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func TestConvertLayerFormatsAndDiffID(t *testing.T) {
+	plain := makeTar(t, []tarEnt{dir("etc"), file("etc/hostname", "box\n"), symlink("l", "etc/hostname")})
+	want := digest.FromBytes(plain)
+	var ref []byte
+	for _, tc := range []struct {
+		name   string
+		blob   []byte
+		format Format
+	}{
+		{"tar", plain, FormatTar},
+		{"gzip", gz(t, plain), FormatGzip},
+		{"zstd", zst(t, plain), FormatZstd},
+		{"gzip multistream", append(gz(t, plain[:1024]), gz(t, plain[1024:])...), FormatGzip},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out := &memOut{}
+			res, err := ConvertLayer(t.Context(), bytes.NewReader(tc.blob), out, LayerOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.DiffID != want || res.Format != tc.format || res.TarSize != int64(len(plain)) || res.Size != int64(len(out.b)) {
+				t.Errorf("got %+v, want diffID %s format %v tar size %d image size %d", res, want, tc.format, len(plain), len(out.b))
+			}
+			if ref == nil {
+				ref = out.b
+			} else if !bytes.Equal(ref, out.b) {
+				t.Error("image differs from the plain tar's")
+			}
+			openImage(t, out.b)
+		})
+	}
+
+	t.Run("daxfs image verbatim", func(t *testing.T) {
+		for _, out := range []io.WriterAt{&memOut{}, daxfs.NewWindow(make([]byte, len(ref)+8192))} {
+			res, err := ConvertLayer(t.Context(), bytes.NewReader(ref), out, LayerOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []byte
+			switch o := out.(type) {
+			case *memOut:
+				got = o.b
+			case *daxfs.Window:
+				got = o.Bytes()[:res.Size]
+			}
+			if !bytes.Equal(got, ref) || res.Format != FormatDAXFS || res.DiffID != digest.FromBytes(ref) {
+				t.Errorf("%T: result %+v; bytes equal %v", out, res, bytes.Equal(got, ref))
+			}
+		}
+	})
+	t.Run("corrupt daxfs image", func(t *testing.T) {
+		bad := bytes.Clone(ref)
+		// Point the root inode's data somewhere absurd.
+		inodes := daxfs.BaseOffset + int(binary.LittleEndian.Uint64(bad[daxfs.BaseOffset+24:]))
+		for i := 0; i < 8; i++ {
+			bad[inodes+24+i] = 0xff
+		}
+		_, err := ConvertLayer(t.Context(), bytes.NewReader(bad), &memOut{}, LayerOptions{})
+		if err == nil || !strings.Contains(err.Error(), "daxfs layer") {
+			t.Errorf("corrupt image: %v", err)
+		}
+		_, err = ConvertLayer(t.Context(), bytes.NewReader(ref[:len(ref)-4096]), &memOut{}, LayerOptions{})
+		if err == nil {
+			t.Error("truncated image accepted")
+		}
+	})
+}
+
+// TestConvertLayerTarSemantics checks each tar feature against the tree it
+// must give (the tree of the equivalent simple tar).
+func TestConvertLayerTarSemantics(t *testing.T) {
+	long := strings.Repeat("n", 255)
+	deep := strings.Repeat("deep/", 40) + "f"
+	tests := []struct {
+		name string
+		tar  []tarEnt
+		want []tarEnt
+	}{
+		{"later file replaces earlier", []tarEnt{file("a", "1"), file("a", "22")}, []tarEnt{file("a", "22")}},
+		{"file replaces directory and its subtree", []tarEnt{dir("d"), file("d/x", "x"), file("d", "f")}, []tarEnt{file("d", "f")}},
+		{"directory over directory merges", []tarEnt{dir("d"), file("d/x", "x"), withMode(dir("d"), 0o700, 3)}, []tarEnt{withMode(dir("d"), 0o700, 3), file("d/x", "x")}},
+		{"missing parents created", []tarEnt{file("a/b/c", "c")}, []tarEnt{{name: "a", typ: tar.TypeDir, mode: 0o755, mtime: time.Unix(0, 0)}, {name: "a/b", typ: tar.TypeDir, mode: 0o755, mtime: time.Unix(0, 0)}, file("a/b/c", "c")}},
+		{"root entry ignored", []tarEnt{withMode(dir("./"), 0o700, 9), file("./x", "x")}, []tarEnt{file("x", "x")}},
+		{"dot slash and double slashes", []tarEnt{dir("./d/"), file("./d//x", "x")}, []tarEnt{dir("d"), file("d/x", "x")}},
+		{"inner dotdot that stays inside", []tarEnt{dir("d"), file("d/../y", "y")}, []tarEnt{dir("d"), file("y", "y")}},
+		{"255-byte and UTF-8 names", []tarEnt{file(long, "l"), file("héllo wörld ☃", "u")}, []tarEnt{file(long, "l"), file("héllo wörld ☃", "u")}},
+		{"long paths", []tarEnt{file(deep, "d")}, nil},
+		{"setuid setgid sticky", []tarEnt{withMode(file("s", "s"), 0o6755, 0), withMode(dir("t"), 0o1777, 0)}, []tarEnt{withMode(file("s", "s"), 0o6755, 0), withMode(dir("t"), 0o1777, 0)}},
+		{"symlink permission bits are always 0777", []tarEnt{{name: "l", typ: tar.TypeSymlink, mode: 0o700, link: "x"}}, []tarEnt{symlink("l", "x")}},
+		{"mtime before the epoch becomes the epoch", []tarEnt{{name: "old", typ: tar.TypeReg, mode: 0o644, mtime: time.Unix(-100, 0)}}, []tarEnt{{name: "old", typ: tar.TypeReg, mode: 0o644, mtime: time.Unix(0, 0)}}},
+		{"whiteouts kept as canonical empty files", []tarEnt{{name: ".wh.gone", typ: tar.TypeReg, mode: 0o600, uid: 5, data: "junk"}, dir("d"), withMode(file("d/.wh..wh..opq", ""), 0o644, 3)},
+			[]tarEnt{{name: ".wh.gone", typ: tar.TypeReg, mtime: time.Unix(0, 0)}, dir("d"), {name: "d/.wh..wh..opq", typ: tar.TypeReg, mtime: time.Unix(0, 0)}}},
+		{"overlay opaque xattr becomes the OCI marker", []tarEnt{withX(dir("d"), "trusted.overlay.opaque", "y")}, []tarEnt{dir("d"), {name: "d/.wh..wh..opq", typ: tar.TypeReg, mtime: time.Unix(0, 0)}}},
+		{"0/0 character device is a whiteout", []tarEnt{{name: "x", typ: tar.TypeChar}}, []tarEnt{{name: ".wh.x", typ: tar.TypeReg, mtime: time.Unix(0, 0)}}},
+		{"hard link header sets the shared inode's attributes", []tarEnt{file("a", "data"), withMode(hardlink("b", "a"), 0o600, 4)}, []tarEnt{withMode(file("a", "data"), 0o600, 4), withMode(hardlink("b", "a"), 0o600, 4)}},
+		{"hard link to a symlink", []tarEnt{symlink("l", "t"), hardlink("l2", "l")}, []tarEnt{symlink("l", "t"), hardlink("l2", "l")}},
+		{"global PAX header ignored", []tarEnt{{name: "pax_global_header", typ: tar.TypeXGlobalHeader}, file("a", "a")}, []tarEnt{file("a", "a")}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := treeOf(t, layerFromTar(t, makeTar(t, tc.tar)))
+			if tc.want == nil {
+				p := "/" + tc.tar[len(tc.tar)-1].name
+				if _, ok := got[p]; !ok {
+					t.Errorf("%s missing from %v", p, got)
+				}
+				return
+			}
+			want := treeOf(t, layerFromTar(t, makeTar(t, tc.want)))
+			for _, d := range diffTrees(want, got) {
+				t.Error(d)
+			}
+		})
+	}
+}
+
+func TestConvertLayerGNUFormat(t *testing.T) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	name := strings.Repeat("g", 200) + "/" + strings.Repeat("h", 200)
+	for _, h := range []*tar.Header{
+		{Name: strings.Repeat("g", 200) + "/", Typeflag: tar.TypeDir, Mode: 0o755, Format: tar.FormatGNU},
+		{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: 3, Format: tar.FormatGNU},
+		{Name: "ln", Typeflag: tar.TypeSymlink, Linkname: strings.Repeat("t", 300), Format: tar.FormatGNU},
+	} {
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if h.Size > 0 {
+			io.WriteString(tw, "abc")
+		}
+	}
+	tw.Close()
+	im := layerFromTar(t, buf.Bytes())
+	in, err := im.LookupPath(name)
+	if err != nil || in.Size != 3 {
+		t.Fatalf("long GNU name: %v %+v", err, in)
+	}
+	ln, err := im.LookupPath("ln")
+	if err != nil || ln.Size != 300 {
+		t.Fatalf("long GNU link name: %v %+v", err, ln)
+	}
+}
+
+// TestConvertLayerHostile feeds malformed and hostile layers: each must
+// fail with an error naming what is wrong.
+func TestConvertLayerHostile(t *testing.T) {
+	good := makeTar(t, []tarEnt{dir("d"), file("d/f", strings.Repeat("x", 3000)), file("g", "g")})
+	truncGz := gz(t, good)
+	truncGz = truncGz[:len(truncGz)/2]
+	badCRC := gz(t, good)
+	badCRC[len(badCRC)-6] ^= 0xff
+	truncZst := zst(t, good)
+	truncZst = truncZst[:len(truncZst)-10]
+	corruptZst := zst(t, good)
+	corruptZst[len(corruptZst)/2] ^= 0x55
+	xs := bytes.Index(good, []byte(strings.Repeat("x", 3000)))
+	between := (xs + 3000 + 511) &^ 511
+	trailing := append(bytes.Clone(good), make([]byte, maxTrailing+1024)...)
+
+	tests := []struct {
+		name string
+		blob []byte
+		opts LayerOptions
+		want string
+	}{
+		{"dotdot escape", makeTar(t, []tarEnt{file("../evil", "x")}), LayerOptions{}, `"../evil": path "../evil" escapes the root`},
+		{"dotdot escape deep", makeTar(t, []tarEnt{file("a/../../evil", "x")}), LayerOptions{}, "escapes the root"},
+		{"absolute path", makeTar(t, []tarEnt{file("/etc/passwd", "x")}), LayerOptions{}, `absolute path "/etc/passwd"`},
+		{"hard link escape", makeTar(t, []tarEnt{hardlink("l", "../../etc/shadow")}), LayerOptions{}, `entry "l": hard link target: path "../../etc/shadow" escapes the root`},
+		{"hard link absolute", makeTar(t, []tarEnt{hardlink("l", "/etc/shadow")}), LayerOptions{}, `entry "l": hard link target: absolute path`},
+		{"hard link to missing target", makeTar(t, []tarEnt{hardlink("l", "nope")}), LayerOptions{}, `entry "l": hard link to "nope"`},
+		{"hard link to a directory", makeTar(t, []tarEnt{dir("d"), hardlink("l", "d")}), LayerOptions{}, `entry "l": hard link to "d"`},
+		{"hard link to itself", makeTar(t, []tarEnt{hardlink("l", "l")}), LayerOptions{}, `entry "l": hard link to "l"`},
+		{"name over 255 bytes", makeTar(t, []tarEnt{file(strings.Repeat("a", 256), "x")}), LayerOptions{}, "component of 256 bytes exceeds 255"},
+		{"entry under a file", makeTar(t, []tarEnt{file("f", "x"), file("f/g", "y")}), LayerOptions{}, `entry "f/g"`},
+		{"entry under a symlink", makeTar(t, []tarEnt{symlink("s", "d"), file("s/g", "y")}), LayerOptions{}, `entry "s/g"`},
+		{"empty whiteout name", makeTar(t, []tarEnt{file(".wh.", "")}), LayerOptions{}, `entry ".wh.": invalid whiteout name`},
+		{"whiteout of dotdot", makeTar(t, []tarEnt{file("d/.wh...", "")}), LayerOptions{}, `invalid whiteout name ".wh..."`},
+		{"symlink without target", makeTar(t, []tarEnt{{name: "s", typ: tar.TypeSymlink}}), LayerOptions{}, `entry "s": symlink with an empty target`},
+		{"truncated tar in a header", good[:700], LayerOptions{}, "truncated"},
+		{"truncated tar in file data", good[:xs+100], LayerOptions{}, `tar layer: truncated: entry "d/f"`},
+		{"truncated tar between entries", good[:between], LayerOptions{}, "truncated: no end-of-archive marker"},
+		{"empty stream", nil, LayerOptions{}, "truncated"},
+		{"garbage", []byte(strings.Repeat("garbage!", 100)), LayerOptions{}, "tar layer: reading the first tar header"},
+		{"truncated gzip", truncGz, LayerOptions{}, "gzip layer"},
+		{"gzip checksum", badCRC, LayerOptions{}, "gzip layer"},
+		{"bad gzip header", []byte{0x1f, 0x8b, 0, 0, 0}, LayerOptions{}, "gzip layer"},
+		{"truncated zstd", truncZst, LayerOptions{}, "zstd layer"},
+		{"corrupt zstd", corruptZst, LayerOptions{}, "zstd layer"},
+		{"too large", good, LayerOptions{MaxSize: 4 * 4096}, "exceeds the maximum size"},
+		{"trailing garbage", trailing, LayerOptions{}, "after the end-of-archive marker"},
+		{"unsupported type", makeTar(t, []tarEnt{{name: "c", typ: tar.TypeCont}}), LayerOptions{}, `entry "c": unsupported tar entry type`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			res, err := ConvertLayer(t.Context(), bytes.NewReader(tc.blob), &memOut{}, tc.opts)
+			if err == nil {
+				t.Fatalf("accepted: %+v", res)
+			}
+			t.Log(err)
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not contain %q", err, tc.want)
+			}
+			if tc.opts.MaxSize > 0 && !errors.Is(err, ErrTooLarge) {
+				t.Errorf("error %v is not ErrTooLarge", err)
+			}
+		})
+	}
+}
+
+// TestConvertLayerBomb checks that the uncompressed stream is bounded by
+// MaxSize: a small zstd blob expanding to gigabytes fails early.
+func TestConvertLayerBomb(t *testing.T) {
+	var buf bytes.Buffer
+	zw, _ := zstd.NewWriter(&buf, zstd.WithEncoderLevel(zstd.SpeedBestCompression))
+	tw := tar.NewWriter(zw)
+	tw.WriteHeader(&tar.Header{Name: "big", Typeflag: tar.TypeReg, Size: 1 << 32, Mode: 0o644})
+	zero := make([]byte, 1<<20)
+	for i := 0; i < 256; i++ { // only the first 256 MiB: the converter must stop before
+		zw.Write(zero)
+	}
+	zw.Close()
+	start := time.Now()
+	_, err := ConvertLayer(t.Context(), &buf, daxfs.NewWindow(make([]byte, 8<<20)), LayerOptions{MaxSize: 8 << 20})
+	if !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("bomb: %v", err)
+	}
+	t.Logf("rejected after %v: %v", time.Since(start), err)
+}
+
+func TestDetectFormat(t *testing.T) {
+	for _, tc := range []struct {
+		head []byte
+		want Format
+	}{
+		{[]byte{0x1f, 0x8b, 8, 0}, FormatGzip},
+		{[]byte{0x28, 0xb5, 0x2f, 0xfd}, FormatZstd},
+		{[]byte{0x35, 0x78, 0x61, 0x64}, FormatDAXFS},
+		{[]byte("etc/"), FormatTar},
+		{nil, FormatTar},
+	} {
+		if got := DetectFormat(tc.head); got != tc.want {
+			t.Errorf("%x: %v, want %v", tc.head, got, tc.want)
+		}
+	}
+	if fmt.Sprint(FormatZstd) != "zstd" {
+		t.Error(FormatZstd)
+	}
+	_ = sha256.New
+}
