@@ -7,7 +7,6 @@ import (
 	"io"
 	"math"
 	"slices"
-	"sort"
 	"strings"
 	"time"
 	"unsafe"
@@ -381,7 +380,7 @@ func (w *Writer) attrs(h *Header, n *wnode, ex *wextra) error {
 			}
 			xs = append(xs, Xattr{Name: k, Value: slices.Clone(v)})
 		}
-		sort.Slice(xs, func(i, j int) bool { return xs[i].Name < xs[j].Name })
+		slices.SortFunc(xs, func(a, b Xattr) int { return strings.Compare(a.Name, b.Name) })
 		ex.xattrs = xs
 	}
 	return nil
@@ -620,6 +619,11 @@ func (w *Writer) Link(path, target string, h *Header) error {
 	if p == "" {
 		return fmt.Errorf("daxfs: link %q to %s: %w: the root cannot be a link", path, t, ErrInvalidPath)
 	}
+	dir, base := splitPath(p)
+	parent, err := w.dirFor(dir, p)
+	if err != nil {
+		return err
+	}
 	if h != nil {
 		n := *w.nodes.at(node)
 		ex := wextra{}
@@ -636,11 +640,6 @@ func (w *Writer) Link(path, target string, h *Header) error {
 		}
 		w.setExtra(&n, ex)
 		*w.nodes.at(node) = n
-	}
-	dir, base := splitPath(p)
-	parent, err := w.dirFor(dir, p)
-	if err != nil {
-		return err
 	}
 	w.bind(parent, base, node)
 	return nil
