@@ -373,16 +373,25 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 // mounts computes the mounts of a snapshot, mounting its parent's view when
 // needed.
 func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
+	staging := false
 	if snap.Kind == snapshots.KindActive {
-		if st, ok, err := s.readStage(snap.ID); err != nil {
+		st, ok, err := s.readStage(snap.ID)
+		if err != nil {
 			return nil, err
-		} else if ok && st.Hit {
+		}
+		if ok && st.Hit {
 			m, err := overlay.ReadOnlyBind(s.emptyDir())
 			return []mount.Mount{m}, err
 		}
+		// An extraction snapshot's layer goes straight into the region
+		// (our differ): it needs no parent view, so none is built or
+		// mounted per layer during a pull. Only the walking-differ
+		// fallback writes the upper, and it needs the lower only to copy
+		// attributes onto parent directories a tar leaves implicit.
+		staging = ok
 	}
 	lower := s.emptyDir()
-	if len(snap.ParentIDs) > 0 {
+	if len(snap.ParentIDs) > 0 && !staging {
 		dir, err := s.views.acquire(ctx, info.Parent, snap.ID)
 		if err != nil {
 			return nil, fmt.Errorf("view of %s for %s: %w", info.Parent, info.Name, err)

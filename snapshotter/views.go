@@ -264,7 +264,13 @@ func (t *viewTable) ensureView(ctx context.Context, chain digest.Digest, layers 
 	}
 	for {
 		if e, ok := r.Lookup(daxmem.KindView, k); ok {
-			img, err := t.s.image(e)
+			// Another participant (or an earlier run) built it: its
+			// superblock says how far its window reaches.
+			b, err := r.Slice(e.Offset, r.Size()-e.Offset)
+			if err != nil {
+				return e, 0, err
+			}
+			img, err := daxfs.Open(b)
 			if err != nil {
 				return e, 0, fmt.Errorf("view %s in the region: %w", chain, err)
 			}

@@ -50,6 +50,7 @@ func daemonBinary(tb testing.TB) string {
 // file and socket, next to a containerd configured to use it.
 type daxfsDaemon struct {
 	Dir, Root, Socket, Region, LogPath string
+	bin                                string
 	ctrd                               *testenv.Containerd
 	cmd                                *exec.Cmd
 	exited                             chan struct{}
@@ -82,9 +83,17 @@ func containerdConfig(socket, root string) string {
 `, socket, root, socket)
 }
 
+// daxfsOptions tune startWithDaxfs.
+type daxfsOptions struct {
+	// Region is the region file to use; default: a new one in the
+	// daemon's directory. Two daemons given the same file are two
+	// participants of one region, as two kernels sharing CXL memory are.
+	Region string
+}
+
 // startWithDaxfs starts a containerd wired to a fresh daxfs daemon and the
 // daemon itself; both stop at cleanup.
-func startWithDaxfs(t *testing.T, opts testenv.ContainerdOptions) (*testenv.Containerd, *daxfsDaemon) {
+func startWithDaxfs(t *testing.T, opts testenv.ContainerdOptions, dopts ...daxfsOptions) (*testenv.Containerd, *daxfsDaemon) {
 	t.Helper()
 	testenv.RequireRoot(t)
 	bin := daemonBinary(t)
@@ -98,6 +107,11 @@ func startWithDaxfs(t *testing.T, opts testenv.ContainerdOptions) (*testenv.Cont
 		Socket:  filepath.Join(dir, "daxfs.sock"),
 		Region:  filepath.Join(dir, "region"),
 		LogPath: filepath.Join(dir, "daxfs.log"),
+	}
+	for _, o := range dopts {
+		if o.Region != "" {
+			d.Region = o.Region
+		}
 	}
 	opts.ExtraConfig = containerdConfig(d.Socket, d.Root) + opts.ExtraConfig
 	ctrd := testenv.StartContainerd(t, opts)
@@ -118,18 +132,19 @@ interval = "1h"
 	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	d.start(t, bin)
+	d.bin = bin
+	d.start(t)
 	t.Cleanup(func() { d.cleanup(t) })
 	return ctrd, d
 }
 
-func (d *daxfsDaemon) start(t *testing.T, bin string) {
+func (d *daxfsDaemon) start(t *testing.T) {
 	t.Helper()
 	logf, err := os.OpenFile(d.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "serve", "--config", filepath.Join(d.Dir, "config.toml"))
+	cmd := exec.Command(d.bin, "serve", "--config", filepath.Join(d.Dir, "config.toml"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

@@ -2,8 +2,15 @@ package tests
 
 import (
 	"context"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 
 	"github.com/opencontainers/go-digest"
 
@@ -71,4 +78,194 @@ func TestDaxfsImportRun(t *testing.T) {
 	if out != greeting+"/bin/ls\n" {
 		t.Fatalf("second container output %q", out)
 	}
+}
+
+// TestDaxfsEquivalence unpacks the layered image (whiteouts, opaque
+// directories, hard links, FIFOs, devices, xattrs, mtimes, long UTF-8
+// names) with containerd's overlayfs snapshotter and with daxfs in the same
+// containerd, and compares the two root trees path for path.
+func TestDaxfsEquivalence(t *testing.T) {
+	ctrd, _ := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ref := "docker.io/library/layered:latest"
+	archive, built := testenv.WriteImageArchive(t, layeredImage(t), ref)
+	ctrd.CtrOK(t, "image", "import", archive)
+	ctrd.CtrOK(t, "image", "import", "--snapshotter", "daxfs", archive)
+
+	want := viewTree(t, ctrd, "overlayfs", built)
+	got := viewTree(t, ctrd, "daxfs", built)
+	// overlayfs reports nlink 1 for directories merged from several
+	// lowers; daxfs counts subdirectories like a normal filesystem.
+	if d := testenv.Diff(want, got, testenv.FieldDirMtime|testenv.FieldDirNlink); len(d) > 0 {
+		t.Fatalf("daxfs root differs from overlayfs root:\n%s", strings.Join(d, "\n"))
+	}
+	if len(got) < 20 {
+		t.Fatalf("daxfs root has only %d paths: %v", len(got), got)
+	}
+}
+
+// TestDaxfsRegistryPull pushes an image to a real registry and pulls it
+// with `ctr image pull --snapshotter daxfs` (the transfer service and our
+// differ), then runs it.
+func TestDaxfsRegistryPull(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
+	local := "docker.io/library/greeting:push"
+	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Zstd), local)
+	src.CtrOK(t, "image", "import", archive)
+	remote := reg + "/library/greeting:daxfs"
+	src.CtrOK(t, "image", "tag", local, remote)
+	src.CtrOK(t, "image", "push", "--plain-http", remote)
+
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ctrd.CtrOK(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", remote)
+	for _, diffID := range built.DiffIDs {
+		if !regionHasLayer(t, d, diffID) {
+			t.Fatalf("layer %s is not in the region after pull", diffID)
+		}
+	}
+	runGreetingOn(t, ctrd, "daxfs", remote, "pulled")
+}
+
+// runGreetingOn is runGreeting with a snapshotter.
+func runGreetingOn(t *testing.T, ctrd *testenv.Containerd, snapshotter, ref, id string) {
+	t.Helper()
+	out := ctrd.CtrOK(t, "run", "--rm", "--snapshotter", snapshotter, ref, id, "sh", "-c", "cat /etc/greeting; sha256sum /bin/busybox")
+	if want := greeting + busyboxSum(t) + "  /bin/busybox\n"; out != want {
+		t.Fatalf("container output:\n%q\nwant:\n%q", out, want)
+	}
+}
+
+// TestDaxfsClientPull pulls with the Go client's Pull(WithPullUnpack):
+// unpacking goes through the diff service's default order, where our
+// differ comes first.
+func TestDaxfsClientPull(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
+	local := "docker.io/library/greeting:client"
+	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), local)
+	src.CtrOK(t, "image", "import", archive)
+	remote := reg + "/library/greeting:client"
+	src.CtrOK(t, "image", "tag", local, remote)
+	src.CtrOK(t, "image", "push", "--plain-http", remote)
+
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	cl := ctrd.Client(t)
+	ctx := ctrd.Context(context.Background())
+	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchAllHosts))})
+	img, err := cl.Pull(ctx, remote, client.WithPullUnpack, client.WithPullSnapshotter("daxfs"), client.WithResolver(resolver))
+	if err != nil {
+		t.Fatalf("client.Pull: %v", err)
+	}
+	if ok, err := img.IsUnpacked(ctx, "daxfs"); err != nil || !ok {
+		t.Fatalf("image not unpacked into daxfs: %v %v", ok, err)
+	}
+	for _, diffID := range built.DiffIDs {
+		if !regionHasLayer(t, d, diffID) {
+			t.Fatalf("layer %s is not in the region after client.Pull", diffID)
+		}
+	}
+	runGreetingOn(t, ctrd, "daxfs", remote, "client-pulled")
+}
+
+// TestDaxfsSharedRegion runs two daemons (two participants, as two kernels
+// sharing one memory pool) on one region: the second import finds every
+// layer in the region and converts nothing.
+func TestDaxfsSharedRegion(t *testing.T) {
+	first, d1 := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ref := "docker.io/library/greeting:shared"
+	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), ref)
+	first.CtrOK(t, "image", "import", "--snapshotter", "daxfs", archive)
+	before := layerWriters(t, d1, built.DiffIDs)
+
+	second, d2 := startWithDaxfs(t, testenv.ContainerdOptions{}, daxfsOptions{Region: d1.Region})
+	second.CtrOK(t, "image", "import", "--snapshotter", "daxfs", archive)
+	after := layerWriters(t, d2, built.DiffIDs)
+	for i, diffID := range built.DiffIDs {
+		if before[i] != after[i] {
+			t.Fatalf("layer %s was rewritten by the second participant (%v -> %v)", diffID, before[i], after[i])
+		}
+	}
+	runGreetingOn(t, second, "daxfs", ref, "on-second")
+	runGreetingOn(t, first, "daxfs", ref, "on-first")
+}
+
+// layerWriters returns, for each diffID, the region entry's writer and
+// publication time: what changes if a layer is converted again.
+func layerWriters(t *testing.T, d *daxfsDaemon, diffIDs []digest.Digest) []string {
+	t.Helper()
+	r, err := daxmem.Open(context.Background(), daxmem.Options{Path: d.Region})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	var out []string
+	for _, diffID := range diffIDs {
+		k, err := daxmem.KeyFromDigest(diffID.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, ok := r.Lookup(daxmem.KindLayer, k)
+		if !ok {
+			t.Fatalf("layer %s not in the region", diffID)
+		}
+		out = append(out, fmt.Sprintf("%d@%d/%d", e.Writer, e.Offset, e.Published.UnixNano()))
+	}
+	return out
+}
+
+// TestDaxfsDaemonRestart keeps a container reading its root filesystem in
+// a loop while the daemon is killed with SIGKILL and restarted: not one
+// read may fail, and new containers start after the restart.
+func TestDaxfsDaemonRestart(t *testing.T) {
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ref := "docker.io/library/greeting:restart"
+	archive, _ := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), ref)
+	ctrd.CtrOK(t, "image", "import", "--snapshotter", "daxfs", archive)
+
+	logPath := filepath.Join(t.TempDir(), "reader.log")
+	loop := `n=0; while true; do
+  if ! cat /etc/greeting /bin/busybox > /dev/null || ! ls /bin > /dev/null; then echo READ-ERROR; fi
+  n=$((n+1)); echo "iteration $n"; sleep 0.05
+done`
+	ctrd.CtrOK(t, "run", "-d", "--snapshotter", "daxfs", "--log-uri", "file://"+logPath, ref, "reader", "sh", "-c", loop)
+	t.Cleanup(func() { _, _ = ctrd.Ctr(t, "task", "kill", "-s", "SIGKILL", "reader") })
+
+	waitIterations := func(min int) int {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			n := iterations(t, logPath)
+			if n >= min {
+				return n
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("reader made %d iterations, want %d:\n%s", n, min, tail(logPath))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	n := waitIterations(5)
+	d.kill(t)
+	// The reader keeps going with the daemon dead.
+	n = waitIterations(n + 20)
+	d.start(t)
+	waitIterations(n + 20)
+	runGreetingOn(t, ctrd, "daxfs", ref, "after-restart")
+	if b, _ := os.ReadFile(logPath); strings.Contains(string(b), "READ-ERROR") || strings.Contains(string(b), "rror") {
+		t.Fatalf("the reader saw errors across the restart:\n%s", tail(logPath))
+	}
+}
+
+func iterations(t *testing.T, path string) int {
+	b, _ := os.ReadFile(path)
+	return strings.Count(string(b), "iteration ")
+}
+
+func tail(path string) string {
+	b, _ := os.ReadFile(path)
+	s := string(b)
+	if len(s) > 2000 {
+		s = s[len(s)-2000:]
+	}
+	return s
 }
