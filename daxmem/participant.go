@@ -80,6 +80,12 @@ func (r *Region) alive(p int, inc *uint32, now time.Time) bool {
 	if now.UnixNano()-hb > int64(r.opts.LeaseTimeout) {
 		return false
 	}
+	// A heartbeat stamped by a clock far ahead of ours (or garbage) would
+	// look fresh forever: also count it dead when we have seen it stand
+	// still for a whole lease.
+	if r.staleByObservation(p, uint64(hb), now) {
+		return false
+	}
 	pid := int(load(r.mem, off+pPID))
 	if pid > 0 && pid != r.self.pid && load(r.mem, off+pPIDNS) == r.self.pidNS {
 		var boot [16]byte
@@ -520,4 +526,25 @@ func (r *Region) lock(ctx context.Context) (func(), error) {
 			backoff *= 2
 		}
 	}
+}
+
+// hbObservation is when this process last saw a participant's heartbeat
+// word change.
+type hbObservation struct {
+	value   uint64
+	changed time.Time
+}
+
+func (r *Region) staleByObservation(p int, hb uint64, now time.Time) bool {
+	r.hbMu.Lock()
+	defer r.hbMu.Unlock()
+	if r.hbSeen == nil {
+		r.hbSeen = make(map[int]hbObservation)
+	}
+	o, ok := r.hbSeen[p]
+	if !ok || o.value != hb {
+		r.hbSeen[p] = hbObservation{hb, now}
+		return false
+	}
+	return now.Sub(o.changed) > r.opts.LeaseTimeout
 }

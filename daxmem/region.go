@@ -100,6 +100,9 @@ type Region struct {
 	lockMu sync.Mutex // serialises this process's use of the region lock word
 	refMu  sync.Mutex // serialises this participant's reference bit changes
 
+	hbMu   sync.Mutex
+	hbSeen map[int]hbObservation // heartbeat values seen, for clock-skew-proof liveness
+
 	mu      sync.Mutex // guards the fields below
 	id      ParticipantID
 	inc     uint32

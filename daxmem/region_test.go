@@ -523,3 +523,29 @@ func TestKeyFromDigest(t *testing.T) {
 		}
 	}
 }
+
+// TestFutureHeartbeatStillDies: a participant whose heartbeat was stamped
+// by a clock far ahead of ours must not live forever: once we have seen
+// its heartbeat stand still for a lease it is dead.
+func TestFutureHeartbeatStillDies(t *testing.T) {
+	ctx := context.Background()
+	o := testOpts(t, 8<<20)
+	a := mustCreate(t, o)
+	mustJoin(t, a)
+	b := mustOpen(t, o)
+	bid := mustJoin(t, b)
+	publish(t, b, KindLayer, key("skewed"), 4096, 4096, ClaimOptions{})
+	b.Close()
+	store(a.mem, a.pOff(int(bid))+pHeartbeat, uint64(time.Now().Add(time.Hour).UnixNano()))
+	if !a.alive(int(bid), nil, time.Now()) {
+		t.Fatal("dead before a lease of observation")
+	}
+	time.Sleep(o.LeaseTimeout + 50*time.Millisecond)
+	st, err := a.GC(ctx, GCOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.DeadParticipants) != 1 || st.EntriesFreed != 1 {
+		t.Fatalf("gc %+v", st)
+	}
+}
