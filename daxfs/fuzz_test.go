@@ -3,8 +3,6 @@ package daxfs
 import (
 	"bytes"
 	"errors"
-	"fmt"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -105,100 +103,3 @@ func FuzzWriter(f *testing.F) {
 	})
 }
 
-// benchImage builds an image of n small files spread over directories.
-func benchImage(b *testing.B, n int) ([]byte, []string) {
-	var paths []string
-	img := buildImage(b, WriterOptions{}, func(w *Writer) {
-		data := make([]byte, 100)
-		for i := 0; i < n; i++ {
-			p := fmt.Sprintf("usr/share/d%03d/file-%06d.txt", i%200, i)
-			paths = append(paths, "/"+p)
-			if err := w.Add(&Header{Path: p, Mode: ModeRegular | 0o644, Size: 100, ModTime: time.Unix(int64(i), 0)}, bytes.NewReader(data)); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-	return img, paths
-}
-
-// BenchmarkWriter: 20,000 files of 100 bytes (a Debian rootfs has about
-// as many entries) written into memory; reports ns and allocations per
-// entry.
-func BenchmarkWriter(b *testing.B) {
-	const n = 20000
-	names := make([]string, n)
-	for i := range names {
-		names[i] = fmt.Sprintf("usr/share/d%03d/file-%06d.txt", i%200, i)
-	}
-	data := make([]byte, 100)
-	out := NewWindow(make([]byte, 4096*(n+2000)))
-	var r bytes.Reader
-	h := Header{Mode: ModeRegular | 0o644, Size: 100}
-	b.ReportAllocs()
-	b.ResetTimer()
-	for it := 0; it < b.N; it++ {
-		w := NewWriter(out, WriterOptions{})
-		for i := 0; i < n; i++ {
-			h.Path = names[i]
-			r.Reset(data)
-			if err := w.Add(&h, &r); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if _, err := w.Close(); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/entry")
-}
-
-func BenchmarkValidate(b *testing.B) {
-	img, _ := benchImage(b, 20000)
-	b.SetBytes(int64(len(img)))
-	b.ReportAllocs()
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if err := Validate(img); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-func BenchmarkLookup(b *testing.B) {
-	img, paths := benchImage(b, 20000)
-	im, err := Open(img)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.ReportAllocs()
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if _, err := im.LookupPath(paths[i%len(paths)]); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-// BenchmarkWriterMemory adds 500,000 empty files (the largest images we
-// expect) and reports the Writer's heap per entry before Close.
-func BenchmarkWriterMemory(b *testing.B) {
-	const n = 500000
-	h := Header{Mode: ModeRegular | 0o644}
-	for it := 0; it < b.N; it++ {
-		runtime.GC()
-		var before, after runtime.MemStats
-		runtime.ReadMemStats(&before)
-		var f memFile
-		w := NewWriter(&f, WriterOptions{})
-		for i := 0; i < n; i++ {
-			h.Path = fmt.Sprintf("usr/lib/d%04d/file-%07d.so", i%1000, i)
-			if err := w.Add(&h, nil); err != nil {
-				b.Fatal(err)
-			}
-		}
-		runtime.GC()
-		runtime.ReadMemStats(&after)
-		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/n, "heapB/entry")
-		runtime.KeepAlive(w)
-	}
-}
