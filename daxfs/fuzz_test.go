@@ -102,4 +102,3 @@ func FuzzWriter(f *testing.F) {
 		}
 	})
 }
-
