@@ -45,8 +45,13 @@ func startSuiteDaemon(ctx context.Context, bin, root string) (snapshots.Snapshot
 	if err != nil {
 		return nil, nil, err
 	}
-	// No config file: the defaults, overridden by flags.
-	cmd := exec.Command(bin, "serve", "--root", root, "--address", sock, "--region-path", filepath.Join(root, "region"),
+	// An empty config file (the defaults), so a config installed on the
+	// host cannot leak in; flags set the rest.
+	cfg := filepath.Join(sockDir, "config.toml")
+	if err := os.WriteFile(cfg, nil, 0o644); err != nil {
+		return nil, nil, err
+	}
+	cmd := exec.Command(bin, "serve", "--config", cfg, "--root", root, "--address", sock, "--region-path", filepath.Join(root, "region"),
 		"--region-size", "512MiB", "--mount-mode", "fuse", "--log-level", "debug")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
