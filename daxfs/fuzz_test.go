@@ -3,6 +3,7 @@ package daxfs
 import (
 	"bytes"
 	"errors"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -34,6 +35,96 @@ func FuzzValidate(f *testing.F) {
 // fuzzNames are the path components FuzzWriter builds paths from.
 var fuzzNames = []string{"a", "b", "c", "d.d", "ü", strings.Repeat("n", 255), ".wh.a", "..", "x\x00", strings.Repeat("m", 256)}
 
+// fsModel is FuzzWriter's model of tar-extraction semantics: clean path
+// ("" is the root) to TypeName.
+type fsModel map[string]string
+
+func validPath(p string) bool {
+	for _, c := range strings.Split(p, "/") {
+		if c == ".." || strings.IndexByte(c, 0) >= 0 || len(c) > MaxNameLen {
+			return false
+		}
+	}
+	return true
+}
+
+// blocked reports whether a proper ancestor of p is not a directory.
+func (m fsModel) blocked(p string) bool {
+	for i := 0; i < len(p); i++ {
+		if p[i] == '/' {
+			k, ok := m[p[:i]]
+			if !ok {
+				return false
+			}
+			if k != "dir" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (m fsModel) ensureParents(p string) {
+	for i := 0; i < len(p); i++ {
+		if p[i] == '/' {
+			if _, ok := m[p[:i]]; !ok {
+				m[p[:i]] = "dir"
+			}
+		}
+	}
+}
+
+func (m fsModel) drop(p string) {
+	for k := range m {
+		if k == p || strings.HasPrefix(k, p+"/") {
+			delete(m, k)
+		}
+	}
+}
+
+// add applies an Add of kind at p and reports whether it should succeed.
+func (m fsModel) add(p, kind string, shortRead bool) bool {
+	if !validPath(p) || m.blocked(p) {
+		return false
+	}
+	m.ensureParents(p)
+	if shortRead {
+		return false
+	}
+	if kind == "dir" && m[p] == "dir" {
+		return true
+	}
+	m.drop(p)
+	m[p] = kind
+	return true
+}
+
+func (m fsModel) link(p, t string) bool {
+	if !validPath(p) || !validPath(t) {
+		return false
+	}
+	kind, ok := m[t]
+	if !ok || kind == "dir" || m.blocked(p) {
+		return false
+	}
+	m.ensureParents(p)
+	if p != t {
+		m.drop(p)
+		m[p] = kind
+	}
+	return true
+}
+
+func (m fsModel) remove(p string) bool {
+	if !validPath(p) {
+		return false
+	}
+	if !m.blocked(p) {
+		m.drop(p)
+	}
+	return true
+}
+
 func FuzzWriter(f *testing.F) {
 	f.Add([]byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
 	f.Add([]byte{0x10, 0x21, 0x32, 0x43, 0x54, 0x65, 0x76, 0x87, 0x98, 0xa9, 0xba, 0xcb})
@@ -44,6 +135,7 @@ func FuzzWriter(f *testing.F) {
 		}
 		var out memFile
 		w := NewWriter(&out, WriterOptions{NoExtension: len(prog)%5 == 0})
+		model := fsModel{}
 		next := func() byte {
 			if len(prog) == 0 {
 				return 0
@@ -66,23 +158,36 @@ func FuzzWriter(f *testing.F) {
 			p := path()
 			mt := time.Unix(int64(c)*1000, int64(c))
 			var err error
+			var ok bool
 			switch c % 9 {
 			case 0, 1:
 				size := []int{0, 1, 4095, 4096, 4097, 9000}[int(next())%6]
 				err = w.Add(&Header{Path: p, Mode: ModeRegular | uint32(c)<<4&0o7777, Size: int64(size), ModTime: mt}, bytes.NewReader(make([]byte, size)))
+				ok = model.add(p, "file", false)
 			case 2, 3:
 				err = w.Add(&Header{Path: p, Mode: ModeDir | 0o755, UID: uint32(c), Xattrs: map[string][]byte{"user.x": {c}}}, nil)
+				ok = model.add(p, "dir", false)
 			case 4:
 				err = w.Add(&Header{Path: p, Mode: ModeSymlink | 0o777, Linkname: p}, nil)
+				ok = model.add(p, "symlink", false)
 			case 5:
-				err = w.Link(p, path(), nil)
+				t := path()
+				err = w.Link(p, t, nil)
+				ok = model.link(p, t)
 			case 6:
 				err = w.Remove(p)
+				ok = model.remove(p)
 			case 7:
-				err = w.Add(&Header{Path: p, Mode: []uint32{ModeChar, ModeBlock, ModeFIFO, ModeSocket}[c>>6] | 0o600, Rdev: uint64(c)}, nil)
+				mode := []uint32{ModeChar, ModeBlock, ModeFIFO, ModeSocket}[c>>6]
+				err = w.Add(&Header{Path: p, Mode: mode | 0o600, Rdev: uint64(c)}, nil)
+				ok = model.add(p, TypeName(mode), false)
 			case 8:
 				// A short read must leave the Writer consistent.
 				err = w.Add(&Header{Path: p, Mode: ModeRegular | 0o644, Size: 10}, strings.NewReader("abc"))
+				ok = model.add(p, "file", true)
+			}
+			if (err == nil) != ok {
+				t.Fatalf("op %d on %q: error %v, model expected success=%v", c%9, p, err, ok)
 			}
 			if err != nil && !errors.Is(err, ErrInvalidPath) && !errors.Is(err, ErrNameTooLong) &&
 				!errors.Is(err, ErrNotDir) && !errors.Is(err, ErrNotExist) && !errors.Is(err, ErrInvalidHeader) &&
@@ -97,8 +202,17 @@ func FuzzWriter(f *testing.F) {
 			t.Fatalf("writer output does not validate: %v", err)
 		}
 		im, _ := Open(out.b)
-		if _, err := im.Tree(); err != nil {
+		tree, err := im.Tree()
+		if err != nil {
 			t.Fatalf("Tree: %v", err)
+		}
+		got := fsModel{}
+		for _, e := range tree {
+			got[strings.TrimPrefix(e.Path, "/")] = e.Type
+		}
+		model[""] = "dir"
+		if !maps.Equal(got, model) {
+			t.Fatalf("image tree differs from the model:\n got  %v\n want %v", got, model)
 		}
 	})
 }
