@@ -103,6 +103,9 @@ func DebianRootfsTar(tb testing.TB) string {
 	if err := f.Close(); err != nil {
 		tb.Fatalf("testenv: %v", err)
 	}
+	if err := os.Chmod(f.Name(), 0o644); err != nil {
+		tb.Fatalf("testenv: %v", err)
+	}
 	if err := os.Rename(f.Name(), final); err != nil {
 		tb.Fatalf("testenv: %v", err)
 	}
