@@ -1,0 +1,138 @@
+package daxfuse
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// FSType is the file system type our mounts show in /proc/self/mountinfo.
+const FSType = "fuse.daxfs"
+
+// MountFlags are the mount(2) flags of a DAXFS FUSE mount: read-only, and
+// neither nodev (device nodes in images must work through overlayfs) nor
+// nosuid (setuid binaries in images must work).
+const MountFlags = unix.MS_RDONLY
+
+// MountData returns the mount(2) data string for a connection on /dev/fuse
+// descriptor fd: allow_other so containers of any uid can read,
+// default_permissions so the kernel checks modes itself.
+func MountData(fd int) string {
+	return strings.Join([]string{
+		fmt.Sprintf("fd=%d", fd),
+		"rootmode=40000",
+		fmt.Sprintf("user_id=%d", os.Geteuid()),
+		fmt.Sprintf("group_id=%d", os.Getegid()),
+		"allow_other",
+		"default_permissions",
+		fmt.Sprintf("max_read=%d", maxWrite),
+	}, ",")
+}
+
+// Mount opens /dev/fuse and mounts a new FUSE connection on target
+// (a directory) directly with mount(2), without fusermount. The caller
+// must answer the INIT request (ReadInit, NewConn) before anything else
+// can use the mount. fsname is shown as the mount source.
+//
+// It returns the /dev/fuse descriptor (close-on-exec), owned by the caller.
+func Mount(target, fsname string) (int, error) {
+	if !filepath.IsAbs(target) {
+		return -1, fmt.Errorf("mount target %q: not an absolute path", target)
+	}
+	st, err := os.Stat(target)
+	if err != nil {
+		return -1, fmt.Errorf("mount target: %w", err)
+	}
+	if !st.IsDir() {
+		return -1, fmt.Errorf("mount target %q: not a directory", target)
+	}
+	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open /dev/fuse: %w", err)
+	}
+	if fsname == "" {
+		fsname = "daxfs"
+	}
+	// The source is shown in mountinfo, where commas and spaces would
+	// confuse parsers.
+	fsname = strings.NewReplacer(",", "_", " ", "_").Replace(fsname)
+	if err := unix.Mount(fsname, target, FSType, MountFlags, MountData(fd)); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("mount %s on %s: %w", FSType, target, err)
+	}
+	return fd, nil
+}
+
+// Window is a read-only MAP_SHARED mapping of length bytes of a file from
+// offset: an image file or an extent of the shared region.
+type Window struct {
+	mapping []byte // whole mapping, from the page-aligned start
+	Bytes   []byte // the window itself
+}
+
+// MapWindow maps [offset, offset+length) of path read-only and shared.
+// length 0 means "to the end of the file".
+func MapWindow(path string, offset, length int64) (*Window, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open image source: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("stat image source %s: %w", path, err)
+	}
+	if offset < 0 || length < 0 {
+		return nil, fmt.Errorf("image source %s: negative offset or length", path)
+	}
+	size := st.Size()
+	if !st.Mode().IsRegular() {
+		size = offset + length // a device (devdax): trust the caller
+	}
+	if length == 0 {
+		length = size - offset
+	}
+	if length <= 0 || offset+length > size {
+		return nil, fmt.Errorf("image source %s: window %d+%d outside the file (%d bytes)", path, offset, length, size)
+	}
+	page := int64(os.Getpagesize())
+	start := offset &^ (page - 1)
+	m, err := unix.Mmap(int(f.Fd()), start, int(offset-start+length), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("map image source %s at %d+%d: %w", path, offset, length, err)
+	}
+	return &Window{mapping: m, Bytes: m[offset-start:]}, nil
+}
+
+// Close unmaps the window. Nothing may use Bytes afterwards.
+func (w *Window) Close() error {
+	if w.mapping == nil {
+		return nil
+	}
+	err := unix.Munmap(w.mapping)
+	w.mapping, w.Bytes = nil, nil
+	return err
+}
+
+// pollHackName is the name go-fuse's protocol layer answers specially in
+// the root directory so that a poll on it can be refused (see DisablePoll).
+const pollHackName = ".go-fuse-epoll-hack"
+
+// DisablePoll makes the kernel learn, once per connection, that the file
+// system does not implement FUSE_POLL. Without it, a process that serves
+// a mount and also opens files on it can deadlock: Go registers every
+// opened file with its epoll instance, the kernel then sends FUSE_POLL
+// while holding that instance's lock, and the reader goroutine waiting in
+// the same epoll can never receive it. Call it once the Conn is serving.
+func DisablePoll(target string) error {
+	fd, err := unix.Open(filepath.Join(target, pollHackName), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("disable FUSE poll on %s: %w", target, err)
+	}
+	defer unix.Close(fd)
+	_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+	return nil
+}

@@ -1,0 +1,236 @@
+// Package mounter puts a DAXFS image on a directory, read-only, so that
+// overlayfs can use it as a lower: with the kernel daxfs module when it is
+// loaded and the image's physical address is known, else with FUSE served
+// by a separate long-lived process (package fusesrv) so that mounts
+// outlive the snapshotter daemon.
+package mounter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/containerd-daxfs/containerd-daxfs/mounter/daxfuse"
+	"github.com/containerd-daxfs/containerd-daxfs/mounter/fusesrv"
+)
+
+// Source says where an image lives: Length bytes of the file at Path from
+// Offset (Length 0: to the end of the file). For a view, the window runs
+// from the view's start to the end of the last layer it references.
+// PhysAddr is the physical address of byte Offset of Path, when the backend
+// knows it (device DAX, pmem); only then can the kernel module mount it.
+type Source struct {
+	Path     string
+	Offset   int64
+	Length   int64
+	PhysAddr uint64
+	HasPhys  bool
+}
+
+func (s Source) String() string {
+	if s.Offset == 0 && s.Length == 0 {
+		return s.Path
+	}
+	return fmt.Sprintf("%s@%d+%d", s.Path, s.Offset, s.Length)
+}
+
+// Kinds of mount.
+const (
+	KindFUSE   = "fuse"
+	KindKernel = "kernel"
+)
+
+// MountInfo describes one mount made by a Mounter.
+type MountInfo struct {
+	Target string
+	Source Source
+	Kind   string
+	// State is "mounted", or "detached" for a FUSE connection that was
+	// unmounted but is still served because an overlay uses it.
+	State string
+	Since time.Time
+}
+
+// Mounter mounts images read-only on directories.
+//
+// Unmount detaches lazily and succeeds even while an overlay still uses
+// the mount (the kernel keeps it alive for the overlay; a FUSE mount is
+// served until then): callers that share a mount between overlays must
+// count their users and call Unmount after the last one is gone.
+type Mounter interface {
+	Mount(ctx context.Context, src Source, target string) error
+	Unmount(ctx context.Context, target string) error
+	// Mounted lists what is mounted, including mounts made before the
+	// caller (re)started: a restarted daemon re-adopts them from here.
+	Mounted(ctx context.Context) ([]MountInfo, error)
+}
+
+// Modes accepted by New.
+const (
+	ModeAuto   = "auto"
+	ModeFUSE   = "fuse"
+	ModeKernel = "kernel"
+)
+
+// FUSEOptions configure the FUSE mounter.
+type FUSEOptions struct {
+	// StateDir holds the serving process's sockets, locks and logs
+	// (default fusesrv.DefaultStateDir).
+	StateDir string
+	// Binary is the containerd-daxfs-grpc executable started as
+	// `Binary fuse-serve --state StateDir` when no server runs
+	// (default: this executable).
+	Binary string
+	// Args replace ["fuse-serve"] between Binary and --state (tests run
+	// their own binary).
+	Args []string
+	// Validate runs a full daxfs.Validate before each mount.
+	Validate bool
+}
+
+// New returns a Mounter for mode: "kernel", "fuse", or "auto" (the kernel
+// module for sources with a physical address when /proc/filesystems lists
+// daxfs, FUSE otherwise).
+func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
+	switch mode {
+	case ModeKernel:
+		return NewKernel(ctx)
+	case ModeFUSE:
+		return NewFUSE(ctx, fo)
+	case ModeAuto, "":
+		a := &autoMounter{fo: fo}
+		if k, err := NewKernel(ctx); err == nil {
+			a.kernel = k.(*kernelMounter)
+		} else {
+			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable; mounting with FUSE")
+		}
+		f, err := NewFUSE(ctx, fo)
+		if err != nil {
+			return nil, err
+		}
+		a.fuse = f.(*fuseMounter)
+		return a, nil
+	}
+	return nil, fmt.Errorf("mount mode %q: %w (want auto, fuse or kernel)", mode, errdefs.ErrInvalidArgument)
+}
+
+type autoMounter struct {
+	fo     FUSEOptions
+	kernel *kernelMounter
+	fuse   *fuseMounter
+}
+
+func (a *autoMounter) Mount(ctx context.Context, src Source, target string) error {
+	if a.kernel != nil && src.HasPhys {
+		return a.kernel.Mount(ctx, src, target)
+	}
+	return a.fuse.Mount(ctx, src, target)
+}
+
+func (a *autoMounter) Unmount(ctx context.Context, target string) error {
+	if a.kernel != nil {
+		if ok, _ := isKernelMount(target); ok {
+			return a.kernel.Unmount(ctx, target)
+		}
+	}
+	return a.fuse.Unmount(ctx, target)
+}
+
+func (a *autoMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
+	out, err := a.fuse.Mounted(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if a.kernel != nil {
+		k, err := a.kernel.Mounted(ctx)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, k...)
+	}
+	return out, nil
+}
+
+// fuseMounter is the client of the serving process.
+type fuseMounter struct {
+	c        *fusesrv.Client
+	validate bool
+}
+
+// NewFUSE connects to the FUSE serving process of opts.StateDir, starting
+// it (detached, in its own session) when it does not run.
+func NewFUSE(ctx context.Context, opts FUSEOptions) (Mounter, error) {
+	if opts.StateDir == "" {
+		opts.StateDir = fusesrv.DefaultStateDir
+	}
+	if opts.Binary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, err
+		}
+		opts.Binary = exe
+	}
+	args := opts.Args
+	if args == nil {
+		args = []string{"fuse-serve"}
+	}
+	cmd := append(append([]string{opts.Binary}, args...), "--state", opts.StateDir)
+	m := &fuseMounter{c: fusesrv.NewClient(opts.StateDir, cmd), validate: opts.Validate}
+	if _, err := m.c.Ensure(ctx); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (m *fuseMounter) Mount(ctx context.Context, src Source, target string) error {
+	target, err := absTarget(target)
+	if err != nil {
+		return err
+	}
+	return m.c.Mount(ctx, fusesrv.Source{Path: src.Path, Offset: src.Offset, Length: src.Length}, target, m.validate)
+}
+
+func (m *fuseMounter) Unmount(ctx context.Context, target string) error {
+	target, err := absTarget(target)
+	if err != nil {
+		return err
+	}
+	return m.c.Unmount(ctx, target)
+}
+
+func (m *fuseMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
+	recs, err := m.c.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]MountInfo, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, MountInfo{
+			Target: r.Target, Kind: KindFUSE, State: r.State, Since: r.Since,
+			Source: Source{Path: r.Source.Path, Offset: r.Source.Offset, Length: r.Source.Length},
+		})
+	}
+	return out, nil
+}
+
+func absTarget(target string) (string, error) {
+	if target == "" {
+		return "", fmt.Errorf("mount target: %w: empty path", errdefs.ErrInvalidArgument)
+	}
+	abs, err := filepath.Abs(target)
+	if err != nil {
+		return "", err
+	}
+	return abs, nil
+}
+
+// FSTypeFUSE is the file system type of our FUSE mounts in mountinfo.
+const FSTypeFUSE = daxfuse.FSType
+
+var errNoKernel = errors.New("the daxfs kernel module is not loaded (not in /proc/filesystems)")
