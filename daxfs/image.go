@@ -192,6 +192,9 @@ func (im *Image) dirInode(dir uint32) (Inode, error) {
 
 // direntAt decodes entry i of directory inode in (i < count).
 func (im *Image) direntAt(in Inode, i uint64) (Dirent, error) {
+	if i > uint64(len(im.base))/DirentStride {
+		return Dirent{}, corrupt("inode %d: entry %d lies past the base image", in.Ino, i)
+	}
 	off := in.DataOffset + i*DirentStride
 	if off < in.DataOffset {
 		return Dirent{}, corrupt("inode %d: entry %d offset overflows", in.Ino, i)
