@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 )
 
@@ -38,7 +39,6 @@ func TestFixtureTreeMatchesExpected(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, want) {
-		os.WriteFile(filepath.Join(t.TempDir(), "got.json"), got, 0o644)
 		t.Fatalf("tree JSON differs from expected.json:\n%s", firstDiff(got, want))
 	}
 }
@@ -48,10 +48,8 @@ func firstDiff(a, b []byte) string {
 	for i := 0; i < len(la) && i < len(lb); i++ {
 		if !bytes.Equal(la[i], lb[i]) {
 			lo, hi := max(0, i-8), min(i+3, len(la), len(lb))
-			return "line " + itoa(i+1) + ":\n got:\n" + string(bytes.Join(la[lo:hi], []byte("\n"))) + "\n want:\n" + string(bytes.Join(lb[lo:hi], []byte("\n")))
+			return "line " + strconv.Itoa(i+1) + ":\n got:\n" + string(bytes.Join(la[lo:hi], []byte("\n"))) + "\n want:\n" + string(bytes.Join(lb[lo:hi], []byte("\n")))
 		}
 	}
-	return "lengths differ: " + itoa(len(la)) + " vs " + itoa(len(lb)) + " lines"
+	return "lengths differ: " + strconv.Itoa(len(la)) + " vs " + strconv.Itoa(len(lb)) + " lines"
 }
-
-func itoa(i int) string { return string(bytes.TrimSpace([]byte(fmtInt(i)))) }

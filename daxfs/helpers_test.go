@@ -1,5 +1,0 @@
-package daxfs
-
-import "strconv"
-
-func fmtInt(i int) string { return strconv.Itoa(i) }
