@@ -35,9 +35,10 @@ const (
 	// readBufSize is the size of a request buffer: the kernel refuses
 	// reads into buffers smaller than a maximal WRITE request.
 	readBufSize = maxWrite + 4096
-	// outBufSize bounds every non-READ reply: a readdir page or an xattr
-	// value (64 KiB max) plus headers.
-	outBufSize = 68 << 10
+	// outBufSize bounds every non-READ reply: a readdir buffer (overlayfs
+	// asks for up to max_pages pages) or an xattr value (64 KiB max),
+	// plus headers.
+	outBufSize = maxWrite + 4096
 
 	// maxReaders caps the goroutines reading one connection.
 	maxReaders = 8

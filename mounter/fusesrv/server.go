@@ -303,7 +303,6 @@ func (s *Server) watch(m *served) {
 		s.logger.Printf("connection %s (%s) ended: %v", m.rec.ID, m.rec.Target, err)
 	}
 	s.mu.Lock()
-	delete(s.mounts, m.rec.ID)
 	hc := s.hc
 	s.mu.Unlock()
 	if hc != nil {
@@ -311,6 +310,9 @@ func (s *Server) watch(m *served) {
 			s.logger.Printf("drop %s from holder: %v", m.rec.ID, err)
 		}
 	}
+	s.mu.Lock()
+	delete(s.mounts, m.rec.ID)
+	s.mu.Unlock()
 	unix.Close(m.devFD)
 	if m.win != nil {
 		m.win.Close()
@@ -404,9 +406,12 @@ func (s *Server) quit() error {
 	}
 	if hc != nil {
 		if _, err := hc.call(&holderMsg{Op: "quit"}, -1); err != nil {
-			s.logger.Printf("quit holder: %v", err)
+			return fmt.Errorf("quit holder: %w", err)
 		}
 		hc.close()
+		s.mu.Lock()
+		s.hc = nil
+		s.mu.Unlock()
 	}
 	return nil
 }
