@@ -1,0 +1,166 @@
+package tests
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
+	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
+)
+
+// pushImage builds img, imports it into a scratch containerd and pushes it
+// to the registry as reg/library/NAME:TAG. It returns the remote ref.
+func pushImage(t *testing.T, src *testenv.Containerd, reg string, img testimage.Image, nameTag string) string {
+	t.Helper()
+	local := "docker.io/library/" + nameTag
+	archive, _ := testenv.WriteImageArchive(t, img, local)
+	src.CtrOK(t, "image", "import", archive)
+	remote := reg + "/library/" + nameTag
+	src.CtrOK(t, "image", "tag", local, remote)
+	src.CtrOK(t, "image", "push", "--plain-http", remote)
+	return remote
+}
+
+// TestDaxfsCRI drives containerd's CRI plugin, configured as a Kubernetes
+// node with snapshotter = "daxfs", through the CRI gRPC API the kubelet
+// uses: pull images from a registry, run a pod sandbox, create and start a
+// container that reads its image, and read its log.
+func TestDaxfsCRI(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
+	pauseImg := testenv.BusyboxImage(t)
+	pauseImg.Config.Entrypoint = []string{"/bin/sleep"}
+	pauseImg.Config.Cmd = []string{"2147483647"}
+	pause := pushImage(t, src, reg, pauseImg, "pause:cri")
+	app := pushImage(t, src, reg, greetingImage(t, testimage.Gzip), "greeting:cri")
+
+	hosts := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(hosts, reg), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hostsToml := fmt.Sprintf("server = %q\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", "http://"+reg, "http://"+reg)
+	if err := os.WriteFile(filepath.Join(hosts, reg, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{
+		EnableCRI: true,
+		ExtraConfig: fmt.Sprintf(`
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "daxfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = %q
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = %q
+# This sandbox may not lower oom_score_adj (the pause container asks for
+# -998): clamp it to containerd's own, as rootless setups do.
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+`, pause, hosts),
+	})
+
+	conn, err := grpc.NewClient("unix://"+ctrd.Address(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	rt, images := runtime.NewRuntimeServiceClient(conn), runtime.NewImageServiceClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	for _, ref := range []string{pause, app} {
+		if _, err := images.PullImage(ctx, &runtime.PullImageRequest{Image: &runtime.ImageSpec{Image: ref}}); err != nil {
+			t.Fatalf("CRI PullImage %s: %v", ref, err)
+		}
+	}
+	// The kubelet's pulls went through our differ into the region.
+	_, appBuilt := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), "x/y:z")
+	for _, diffID := range appBuilt.DiffIDs {
+		if !regionHasLayer(t, d, diffID) {
+			t.Fatalf("layer %s of %s is not in the region after the CRI pull", diffID, app)
+		}
+	}
+
+	logDir := t.TempDir()
+	sandboxConfig := &runtime.PodSandboxConfig{
+		Metadata:     &runtime.PodSandboxMetadata{Name: "daxfs-pod", Namespace: "default", Uid: "uid-daxfs-pod"},
+		LogDirectory: logDir,
+		Linux: &runtime.LinuxPodSandboxConfig{SecurityContext: &runtime.LinuxSandboxSecurityContext{
+			NamespaceOptions: &runtime.NamespaceOption{Network: runtime.NamespaceMode_NODE},
+		}},
+	}
+	pod, err := rt.RunPodSandbox(ctx, &runtime.RunPodSandboxRequest{Config: sandboxConfig})
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		_, _ = rt.StopPodSandbox(ctx, &runtime.StopPodSandboxRequest{PodSandboxId: pod.PodSandboxId})
+		_, _ = rt.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: pod.PodSandboxId})
+	})
+	ctr, err := rt.CreateContainer(ctx, &runtime.CreateContainerRequest{
+		PodSandboxId: pod.PodSandboxId,
+		Config: &runtime.ContainerConfig{
+			Metadata: &runtime.ContainerMetadata{Name: "reader"},
+			Image:    &runtime.ImageSpec{Image: app},
+			Command:  []string{"sh", "-c", "cat /etc/greeting; echo written > /tmp/w && cat /tmp/w"},
+			LogPath:  "reader.log",
+		},
+		SandboxConfig: sandboxConfig,
+	})
+	if err != nil {
+		t.Fatalf("CreateContainer: %v", err)
+	}
+	if _, err := rt.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: ctr.ContainerId}); err != nil {
+		t.Fatalf("StartContainer: %v", err)
+	}
+	var st *runtime.ContainerStatusResponse
+	for {
+		st, err = rt.ContainerStatus(ctx, &runtime.ContainerStatusRequest{ContainerId: ctr.ContainerId})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Status.State == runtime.ContainerState_CONTAINER_EXITED {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("container did not exit: %v", st.Status)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if st.Status.ExitCode != 0 {
+		t.Fatalf("container exit code %d: %s", st.Status.ExitCode, st.Status.Message)
+	}
+	b, err := os.ReadFile(filepath.Join(logDir, "reader.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// CRI log lines: "<time> stdout F <text>".
+	var lines []string
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if f := strings.SplitN(l, " ", 4); len(f) == 4 {
+			lines = append(lines, f[3])
+		}
+	}
+	if got, want := strings.Join(lines, "\n"), strings.TrimSpace(greeting)+"\nwritten"; got != want {
+		t.Fatalf("container log %q, want %q", got, want)
+	}
+	// The container's root came from the daxfs snapshotter.
+	// (CRI keeps its objects in the k8s.io namespace.)
+	info, err := ctrd.Client(t).SnapshotService("daxfs").Stat(namespaces.WithNamespace(context.Background(), "k8s.io"), ctr.ContainerId)
+	if err != nil {
+		t.Fatalf("the container's snapshot is not in daxfs: %v", err)
+	}
+	if info.Parent == "" {
+		t.Fatalf("container snapshot %+v has no parent image", info)
+	}
+}
