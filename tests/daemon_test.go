@@ -93,7 +93,7 @@ type daxfsOptions struct {
 
 // startWithDaxfs starts a containerd wired to a fresh daxfs daemon and the
 // daemon itself; both stop at cleanup.
-func startWithDaxfs(t *testing.T, opts testenv.ContainerdOptions, dopts ...daxfsOptions) (*testenv.Containerd, *daxfsDaemon) {
+func startWithDaxfs(t testing.TB, opts testenv.ContainerdOptions, dopts ...daxfsOptions) (*testenv.Containerd, *daxfsDaemon) {
 	t.Helper()
 	testenv.RequireRoot(t)
 	bin := daemonBinary(t)
@@ -138,7 +138,7 @@ interval = "1h"
 	return ctrd, d
 }
 
-func (d *daxfsDaemon) start(t *testing.T) {
+func (d *daxfsDaemon) start(t testing.TB) {
 	t.Helper()
 	logf, err := os.OpenFile(d.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -171,7 +171,7 @@ func (d *daxfsDaemon) start(t *testing.T) {
 }
 
 // kill stops the daemon with SIGKILL (its FUSE serving process stays).
-func (d *daxfsDaemon) kill(t *testing.T) {
+func (d *daxfsDaemon) kill(t testing.TB) {
 	t.Helper()
 	if err := d.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -191,7 +191,7 @@ func (d *daxfsDaemon) logTail() string {
 // cleanup stops the daemon, then the FUSE serving processes, unmounts
 // whatever is left under its directory and removes it. containerd's own
 // cleanup (registered earlier) runs after this one.
-func (d *daxfsDaemon) cleanup(t *testing.T) {
+func (d *daxfsDaemon) cleanup(t testing.TB) {
 	if t.Failed() {
 		t.Logf("containerd-daxfs-grpc log:\n%s", d.logTail())
 		if b, err := os.ReadFile(filepath.Join(d.Root, "fuse", "serve.log")); err == nil {
