@@ -374,3 +374,26 @@ func TestWriterOrderIndependent(t *testing.T) {
 		t.Fatal("trees differ")
 	}
 }
+
+// TestWriterDeepPath: a chain 300 directories deep with 255-byte names
+// (a 77 KB path) round-trips.
+func TestWriterDeepPath(t *testing.T) {
+	var parts []string
+	for i := 0; i < 300; i++ {
+		parts = append(parts, fmt.Sprintf("%03d", i)+strings.Repeat("d", 252))
+	}
+	deep := strings.Join(parts, "/")
+	img := buildImage(t, WriterOptions{}, func(w *Writer) {
+		add(t, w, deep+"/leaf", "leaf data")
+		must(t, w.Link("top", deep+"/leaf", nil))
+	})
+	must(t, Validate(img))
+	im, _ := Open(img)
+	in := mustLookup(t, im, "/"+deep+"/leaf")
+	if d, err := im.Data(in.Ino); err != nil || string(d) != "leaf data" || in.Nlink != 2 {
+		t.Fatalf("leaf: %q %v nlink %d", d, err, in.Nlink)
+	}
+	if im.InodeCount() != 302 {
+		t.Fatalf("%d inodes, want 302", im.InodeCount())
+	}
+}
