@@ -8,8 +8,8 @@ import (
 // BusyboxPath is where Debian's busybox-static installs its static binary.
 const BusyboxPath = "/bin/busybox"
 
-// BusyboxApplets are the commands BusyboxLayer links to /bin/busybox.
-var BusyboxApplets = []string{
+// busyboxApplets are the commands BusyboxLayer links to /bin/busybox.
+var busyboxApplets = []string{
 	"sh", "ash", "ls", "cat", "echo", "printf", "sha256sum", "md5sum", "find", "stat",
 	"readlink", "test", "[", "true", "false", "sleep", "mkdir", "rm", "rmdir", "mv", "cp",
 	"ln", "touch", "chmod", "chown", "head", "tail", "wc", "grep", "sed", "awk", "sort",
@@ -22,7 +22,9 @@ var BusyboxApplets = []string{
 // BusyboxLayer returns a layer with a minimal root: the usual top-level
 // directories (bin, dev, etc, proc, root, sys, tmp, usr/bin, var),
 // /bin/busybox copied from the host's busybox-static and symlinks
-// /bin/<applet> -> busybox for BusyboxApplets, plus /etc/passwd and
+// /bin/<applet> -> busybox for the common applets (sh, ls, cat, echo,
+// sha256sum, find, stat, readlink, grep, sed, awk, sleep, mount, ...; see
+// busyboxApplets), plus /etc/passwd and
 // /etc/group for root. Commands run with PATH containing /bin work.
 func BusyboxLayer() (Layer, error) {
 	bin, err := os.ReadFile(BusyboxPath)
@@ -44,7 +46,7 @@ func BusyboxLayer() (Layer, error) {
 		File("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"), 0o644),
 		File("etc/group", []byte("root:x:0:\nnogroup:x:65534:\n"), 0o644),
 	}
-	for _, a := range BusyboxApplets {
+	for _, a := range busyboxApplets {
 		entries = append(entries, Symlink("bin/"+a, "busybox"))
 	}
 	return Layer{Entries: entries}, nil

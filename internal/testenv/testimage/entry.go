@@ -26,9 +26,9 @@ import (
 	"time"
 )
 
-// DefaultMtime is the modification time of entries that do not set one:
-// fixed, so that layer digests are reproducible.
-var DefaultMtime = time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)
+// DefaultMtime returns the modification time of entries that do not set
+// one: fixed, so that layer digests are reproducible.
+func DefaultMtime() time.Time { return time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC) }
 
 // Whiteout prefixes as defined by the OCI image spec.
 const (
@@ -49,7 +49,7 @@ func newEntry(name string, typ byte, mode int64) Entry {
 		Typeflag: typ,
 		Name:     name,
 		Mode:     mode,
-		ModTime:  DefaultMtime,
+		ModTime:  DefaultMtime(),
 		Format:   tar.FormatPAX,
 	}}
 }

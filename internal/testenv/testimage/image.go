@@ -144,7 +144,7 @@ type Image struct {
 	Config ocispec.ImageConfig
 	// Platform defaults to linux/GOARCH.
 	Platform ocispec.Platform
-	// Created defaults to DefaultMtime.
+	// Created defaults to DefaultMtime().
 	Created time.Time
 	// ManifestAnnotations are put on the manifest.
 	ManifestAnnotations map[string]string
@@ -226,7 +226,7 @@ func (img Image) Build() (*Built, error) {
 
 	created := img.Created
 	if created.IsZero() {
-		created = DefaultMtime
+		created = DefaultMtime()
 	}
 	cfg := img.Config
 	if cfg.Env == nil {
@@ -305,7 +305,7 @@ func (b *Built) WriteArchive(w io.Writer, name string) error {
 
 	tw := tar.NewWriter(w)
 	file := func(name string, data []byte) error {
-		h := &tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: int64(len(data)), ModTime: DefaultMtime}
+		h := &tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: int64(len(data)), ModTime: DefaultMtime()}
 		if err := tw.WriteHeader(h); err != nil {
 			return err
 		}
@@ -313,7 +313,7 @@ func (b *Built) WriteArchive(w io.Writer, name string) error {
 		return err
 	}
 	dir := func(name string) error {
-		return tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: 0o755, ModTime: DefaultMtime})
+		return tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: 0o755, ModTime: DefaultMtime()})
 	}
 	if err := file(ocispec.ImageLayoutFile, layoutData); err != nil {
 		return err
