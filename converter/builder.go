@@ -1,15 +1,80 @@
 package converter
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
+
+	"github.com/containerd/errdefs"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
-// ErrTooLarge is wrapped by the error returned when a layer's image would
-// exceed LayerOptions.MaxSize.
-var ErrTooLarge = fmt.Errorf("converter: layer image exceeds the maximum size")
+// Error classes. Errors returned by ConvertLayer and ConvertDir wrap one of
+// these (or are I/O errors of the input or output, or the context's): the
+// caller maps them to its own terms without parsing messages.
+var (
+	// ErrInvalidLayer: the layer is malformed or hostile (bad
+	// compression, bad tar, path traversal, bad names, corrupt image).
+	ErrInvalidLayer error = &classError{"invalid layer", errdefs.ErrInvalidArgument}
+	// ErrTooLarge: the image would exceed LayerOptions.MaxSize or does
+	// not fit its output.
+	ErrTooLarge error = &classError{"layer image exceeds the maximum size", errdefs.ErrResourceExhausted}
+)
+
+// classError is an error class that is also one of containerd's errdefs.
+type classError struct {
+	msg   string
+	errno error
+}
+
+func (e *classError) Error() string { return e.msg }
+func (e *classError) Unwrap() error { return e.errno }
+
+// ioError marks a failure to read the input blob or write the output: not
+// the layer's fault.
+type ioError struct{ err error }
+
+func (e *ioError) Error() string { return e.err.Error() }
+func (e *ioError) Unwrap() error { return e.err }
+
+type inputReader struct{ r io.Reader }
+
+func (i *inputReader) Read(p []byte) (int, error) {
+	n, err := i.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = &ioError{fmt.Errorf("reading layer blob: %w", err)}
+	}
+	return n, err
+}
+
+type outputWriter struct{ w io.WriterAt }
+
+func (o *outputWriter) WriteAt(p []byte, off int64) (int, error) {
+	n, err := o.w.WriteAt(p, off)
+	if err != nil {
+		if errors.Is(err, daxfs.ErrNoSpace) {
+			return n, fmt.Errorf("%w: writing %d bytes at %d: %w", ErrTooLarge, len(p), off, err)
+		}
+		err = &ioError{fmt.Errorf("writing image: %w", err)}
+	}
+	return n, err
+}
+
+// classify makes err wrap ErrInvalidLayer unless it is already classified.
+func classify(ctx context.Context, err error) error {
+	var ioe *ioError
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)):
+		return err
+	case errors.Is(err, ErrTooLarge), errors.Is(err, ErrInvalidLayer), errors.As(err, &ioe):
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrInvalidLayer, err)
+}
 
 // layerBuilder feeds OCI-form entries to a daxfs.Writer. ConvertLayer and
 // ConvertDir both go through it, so the same tree given in the same order

@@ -53,7 +53,7 @@ func ConvertDir(ctx context.Context, dir string, out io.WriterAt, opts DirOption
 	d := &dirConverter{
 		ctx:   ctx,
 		root:  dir,
-		b:     newLayerBuilder(daxfs.NewWriter(out, opts.Writer), opts.MaxSize),
+		b:     newLayerBuilder(daxfs.NewWriter(&outputWriter{w: out}, opts.Writer), opts.MaxSize),
 		links: make(map[devIno]string),
 	}
 	opaque, err := isOpaqueDir(dir)

@@ -107,7 +107,18 @@ func maxTarSize(maxSize int64) int64 {
 // compressed tar, or a DAXFS layer image, which is validated and copied
 // verbatim. On error nothing useful is in out and the caller discards it;
 // the error names the entry at fault.
+//
+// Errors are classified for the caller: a layer that is malformed or
+// hostile wraps ErrInvalidLayer (and errdefs.ErrInvalidArgument), one that
+// does not fit MaxSize or out wraps ErrTooLarge, a failure to read r or
+// write out wraps the underlying error only, and a cancelled ctx gives
+// ctx.Err().
 func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOptions) (LayerResult, error) {
+	res, err := convertLayer(ctx, &inputReader{r: r}, out, opts)
+	return res, classify(ctx, err)
+}
+
+func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOptions) (LayerResult, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	head, err := br.Peek(4)
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -139,7 +150,7 @@ func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	}
 
 	cr := &countingReader{r: stream, h: sha256.New(), limit: maxTarSize(opts.MaxSize)}
-	w := daxfs.NewWriter(out, opts.Writer)
+	w := daxfs.NewWriter(&outputWriter{w: out}, opts.Writer)
 	b := newLayerBuilder(w, opts.MaxSize)
 	if err := addTar(ctx, tar.NewReader(cr), b, format); err != nil {
 		return res, err
@@ -407,7 +418,7 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 		return res, fmt.Errorf("daxfs layer: image total_size %d differs from the blob's %d bytes (a view, or truncated)", im.TotalSize(), len(img))
 	}
 	if _, ok := out.(*daxfs.Window); !ok {
-		if _, err := out.WriteAt(img, 0); err != nil {
+		if _, err := (&outputWriter{w: out}).WriteAt(img, 0); err != nil {
 			return res, fmt.Errorf("daxfs layer: writing image: %w", err)
 		}
 	}

@@ -3,6 +3,7 @@ package converter
 import (
 	"archive/tar"
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
@@ -246,8 +248,12 @@ func TestConvertLayerHostile(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error %q does not contain %q", err, tc.want)
 			}
-			if tc.opts.MaxSize > 0 && !errors.Is(err, ErrTooLarge) {
-				t.Errorf("error %v is not ErrTooLarge", err)
+			if tc.opts.MaxSize > 0 {
+				if !errors.Is(err, ErrTooLarge) || !errdefs.IsResourceExhausted(err) {
+					t.Errorf("error %v is not ErrTooLarge", err)
+				}
+			} else if !errors.Is(err, ErrInvalidLayer) || !errdefs.IsInvalidArgument(err) {
+				t.Errorf("error %v is not ErrInvalidLayer", err)
 			}
 		})
 	}
@@ -271,6 +277,36 @@ func TestConvertLayerBomb(t *testing.T) {
 		t.Fatalf("bomb: %v", err)
 	}
 	t.Logf("rejected after %v: %v", time.Since(start), err)
+}
+
+type failingReader struct{ r io.Reader }
+
+func (f *failingReader) Read(p []byte) (int, error) {
+	n, err := f.r.Read(p)
+	if err == io.EOF {
+		return n, errors.New("connection reset")
+	}
+	return n, err
+}
+
+// TestConvertLayerErrorClasses: failures that are not the layer's fault
+// are not reported as an invalid layer.
+func TestConvertLayerErrorClasses(t *testing.T) {
+	good := makeTar(t, []tarEnt{file("f", strings.Repeat("x", 10000))})
+	_, err := ConvertLayer(t.Context(), &failingReader{bytes.NewReader(good[:5000])}, &memOut{}, LayerOptions{})
+	if err == nil || errors.Is(err, ErrInvalidLayer) || !strings.Contains(err.Error(), "connection reset") {
+		t.Errorf("read failure: %v", err)
+	}
+	_, err = ConvertLayer(t.Context(), bytes.NewReader(good), daxfs.NewWindow(make([]byte, 8192)), LayerOptions{})
+	if !errors.Is(err, ErrTooLarge) {
+		t.Errorf("output too small: %v", err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	_, err = ConvertLayer(ctx, bytes.NewReader(good), &memOut{}, LayerOptions{})
+	if !errors.Is(err, context.Canceled) || errors.Is(err, ErrInvalidLayer) {
+		t.Errorf("cancelled: %v", err)
+	}
 }
 
 func TestDetectFormat(t *testing.T) {

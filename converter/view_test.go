@@ -157,7 +157,7 @@ func TestViewWhiteoutSemantics(t *testing.T) {
 					{name: "fifo", typ: tar.TypeFifo, mode: 0o600},
 					{name: "old", typ: tar.TypeReg, mode: 0o644, data: "o", mtime: testTime.Add(-1e9 * 3600)},
 				},
-				{withMode(dir("tmp"), 0o1777, 0)},
+				{withMode(dir("tmp"), 0o1777, 0), file("empty", "")},
 			},
 			want: []tarEnt{
 				withX(file("cap", "bin"), "security.capability", "\x01\x00\x00\x02"),
@@ -168,6 +168,7 @@ func TestViewWhiteoutSemantics(t *testing.T) {
 				{name: "fifo", typ: tar.TypeFifo, mode: 0o600},
 				{name: "old", typ: tar.TypeReg, mode: 0o644, data: "o", mtime: testTime.Add(-1e9 * 3600)},
 				withMode(dir("tmp"), 0o1777, 0),
+				file("empty", ""),
 			},
 		},
 		{
