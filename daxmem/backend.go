@@ -353,16 +353,28 @@ func (b *backend) flush(mem []byte, off, n int64) error {
 	return nil
 }
 
-// reserveRange backs [off, off+n) with memory so later stores cannot fault.
-func (b *backend) reserveRange(off, n int64) error {
-	if !b.reserve || n <= 0 {
+// reserveRange backs [off, off+n) of mem with memory so the writer's
+// stores cannot fault: fallocate gives a clear ENOSPC on a full tmpfs or
+// filesystem (instead of SIGBUS on the first store to a hole), then
+// MADV_POPULATE_WRITE maps the pages in one system call instead of one
+// page fault per page while the image is written (several times faster
+// where faults are expensive, e.g. in virtual machines).
+func (b *backend) reserveRange(mem []byte, off, n int64) error {
+	if n <= 0 {
 		return nil
 	}
-	err := unix.Fallocate(int(b.f.Fd()), 0, off, n)
-	if errors.Is(err, unix.EOPNOTSUPP) {
-		return nil
+	if b.reserve {
+		if err := unix.Fallocate(int(b.f.Fd()), 0, off, n); err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+			return err
+		}
 	}
-	return err
+	start := off / pageSize * pageSize
+	end := alignUp(off+n, pageSize)
+	err := unix.Madvise(mem[start:end], unix.MADV_POPULATE_WRITE)
+	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: kernel before 5.14
+		return fmt.Errorf("populate [%d,%d): %w", start, end, err)
+	}
+	return nil
 }
 
 // releaseRange gives the memory of a freed range back (best effort).

@@ -82,17 +82,25 @@ func (r *Region) Claim(ctx context.Context, k Kind, key Key, size int64, opts Cl
 	}
 	extentLen := alignUp(size, pageSize)
 	for attempt := 0; ; attempt++ {
-		unlock, err := r.lock(ctx)
+		unlock, stole, err := r.lockClaim(ctx)
 		if err != nil {
 			return nil, r.keyErr(op, k, key, nil, err, "")
 		}
 		c, err := r.claimLocked(ctx, id, inc, k, key, size, extentLen, opts)
-		unlock()
+		if !unlock() && err == nil {
+			stole = true // our lease was taken while we held it
+		}
+		if err == nil && stole && r.conflicts(c.slot, k, key, c.off, c.off+c.extent) {
+			// Two claimants may have run under "the" lock at once: of
+			// the two, at least one sees the other here and backs out.
+			r.freeEntry(c.slot, c.word)
+			err = errConflict
+		}
 		if !errors.Is(err, errConflict) {
 			if err != nil {
 				return nil, err
 			}
-			if err := r.be.reserveRange(c.off, c.extent); err != nil {
+			if err := r.be.reserveRange(r.mem, c.off, c.extent); err != nil {
 				c.Abort(ctx)
 				return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("backing store of %s cannot hold %d more bytes: %v", r.be.path, c.extent, err))
 			}
@@ -174,13 +182,6 @@ func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, 
 	r.bumpMaxProbe(dist)
 	mine := next(w, StateWriting, k, int(id))
 	if !cas(r.mem, off+eState, w, mine) {
-		return nil, errConflict
-	}
-	// Re-validate against everyone else (see the package comment): with
-	// the lock held this finds nothing; if the lock was stolen from us it
-	// keeps two claimants from sharing a key or bytes.
-	if r.conflicts(slot, k, key, start, start+extentLen) {
-		r.freeEntry(slot, mine)
 		return nil, errConflict
 	}
 	r.bumpGen()

@@ -30,12 +30,15 @@
 //     and a lease deadline), checks the key is absent, picks a free extent
 //     from the occupied extents recorded in the index itself (there is no
 //     separate allocator state that a crash could leave inconsistent), fills
-//     a FREE slot and CASes it FREE -> WRITING. It then rescans the index:
-//     if another non-FREE slot has the same key or an overlapping extent it
-//     backs out. That rescan makes "no double allocation" and "one writer per
-//     key" hold even when a lease was stolen from a holder that was slow
-//     rather than dead (store-then-load on sequentially consistent atomics:
-//     of two racing claimants at least one sees the other).
+//     a FREE slot and CASes it FREE -> WRITING. When it took the lock over
+//     from another holder, or finds at release that its own lock was taken
+//     over, it rescans the index and backs out if another non-FREE slot has
+//     the same key or an overlapping extent. That keeps "no double
+//     allocation" and "one writer per key" even when a lease was taken from
+//     a holder that was slow rather than dead: both claimants then rescan
+//     after their CAS (store-then-load on sequentially consistent atomics),
+//     so at least one sees the other. Claim then fallocates and pre-faults
+//     the extent (see Faults).
 //   - A second claimant of a key being written gets ErrBusy and calls Wait,
 //     which returns when the entry is READY or the writer is dead.
 //   - Publish writes checksum and final size, shrinks the extent (the tail

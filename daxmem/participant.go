@@ -477,9 +477,21 @@ func (r *Region) lockWord(id ParticipantID, inc uint32, deadline time.Time) uint
 // alone (claims re-validate), so stealing from a slow holder costs at most
 // a retried claim.
 func (r *Region) lock(ctx context.Context) (func(), error) {
-	id, inc, err := r.me()
+	unlock, _, err := r.lockClaim(ctx)
 	if err != nil {
 		return nil, err
+	}
+	return func() { unlock() }, nil
+}
+
+// lockClaim is lock for Claim: it also says whether we took the lock from
+// a holder (stole), and its unlock reports whether the lock was still ours
+// (false: someone took it from us meanwhile). In both cases the claim must
+// re-validate against the whole index (see the package comment).
+func (r *Region) lockClaim(ctx context.Context) (func() bool, bool, error) {
+	id, inc, err := r.me()
+	if err != nil {
+		return nil, false, err
 	}
 	r.lockMu.Lock()
 	backoff := 20 * time.Microsecond
@@ -487,14 +499,17 @@ func (r *Region) lock(ctx context.Context) (func(), error) {
 		now := time.Now()
 		mine := r.lockWord(id, inc, now.Add(r.opts.LeaseTimeout))
 		w := load(r.mem, hLock)
+		release := func() bool {
+			ok := cas(r.mem, hLock, mine, 0)
+			if !ok {
+				log.G(ctx).Warn("region lock was taken from us while held (lease expired)")
+			}
+			r.lockMu.Unlock()
+			return ok
+		}
 		if w == 0 {
 			if cas(r.mem, hLock, 0, mine) {
-				return func() {
-					if !cas(r.mem, hLock, mine, 0) {
-						log.G(ctx).Warn("region lock was taken from us while held (lease expired)")
-					}
-					r.lockMu.Unlock()
-				}, nil
+				return release, false, nil
 			}
 			continue
 		}
@@ -510,16 +525,13 @@ func (r *Region) lock(ctx context.Context) (func(), error) {
 		if !ownerAlive || now.After(deadline.Add(time.Second)) {
 			if cas(r.mem, hLock, w, mine) {
 				log.G(ctx).WithField("owner", owner).Warn("took over the region lock from a dead or expired holder")
-				return func() {
-					cas(r.mem, hLock, mine, 0)
-					r.lockMu.Unlock()
-				}, nil
+				return release, true, nil
 			}
 			continue
 		}
 		if err := ctx.Err(); err != nil {
 			r.lockMu.Unlock()
-			return nil, err
+			return nil, false, err
 		}
 		time.Sleep(backoff)
 		if backoff < 2*time.Millisecond {

@@ -24,6 +24,13 @@ var soak = flag.Duration("soak", 0, "run the multi-process stress test for this 
 const childEnv = "DAXMEM_STRESS_CHILD"
 
 func TestMain(m *testing.M) {
+	if os.Getenv(benchChildEnv) != "" {
+		if err := benchChild(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench child:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if os.Getenv(childEnv) != "" {
 		if err := stressChild(); err != nil {
 			fmt.Fprintln(os.Stderr, "stress child:", err)
