@@ -7,6 +7,7 @@ import (
 	"io"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
@@ -123,7 +124,9 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 		return ocispec.Descriptor{}, fmt.Errorf("content store for layer %s: %w", desc.Digest, err)
 	}
 
-	out, err := d.convert(ctx, provider, desc, st)
+	start := time.Now()
+	out, size, err := d.convert(ctx, provider, desc, st)
+	s.metrics.converted(size, time.Since(start), err)
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
 	}
@@ -136,11 +139,11 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 
 // convert streams blob desc into a layer image in the region under the
 // layer's diffID and returns the uncompressed layer's descriptor.
-func (d *Differ) convert(ctx context.Context, provider content.Provider, desc ocispec.Descriptor, st stage) (ocispec.Descriptor, error) {
+func (d *Differ) convert(ctx context.Context, provider content.Provider, desc ocispec.Descriptor, st stage) (ocispec.Descriptor, int64, error) {
 	s := d.s
 	key, err := regionKey(st.DiffID)
 	if err != nil {
-		return ocispec.Descriptor{}, err
+		return ocispec.Descriptor{}, 0, err
 	}
 	done := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID}
 	// A layer image is larger than its blob (file data is page aligned and
@@ -152,7 +155,7 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 		if _, ok := s.region.Lookup(daxmem.KindLayer, key); ok {
 			// Converted by another participant meanwhile: same diffID,
 			// same layer. Nothing to download.
-			return done, nil
+			return done, 0, nil
 		}
 		if s.maxSize > 0 {
 			bound = min(bound, s.maxSize)
@@ -163,16 +166,16 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 			continue
 		case errors.Is(err, daxmem.ErrBusy):
 			if _, err := s.region.Wait(ctx, daxmem.KindLayer, key); err != nil {
-				return ocispec.Descriptor{}, fmt.Errorf("waiting for another participant converting it: %w", err)
+				return ocispec.Descriptor{}, 0, fmt.Errorf("waiting for another participant converting it: %w", err)
 			}
 			continue
 		case err != nil:
-			return ocispec.Descriptor{}, fmt.Errorf("claiming %d bytes of the region: %w", bound, err)
+			return ocispec.Descriptor{}, 0, fmt.Errorf("claiming %d bytes of the region: %w", bound, err)
 		}
 		ra, err := provider.ReaderAt(ctx, desc)
 		if err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, fmt.Errorf("opening blob: %w", err)
+			return ocispec.Descriptor{}, 0, fmt.Errorf("opening blob: %w", err)
 		}
 		res, err := converter.ConvertLayer(ctx, io.NewSectionReader(ra, 0, ra.Size()), daxfs.NewWindow(c.Bytes()), converter.LayerOptions{MaxSize: s.maxSize})
 		size := res.Size
@@ -185,23 +188,23 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 		}
 		if err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, err
+			return ocispec.Descriptor{}, 0, err
 		}
 		if res.DiffID != st.DiffID {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, fmt.Errorf("computed diffID %s does not match %s: %w", res.DiffID, st.DiffID, errdefs.ErrFailedPrecondition)
+			return ocispec.Descriptor{}, 0, fmt.Errorf("computed diffID %s does not match %s: %w", res.DiffID, st.DiffID, errdefs.ErrFailedPrecondition)
 		}
 		if err := daxfs.Validate(c.Bytes()[:size]); err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, fmt.Errorf("converted image is invalid: %w", err)
+			return ocispec.Descriptor{}, 0, fmt.Errorf("converted image is invalid: %w", err)
 		}
 		if _, err := c.Publish(ctx, size); err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, fmt.Errorf("publishing: %w", err)
+			return ocispec.Descriptor{}, 0, fmt.Errorf("publishing: %w", err)
 		}
 		done.Size = res.Size
 		log.G(ctx).WithField("diffID", st.DiffID).WithField("size", size).Debug("layer converted into the region")
-		return done, nil
+		return done, size, nil
 	}
 }
 

@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -64,7 +65,8 @@ type Snapshotter struct {
 	ovl     overlay.Options
 	maxSize int64
 
-	views *viewTable
+	views   *viewTable
+	metrics Metrics
 
 	closeOnce sync.Once
 }
@@ -360,6 +362,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 	}()
 	if st != nil && st.Hit {
+		s.metrics.RegionHits.Add(1)
 		log.G(ctx).WithField("key", key).WithField("diffID", st.DiffID).Debug("layer found in the region: staged")
 		m, err := overlay.ReadOnlyBind(s.emptyDir())
 		if err != nil {
@@ -448,7 +451,10 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		// The walking differ or a container wrote into the upper: convert
 		// it. Keyed by the diffID when containerd named the layer, else by
 		// the image's own digest.
-		layer, err = s.commitUpper(ctx, id, st.DiffID)
+		start := time.Now()
+		var size int64
+		layer, size, err = s.commitUpper(ctx, id, st.DiffID)
+		s.metrics.converted(size, time.Since(start), err)
 		if err != nil {
 			return fmt.Errorf("converting snapshot %s to a layer image: %w", key, err)
 		}

@@ -250,6 +250,7 @@ func (t *viewTable) mount(ctx context.Context, chain digest.Digest, layers []dig
 		_ = t.s.region.Unref(daxmem.KindView, e.Key)
 		return fmt.Errorf("mounting view %s on %s: %w", chain, dir, err)
 	}
+	t.s.metrics.ViewsMounted.Add(1)
 	log.G(ctx).WithField("chain", chain).WithField("layers", len(layers)).Debug("view mounted")
 	return nil
 }
@@ -326,6 +327,7 @@ func (t *viewTable) ensureView(ctx context.Context, chain digest.Digest, layers 
 			_ = c.Abort(ctx)
 			return daxmem.Entry{}, 0, fmt.Errorf("publishing view %s: %w", chain, err)
 		}
+		t.s.metrics.ViewsBuilt.Add(1)
 		return e, window, nil
 	}
 }

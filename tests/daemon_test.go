@@ -3,7 +3,9 @@ package tests
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,10 +52,12 @@ func daemonBinary(tb testing.TB) string {
 // file and socket, next to a containerd configured to use it.
 type daxfsDaemon struct {
 	Dir, Root, Socket, Region, LogPath string
-	bin                                string
-	ctrd                               *testenv.Containerd
-	cmd                                *exec.Cmd
-	exited                             chan struct{}
+	// Metrics is the host:port of the daemon's /metrics endpoint.
+	Metrics string
+	bin     string
+	ctrd    *testenv.Containerd
+	cmd     *exec.Cmd
+	exited  chan struct{}
 }
 
 // containerdConfig is the containerd configuration of DESIGN section 1 for
@@ -116,9 +120,16 @@ func startWithDaxfs(t testing.TB, opts testenv.ContainerdOptions, dopts ...daxfs
 	opts.ExtraConfig = containerdConfig(d.Socket, d.Root) + opts.ExtraConfig
 	ctrd := testenv.StartContainerd(t, opts)
 	d.ctrd = ctrd
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Metrics = l.Addr().String()
+	l.Close()
 	cfg := fmt.Sprintf(`root = %q
 address = %q
 containerd_address = %q
+metrics_address = %q
 log_level = "debug"
 [region]
 path = %q
@@ -128,7 +139,7 @@ entries = 1024
 mode = "fuse"
 [gc]
 interval = "1h"
-`, d.Root, d.Socket, ctrd.Address(), d.Region)
+`, d.Root, d.Socket, ctrd.Address(), d.Metrics, d.Region)
 	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -241,4 +252,31 @@ func killMentioning(needle string) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
+}
+
+// metrics scrapes the daemon's /metrics endpoint.
+func (d *daxfsDaemon) metrics(t testing.TB) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + d.Metrics + "/metrics")
+	if err != nil {
+		t.Fatalf("scraping metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		var name string
+		var v float64
+		if _, err := fmt.Sscanf(line, "%s %g", &name, &v); err != nil {
+			t.Fatalf("metrics line %q: %v", line, err)
+		}
+		out[name] = v
+	}
+	return out
 }

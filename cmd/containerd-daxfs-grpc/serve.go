@@ -160,6 +160,11 @@ func serve(ctx context.Context, cfg Config) error {
 	gcCtx, stopGC := context.WithCancel(ctx)
 	defer stopGC()
 	go collectGarbage(gcCtx, region, time.Duration(cfg.GC.Interval))
+	if cfg.MetricsAddress != "" {
+		if err := serveMetrics(gcCtx, cfg.MetricsAddress, sn, region); err != nil {
+			return err
+		}
+	}
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
