@@ -108,7 +108,40 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		ms.Close()
 		return nil, err
 	}
+	if err := s.refLayers(ctx); err != nil {
+		ms.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// refLayers sets our reference on the layer image of every committed
+// snapshot. A restarted daemon whose participant slot was reclaimed while
+// it was down (its references cleared by another participant's GC) takes
+// its references back before anything can free the images; a layer that
+// is gone is reported, and only snapshots built on it fail.
+func (s *Snapshotter) refLayers(ctx context.Context) error {
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			l := info.Labels[labelLayer]
+			if info.Kind != snapshots.KindCommitted || l == "" {
+				return nil
+			}
+			k, err := regionKey(digest.Digest(l))
+			if err != nil {
+				return err
+			}
+			if err := s.region.Ref(daxmem.KindLayer, k); err != nil {
+				log.G(ctx).WithError(err).WithField("snapshot", info.Name).WithField("layer", l).
+					Warn("layer image of a committed snapshot is not in the region: remove the image and pull it again")
+			}
+			return nil
+		})
+	})
+	if errdefs.IsNotFound(err) {
+		return nil // a new metadata store
+	}
+	return err
 }
 
 func (s *Snapshotter) upperPath(id string) string {

@@ -110,10 +110,12 @@ func (t *viewTable) acquire(ctx context.Context, parent, id string) (string, err
 	}
 	t.mu.Lock()
 	if c, ok := t.users[id]; ok && c == chain {
-		vm := t.mounted[chain]
-		t.mu.Unlock()
-		<-vm.done
-		return vm.dir, vm.err
+		if vm := t.mounted[chain]; vm != nil {
+			t.mu.Unlock()
+			<-vm.done
+			return vm.dir, vm.err
+		}
+		delete(t.users, id)
 	}
 	vm, ok := t.mounted[chain]
 	if !ok {
