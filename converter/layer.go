@@ -385,7 +385,12 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 		default:
 			var one [1]byte
 			if m, _ := io.ReadFull(r, one[:]); m > 0 {
-				return res, fmt.Errorf("daxfs layer: %w: longer than %d bytes", ErrTooLarge, len(buf))
+				if opts.MaxSize > 0 && int64(len(buf)) == opts.MaxSize {
+					return res, fmt.Errorf("daxfs layer: %w: longer than %d bytes", ErrTooLarge, len(buf))
+				}
+				// The output is the bound: the caller may retry with a
+				// larger one.
+				return res, fmt.Errorf("daxfs layer: %w: longer than its output of %d bytes: %w", ErrTooLarge, len(buf), daxfs.ErrNoSpace)
 			}
 		}
 		img = buf[:n]

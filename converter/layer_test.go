@@ -298,8 +298,16 @@ func TestConvertLayerErrorClasses(t *testing.T) {
 		t.Errorf("read failure: %v", err)
 	}
 	_, err = ConvertLayer(t.Context(), bytes.NewReader(good), daxfs.NewWindow(make([]byte, 8192)), LayerOptions{})
-	if !errors.Is(err, ErrTooLarge) {
+	if !errors.Is(err, ErrTooLarge) || !errors.Is(err, daxfs.ErrNoSpace) {
 		t.Errorf("output too small: %v", err)
+	}
+	img := &memOut{}
+	if _, err := ConvertLayer(t.Context(), bytes.NewReader(good), img, LayerOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = ConvertLayer(t.Context(), bytes.NewReader(img.b), daxfs.NewWindow(make([]byte, len(img.b)-4096)), LayerOptions{})
+	if !errors.Is(err, ErrTooLarge) || !errors.Is(err, daxfs.ErrNoSpace) {
+		t.Errorf("image blob larger than the output: %v", err)
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
