@@ -26,7 +26,9 @@ var base = Config{
 
 func TestProtocolModel(t *testing.T) {
 	cases := map[string]Config{}
-	cases["two participants, crash, restart, abort"] = base
+	small := base
+	small.Scripts = [][]int{{0, 20, 10}, {0, 20}}
+	cases["two participants on one key, crash, restart, abort"] = small
 	three := base
 	three.Participants = 3
 	three.Scripts = [][]int{{0}, {0, 20}, {20, 10}}
@@ -38,6 +40,7 @@ func TestProtocolModel(t *testing.T) {
 	tight.Scripts = [][]int{{0, 1, 10}, {1, 20}}
 	cases["tight data area"] = tight
 	if *full {
+		cases["full: two participants, two keys"] = base
 		big := base
 		big.Scripts = [][]int{{0, 1, 20, 10, 20}, {1, 0, 10, 20, 11}}
 		cases["full: longer scripts"] = big
@@ -76,6 +79,7 @@ func TestModelCatchesBugs(t *testing.T) {
 		{BugNoSteal, "no progress"},
 	} {
 		cfg := base
+		cfg.Scripts = [][]int{{0, 20}, {1, 0}}
 		cfg.Bug = tc.bug
 		res := Explore(cfg)
 		if !strings.Contains(res.Violation, tc.want) {
