@@ -71,8 +71,11 @@ func (r *Region) Claim(ctx context.Context, k Kind, key Key, size int64, opts Cl
 	if !k.valid() {
 		return nil, r.keyErr(op, k, key, nil, fmt.Errorf("invalid kind %d", k), "")
 	}
-	if size <= 0 || size > r.g.dataSize {
-		return nil, r.keyErr(op, k, key, nil, ErrInvalidSize, fmt.Sprintf("%d bytes (data area is %d)", size, r.g.dataSize))
+	if size <= 0 {
+		return nil, r.keyErr(op, k, key, nil, ErrInvalidSize, fmt.Sprintf("%d bytes", size))
+	}
+	if size > r.g.dataSize {
+		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("%s: an image of %d bytes is larger than the whole data area (%d bytes)", r.be.path, size, r.g.dataSize))
 	}
 	if opts.Below < 0 || (opts.Below > 0 && opts.Below <= r.g.dataOff) {
 		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("nothing fits below offset %d (data area starts at %d)", opts.Below, r.g.dataOff))
@@ -151,7 +154,7 @@ func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, 
 		if opts.Below > 0 {
 			where = fmt.Sprintf(" ending at or below offset %d", opts.Below)
 		}
-		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("region %s full: need %d bytes%s; largest free extent %d, free %d of %d data bytes",
+		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("%s: need %d bytes%s; largest free extent %d, free %d of %d data bytes",
 			r.be.path, extentLen, where, largest(gaps), free, r.g.dataSize))
 	}
 	// A FREE slot along the probe chain.
@@ -167,7 +170,7 @@ func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, 
 		}
 	}
 	if slot < 0 {
-		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("region %s index full: all %d entries in use (%v)", r.be.path, r.g.entries, ErrIndexFull))
+		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("%s: index full, all %d entries in use", r.be.path, r.g.entries))
 	}
 	off := r.eOff(slot)
 	storeBytes(r.mem, off+eKey, key[:], 32)

@@ -462,6 +462,9 @@ func TestRegionFull(t *testing.T) {
 	if n := len(r.Entries()); n != len(ready) {
 		t.Fatalf("%d entries after a failed claim, want %d", n, len(ready))
 	}
+	if _, err := r.Claim(ctx, KindLayer, key("huge"), r.Size(), ClaimOptions{}); !errors.Is(err, ErrFull) || !strings.Contains(err.Error(), "larger than the whole data area") {
+		t.Fatalf("claim larger than the region: %v", err)
+	}
 	// A small one still fits in what is left.
 	if st := r.Stats(); st.LargestFree >= 4096 {
 		publish(t, r, KindView, key("small"), 4096, 4096, ClaimOptions{})

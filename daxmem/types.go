@@ -144,7 +144,6 @@ var (
 	ErrEvicted     = errors.New("this participant was declared dead and evicted from the region")
 	ErrClaimLost   = errors.New("claim lost: reclaimed after our lease expired")
 	ErrNoSlot      = errors.New("participant table full")
-	ErrIndexFull   = errors.New("region index full")
 	ErrInUse       = errors.New("participant slot in use by a live process")
 	ErrClosed      = errors.New("region closed")
 	ErrInvalidSize = errors.New("invalid size")
