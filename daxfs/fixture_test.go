@@ -8,8 +8,11 @@ import (
 	"testing"
 )
 
-// fixtureDir holds the upstream tool's image of tree.tar and its tree.
-const fixtureDir = "/work/shared/fixtures/upstream-v5"
+// fixtureDir holds the upstream tool's image of tree.tar and its tree: the
+// project's shared material lies beside the repository (../shared), in a
+// developer's tree and in CI's clone alike; tests run in the package
+// directory.
+var fixtureDir = filepath.Join("..", "..", "shared", "fixtures", "upstream-v5")
 
 func readFixture(t testing.TB, name string) []byte {
 	t.Helper()
