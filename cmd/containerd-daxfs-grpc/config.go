@@ -137,6 +137,9 @@ func (s *Size) UnmarshalText(b []byte) error {
 func (s *Size) UnmarshalTOML(v any) error {
 	switch x := v.(type) {
 	case int64:
+		if x < 0 {
+			return fmt.Errorf("size %d: must not be negative", x)
+		}
 		*s = Size(x)
 		return nil
 	case string:

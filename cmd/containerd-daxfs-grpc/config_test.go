@@ -78,10 +78,37 @@ interval = "30s"
 		{"[region]\nsize = \"lots\"\n", "lots"},
 		{"[gc]\ninterval = \"soon\"\n", "soon"},
 		{"root = \n", "config"},
+		{"[region]\nmax_layer_size = -5\n", "negative"},
 	} {
 		_, err := LoadConfig(write(tc.body), true)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("config %q: error %v, want one mentioning %q", tc.body, err, tc.want)
 		}
 	}
+}
+
+// FuzzLoadConfig: any file content gives a config or an error, never a
+// panic, and an accepted config passes its own checks.
+func FuzzLoadConfig(f *testing.F) {
+	f.Add("root = \"/r\"\n[region]\nsize = \"1GiB\"\n")
+	f.Add("[region]\nsize = 4096\nbackend = \"devdax\"\n[gc]\ninterval = \"1m\"\n")
+	f.Add("[mount]\nmode = \"fuse\"\nvalidate = false\n")
+	f.Add("[region]\nmax_layer_size = \"18446744073709551615\"\n")
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, body string) {
+		p := filepath.Join(dir, "c.toml")
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := LoadConfig(p, true)
+		if err != nil {
+			return
+		}
+		if err := cfg.check(); err != nil {
+			t.Fatalf("LoadConfig accepted a config its check rejects: %v", err)
+		}
+		if cfg.Region.Size < 0 || cfg.Region.MaxLayerSize < 0 {
+			t.Fatalf("negative size accepted: %+v", cfg.Region)
+		}
+	})
 }
