@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
+	"strings"
 
 	"github.com/containerd/errdefs"
 
@@ -87,10 +89,50 @@ type layerBuilder struct {
 	// oversized layer stops early instead of after filling its output.
 	estimate int64
 	entries  int
+	// dirs records every directory path: true when an entry made it,
+	// false when the Writer created it as a missing parent.
+	dirs map[string]bool
 }
 
 func newLayerBuilder(w *daxfs.Writer, maxSize int64) *layerBuilder {
-	return &layerBuilder{w: w, maxSize: maxSize, estimate: 2 * daxfs.BlockSize}
+	return &layerBuilder{w: w, maxSize: maxSize, estimate: 2 * daxfs.BlockSize, dirs: make(map[string]bool)}
+}
+
+// ImplicitDirXattr marks, in a layer image, a directory that no entry of
+// the layer made: the Writer created it as a missing parent. A view keeps
+// the attributes of the directory below it instead, as containerd's
+// applier copies a lower directory's attributes into a parent it has to
+// create. The trusted namespace keeps it from unprivileged eyes; views
+// never carry it.
+const ImplicitDirXattr = "trusted.daxfs.implicit"
+
+// noted records that p was added (as a directory or not) so that the
+// parents the Writer made for it can be marked.
+func (b *layerBuilder) noted(p string, isDir bool) {
+	if isDir {
+		b.dirs[p] = true
+	} else if _, was := b.dirs[p]; was {
+		// A directory replaced: its subtree is gone.
+		delete(b.dirs, p)
+		for k := range b.dirs {
+			if strings.HasPrefix(k, p+"/") {
+				delete(b.dirs, k)
+			}
+		}
+	}
+	for q := parentPath(p); q != ""; q = parentPath(q) {
+		if _, ok := b.dirs[q]; ok {
+			break
+		}
+		b.dirs[q] = false
+	}
+}
+
+func parentPath(p string) string {
+	if i := strings.LastIndexByte(p, '/'); i >= 0 {
+		return p[:i]
+	}
+	return ""
 }
 
 func (b *layerBuilder) grow(path string, n int64) error {
@@ -116,6 +158,7 @@ func (b *layerBuilder) add(h *daxfs.Header, data io.Reader) error {
 	if err := b.w.Add(h, data); err != nil {
 		return fmt.Errorf("entry %q: %w", h.Path, err)
 	}
+	b.noted(h.Path, h.Mode&daxfs.ModeTypeMask == daxfs.ModeDir)
 	return nil
 }
 
@@ -126,6 +169,7 @@ func (b *layerBuilder) link(path, target string, h *daxfs.Header) error {
 	if err := b.w.Link(path, target, h); err != nil {
 		return fmt.Errorf("entry %q: hard link to %q: %w", path, target, err)
 	}
+	b.noted(path, false)
 	return nil
 }
 
@@ -139,6 +183,21 @@ func (b *layerBuilder) whiteout(path string) error {
 
 // finish lays the image out, checks its size and writes the metadata.
 func (b *layerBuilder) finish() (int64, error) {
+	var implicit []string
+	for p, explicit := range b.dirs {
+		if !explicit {
+			implicit = append(implicit, p)
+		}
+	}
+	sort.Strings(implicit)
+	for _, p := range implicit {
+		// A directory over a directory keeps its children: this only
+		// sets the marker on the Writer's default attributes.
+		h := &daxfs.Header{Path: p, Mode: daxfs.ModeDir | 0o755, Xattrs: map[string][]byte{ImplicitDirXattr: []byte("1")}}
+		if err := b.w.Add(h, nil); err != nil {
+			return 0, fmt.Errorf("marking implicit directory %q: %w", p, err)
+		}
+	}
 	size, err := b.w.Layout()
 	if err != nil {
 		return 0, fmt.Errorf("laying out image: %w", err)

@@ -125,7 +125,6 @@ func TestConvertLayerTarSemantics(t *testing.T) {
 		{"later file replaces earlier", []tarEnt{file("a", "1"), file("a", "22")}, []tarEnt{file("a", "22")}},
 		{"file replaces directory and its subtree", []tarEnt{dir("d"), file("d/x", "x"), file("d", "f")}, []tarEnt{file("d", "f")}},
 		{"directory over directory merges", []tarEnt{dir("d"), file("d/x", "x"), withMode(dir("d"), 0o700, 3)}, []tarEnt{withMode(dir("d"), 0o700, 3), file("d/x", "x")}},
-		{"missing parents created", []tarEnt{file("a/b/c", "c")}, []tarEnt{{name: "a", typ: tar.TypeDir, mode: 0o755, mtime: time.Unix(0, 0)}, {name: "a/b", typ: tar.TypeDir, mode: 0o755, mtime: time.Unix(0, 0)}, file("a/b/c", "c")}},
 		{"root entry ignored", []tarEnt{withMode(dir("./"), 0o700, 9), file("./x", "x")}, []tarEnt{file("x", "x")}},
 		{"dot slash and double slashes", []tarEnt{dir("./d/"), file("./d//x", "x")}, []tarEnt{dir("d"), file("d/x", "x")}},
 		{"inner dotdot that stays inside", []tarEnt{dir("d"), file("d/../y", "y")}, []tarEnt{dir("d"), file("y", "y")}},
@@ -157,6 +156,25 @@ func TestConvertLayerTarSemantics(t *testing.T) {
 				t.Error(d)
 			}
 		})
+	}
+}
+
+// TestConvertLayerImplicitParents: parents no entry made are created as
+// 0755 root directories marked with ImplicitDirXattr; an entry for them,
+// before or after, removes the mark; a marker in the input is dropped.
+func TestConvertLayerImplicitParents(t *testing.T) {
+	got := treeOf(t, layerFromTar(t, makeTar(t, []tarEnt{
+		file("a/b/c", "c"), file("x/y/z", "z"), withMode(dir("x"), 0o700, 0),
+		withX(dir("e"), ImplicitDirXattr, "1"), file("f/g", "g"), file("f", "file now"),
+	})))
+	mark := ImplicitDirXattr + `="1"`
+	for p, implicit := range map[string]bool{"/a": true, "/a/b": true, "/x": false, "/x/y": true, "/e": false} {
+		if strings.Contains(got[p], mark) != implicit {
+			t.Errorf("%s: %s (implicit %v)", p, got[p], implicit)
+		}
+	}
+	if !strings.HasPrefix(got["/a"], "mode=40755 uid=0 gid=0 mtime=0.") || !strings.HasPrefix(got["/x"], "mode=40700") || !strings.HasPrefix(got["/f"], "mode=100644") {
+		t.Errorf("attributes: %v", got)
 	}
 }
 

@@ -44,11 +44,13 @@ const (
 // reads with the userxattr option.
 var opaqueXattrs = []string{"trusted.overlay.opaque", "user.overlay.opaque"}
 
-// isOverlayXattr reports whether name is one of overlayfs' private xattrs.
-// They describe the upper directory's overlay state, not file content, so
-// they are never copied into an image (an opaque marker says it instead).
+// isOverlayXattr reports whether name is one of overlayfs' private xattrs
+// (or ours). They describe the upper directory's overlay state, not file
+// content, so they are never copied into an image (an opaque marker says
+// it instead).
 func isOverlayXattr(name string) bool {
-	return strings.HasPrefix(name, "trusted.overlay.") || strings.HasPrefix(name, "user.overlay.")
+	return strings.HasPrefix(name, "trusted.overlay.") || strings.HasPrefix(name, "user.overlay.") ||
+		strings.HasPrefix(name, "trusted.daxfs.") // ours: never taken from input
 }
 
 // cleanEntryPath turns a tar entry name into a clean relative path ("" for

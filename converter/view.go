@@ -37,7 +37,8 @@ type vnode struct {
 // ".wh..wh..opq" entry hides everything the layers below hold in its
 // directory, an entry replaces the lower one with the same name unless both
 // are directories (then their contents merge, and the upper directory's
-// attributes win), and no whiteout entry is left. Hard links within a layer
+// attributes win unless the upper layer only made it as a missing parent,
+// see ImplicitDirXattr), and no whiteout entry is left. Hard links within a layer
 // stay links. The view holds metadata only: every regular file refers to
 // its bytes in the layer image that provides it. Cost is proportional to
 // the number of entries, not to file sizes.
@@ -161,8 +162,12 @@ func (m *merger) merge(dst *vnode, dir uint32, path string) error {
 			if c == nil || c.children == nil {
 				c = &vnode{children: map[string]*vnode{}}
 				dst.children[e.Name] = c
+				c.layer, c.ino, c.mode = m.layer, e.Ino, in.Mode
+			} else if implicit, err := m.isImplicit(e.Ino); err != nil {
+				return fmt.Errorf("%q: %w", joinPath(path, e.Name), err)
+			} else if !implicit {
+				c.layer, c.ino, c.mode = m.layer, e.Ino, in.Mode
 			}
-			c.layer, c.ino, c.mode = m.layer, e.Ino, in.Mode
 			if err := m.merge(c, e.Ino, joinPath(path, e.Name)); err != nil {
 				return err
 			}
@@ -171,6 +176,21 @@ func (m *merger) merge(dst *vnode, dir uint32, path string) error {
 		dst.children[e.Name] = &vnode{layer: m.layer, ino: e.Ino, mode: in.Mode}
 	}
 	return nil
+}
+
+// isImplicit reports whether directory ino was made as a missing parent:
+// then the directory below keeps its attributes.
+func (m *merger) isImplicit(ino uint32) (bool, error) {
+	xs, err := m.im.Xattrs(ino)
+	if err != nil {
+		return false, err
+	}
+	for _, x := range xs {
+		if x.Name == ImplicitDirXattr {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 type linkKey struct {
@@ -200,11 +220,14 @@ func (e *emitter) emit(n *vnode, path string) error {
 	if err != nil {
 		return fmt.Errorf("%q: layer %d: %w", path, n.layer, err)
 	}
-	if len(xs) > 0 {
-		h.Xattrs = make(map[string][]byte, len(xs))
-		for _, x := range xs {
-			h.Xattrs[x.Name] = x.Value
+	for _, x := range xs {
+		if x.Name == ImplicitDirXattr {
+			continue
 		}
+		if h.Xattrs == nil {
+			h.Xattrs = make(map[string][]byte, len(xs))
+		}
+		h.Xattrs[x.Name] = x.Value
 	}
 	if n.children != nil {
 		if err := e.p.w.Add(h, nil); err != nil {

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
@@ -120,6 +121,17 @@ func TestViewWhiteoutSemantics(t *testing.T) {
 				{withMode(dir("d"), 0o2775, 7), file("d/y", "Y")},
 			},
 			want: []tarEnt{withMode(dir("d"), 0o2775, 7), file("d/x", "X"), file("d/y", "Y")},
+		},
+		{
+			name: "a parent the upper layer did not list keeps the lower attributes",
+			layers: [][]tarEnt{
+				{withX(withMode(dir("tmp"), 0o1777, 0), "user.t", "lower"), file("tmp/a", "a")},
+				{file("tmp/sub/b", "b")},
+			},
+			want: []tarEnt{
+				withX(withMode(dir("tmp"), 0o1777, 0), "user.t", "lower"), file("tmp/a", "a"),
+				{name: "tmp/sub", typ: tar.TypeDir, mode: 0o755, mtime: time.Unix(0, 0)}, file("tmp/sub/b", "b"),
+			},
 		},
 		{
 			name: "hard links within a layer stay links",

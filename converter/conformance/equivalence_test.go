@@ -301,3 +301,45 @@ func TestEquivalenceSplitLinkGroup(t *testing.T) {
 		t.Errorf("differences:\n%s\nwant only /d/b: nlink 3 != 1", strings.Join(diff, "\n"))
 	}
 }
+
+// TestEquivalenceImplicitParents: a layer that lists a file without its
+// parent directories. containerd creates the missing parents with the
+// attributes of the directory below (mode, owner, xattrs); the view keeps
+// the lower directory. Directory mtimes are not compared: containerd's
+// implicit parents get the time of the unpack.
+func TestEquivalenceImplicitParents(t *testing.T) {
+	testenv.RequireRoot(t)
+	img := testimage.Image{Layers: []testimage.Layer{
+		{Entries: []testimage.Entry{
+			testimage.Dir("tmp", 0o1777).WithXattr("user.t", "lower"), testimage.File("tmp/a", []byte("a"), 0o644),
+			testimage.Dir("srv", 0o750).WithOwner(33, 33), testimage.Dir("srv/www", 0o700).WithOwner(33, 33),
+		}},
+		{Entries: []testimage.Entry{
+			testimage.File("tmp/sub/b", []byte("b"), 0o644),
+			testimage.File("srv/www/index.html", []byte("hi"), 0o644),
+		}},
+	}}
+	archive, built := testenv.WriteImageArchive(t, img, "docker.io/library/daxfs-parents:latest")
+	ctrd := testenv.StartContainerd(t, testenv.ContainerdOptions{})
+	ctrd.CtrOK(t, "image", "import", "--snapshotter", "overlayfs", archive)
+	chain := built.ChainIDs()
+	want, err := testenv.Snapshot(ctrd.MountView(t, "overlayfs", chain[len(chain)-1].String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var layers []*daxfs.Image
+	for i, blob := range built.Layers {
+		out := &memOut{}
+		if _, err := converter.ConvertLayer(t.Context(), bytes.NewReader(blob.Data), out, converter.LayerOptions{}); err != nil {
+			t.Fatalf("layer %d: %v", i, err)
+		}
+		layers = append(layers, openImage(t, out.b))
+	}
+	got := imageTree(t, buildView(t, layers))
+	for _, d := range testenv.Diff(want, got, testenv.FieldDirNlink, testenv.FieldDirMtime) {
+		t.Error(d)
+	}
+	if fi := want["/tmp"]; fi.Mode != 0o1777 || fi.Xattrs["user.t"] != "lower" {
+		t.Errorf("containerd's /tmp is %v: the scenario did not happen", fi)
+	}
+}
