@@ -184,6 +184,9 @@ func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, 
 	store(r.mem, off+ePublished, 0)
 	r.bumpMaxProbe(dist)
 	mine := next(w, StateWriting, k, int(id))
+	if r.testBeforeClaimCAS != nil {
+		r.testBeforeClaimCAS()
+	}
 	if !cas(r.mem, off+eState, w, mine) {
 		return nil, errConflict
 	}

@@ -468,7 +468,12 @@ func (r *Region) Participants() []Participant {
 // lockWord packs the header lock: owner slot+1, 24 bits of its
 // incarnation, and the lease deadline in seconds since region creation.
 func (r *Region) lockWord(id ParticipantID, inc uint32, deadline time.Time) uint64 {
-	secs := uint64(deadline.Sub(time.Unix(0, r.g.created)) / time.Second)
+	// Round up: the stored deadline is never earlier than asked.
+	d := deadline.Sub(time.Unix(0, r.g.created))
+	secs := uint64(0)
+	if d > 0 {
+		secs = uint64((d + time.Second - 1) / time.Second)
+	}
 	return uint64(id+1)&0xff | uint64(inc&0xffffff)<<8 | (secs&0xffffffff)<<32
 }
 
@@ -522,7 +527,7 @@ func (r *Region) lockClaim(ctx context.Context) (func() bool, bool, error) {
 			full := pIncOf(pw)
 			ownerAlive = full&0xffffff == ownerInc && r.alive(owner, &full, now)
 		}
-		if !ownerAlive || now.After(deadline.Add(time.Second)) {
+		if !ownerAlive || now.After(deadline) {
 			if cas(r.mem, hLock, w, mine) {
 				log.G(ctx).WithField("owner", owner).Warn("took over the region lock from a dead or expired holder")
 				return release, true, nil

@@ -552,3 +552,89 @@ func TestFutureHeartbeatStillDies(t *testing.T) {
 		t.Fatalf("gc %+v", st)
 	}
 }
+
+// TestStolenLeaseCannotDoubleClaim: A holds the lock but is slow (its
+// lease deadline passes) between choosing an extent and claiming its slot;
+// B takes the lock over and claims the same key in the same place. The
+// re-validation after the CAS must leave exactly one claim and no overlap.
+func TestStolenLeaseCannotDoubleClaim(t *testing.T) {
+	ctx := context.Background()
+	o := testOpts(t, 8<<20)
+	a := mustCreate(t, o)
+	b := mustOpen(t, o)
+	aid := mustJoin(t, a)
+	mustJoin(t, b)
+	k := key("contended")
+	var bClaim *Claim
+	var bErr error
+	a.testBeforeClaimCAS = func() {
+		a.testBeforeClaimCAS = nil
+		_, ainc, _ := a.me()
+		store(a.mem, hLock, a.lockWord(aid, ainc, time.Unix(0, a.g.created))) // A's lease expired
+		bClaim, bErr = b.Claim(ctx, KindLayer, k, 64<<10, ClaimOptions{})
+	}
+	aClaim, aErr := a.Claim(ctx, KindLayer, k, 64<<10, ClaimOptions{})
+	if bErr != nil {
+		t.Fatalf("B (took the lock over, claimed first): %v", bErr)
+	}
+	if !errors.Is(aErr, ErrBusy) || aClaim != nil {
+		t.Fatalf("A after losing its lease: claim %v, err %v; want ErrBusy", aClaim, aErr)
+	}
+	es := a.Entries()
+	if len(es) != 1 || es[0].Writer != b.ID() {
+		t.Fatalf("entries %+v, want only B's claim", es)
+	}
+	if _, err := bClaim.Publish(ctx, 100); err != nil {
+		t.Fatal(err)
+	}
+	// Same race on different keys: both may keep their claims, but never
+	// overlapping extents.
+	a.testBeforeClaimCAS = func() {
+		a.testBeforeClaimCAS = nil
+		_, ainc, _ := a.me()
+		store(a.mem, hLock, a.lockWord(aid, ainc, time.Unix(0, a.g.created)))
+		bClaim, bErr = b.Claim(ctx, KindLayer, key("b-only"), 64<<10, ClaimOptions{})
+	}
+	aClaim, aErr = a.Claim(ctx, KindLayer, key("a-only"), 64<<10, ClaimOptions{})
+	if aErr != nil || bErr != nil {
+		t.Fatalf("claims of different keys: %v, %v", aErr, bErr)
+	}
+	if aClaim.Offset() < bClaim.Offset()+64<<10 && bClaim.Offset() < aClaim.Offset()+64<<10 {
+		t.Fatalf("extents overlap: A at %d, B at %d", aClaim.Offset(), bClaim.Offset())
+	}
+}
+
+// TestEvictedParticipantIsFenced: a participant that stalled past its
+// lease and was reclaimed notices at its next heartbeat and fails its
+// operations instead of acting on state it no longer owns.
+func TestEvictedParticipantIsFenced(t *testing.T) {
+	ctx := context.Background()
+	o := testOpts(t, 8<<20)
+	a := mustCreate(t, o)
+	b := mustOpen(t, o)
+	mustJoin(t, a)
+	mustJoin(t, b)
+	c, err := b.Claim(ctx, KindLayer, key("stalled"), 4096, ClaimOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.stopHeartbeat() // b stalls
+	time.Sleep(o.LeaseTimeout + 50*time.Millisecond)
+	if st, err := a.GC(ctx, GCOptions{}); err != nil || len(st.DeadParticipants) != 1 || st.ClaimsReclaimed != 1 {
+		t.Fatalf("gc %+v %v", st, err)
+	}
+	b.startHeartbeat(ctx) // b wakes up
+	deadline := time.Now().Add(5 * time.Second)
+	for !b.evicted.Load() && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := c.Publish(ctx, 4096); !errors.Is(err, ErrEvicted) {
+		t.Fatalf("publish after eviction: %v", err)
+	}
+	if _, err := b.Claim(ctx, KindLayer, key("again"), 4096, ClaimOptions{}); !errors.Is(err, ErrEvicted) {
+		t.Fatalf("claim after eviction: %v", err)
+	}
+	if len(a.Entries()) != 0 {
+		t.Fatalf("entries %+v", a.Entries())
+	}
+}
