@@ -49,7 +49,9 @@ const (
 
 // notifyResend is FUSE_NOTIFY_RESEND (Linux 6.9): the kernel puts every
 // request a previous reader took but never answered back on the queue.
-const notifyResend = -7
+// A notification is a reply with unique 0 and the (positive) notification
+// code in the error field.
+const notifyResend = 7
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, readBufSize); return &b }}
 var outPool = sync.Pool{New: func() any { b := make([]byte, outBufSize); return &b }}
