@@ -118,11 +118,15 @@ func (c Config) check() error {
 	if c.Region.Size <= 0 && c.Region.Backend != "devdax" {
 		return errors.New("config: region.size must be positive")
 	}
+	if c.Region.Size < 0 || c.Region.MaxLayerSize < 0 {
+		return errors.New("config: region.size and region.max_layer_size must not be negative")
+	}
 	return nil
 }
 
 // Size is a byte count written as a number or a string with a unit
-// ("512MiB", "8GiB", "1G").
+// ("512MiB", "8GiB", "1G"). go-toml sets integers directly; strings go
+// through UnmarshalText.
 type Size int64
 
 // UnmarshalText parses sizes with binary (KiB, MiB, GiB, TiB) or decimal
@@ -131,21 +135,6 @@ func (s *Size) UnmarshalText(b []byte) error {
 	v, err := ParseSize(string(b))
 	*s = Size(v)
 	return err
-}
-
-// UnmarshalTOML accepts a bare integer too.
-func (s *Size) UnmarshalTOML(v any) error {
-	switch x := v.(type) {
-	case int64:
-		if x < 0 {
-			return fmt.Errorf("size %d: must not be negative", x)
-		}
-		*s = Size(x)
-		return nil
-	case string:
-		return s.UnmarshalText([]byte(x))
-	}
-	return fmt.Errorf("size: want a number or a string, got %T", v)
 }
 
 // ParseSize parses a size such as "8GiB" or "4096".
