@@ -214,7 +214,7 @@ func isLayerType(mt string) bool {
 		images.MediaTypeDockerSchema2Layer, images.MediaTypeDockerSchema2LayerGzip,
 		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // still served by registries
 		ocispec.MediaTypeImageLayerNonDistributableZstd, //nolint:staticcheck
-		converter.MediaTypeLayer: // pre-converted: validated and copied as it is
+		converter.MediaTypeLayer:                        // pre-converted: validated and copied as it is
 		return true
 	}
 	return false
