@@ -11,6 +11,11 @@
 //	4096 + P*256 (page)  index: Entries slots of 128 bytes
 //	after index (page)   data area: extents holding images, up to Size
 //
+// With the defaults (64 participants, 4096 entries, 1 GiB) the participant
+// table is at 4096, the index at 20480 and the data area at 544768 (532
+// KiB of metadata). Keep Entries at about twice the number of images you
+// expect: lookups probe linearly and slow down as the table fills.
+//
 // Every word other processes may change concurrently is an 8-byte aligned
 // uint64 inside the mapping, read and written only with sync/atomic. Slots
 // start on 64-byte boundaries, so no such word crosses a cache line.

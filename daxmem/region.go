@@ -318,6 +318,8 @@ func openExisting(o Options) (*Region, error) {
 // participant slot: a restarted daemon re-claims it (and its references)
 // through its participant file; if it does not come back within the lease,
 // the next GC reclaims them. Use Leave to give the slot up now.
+// Close unmaps the memory: no other method may run concurrently with it,
+// and slices from Bytes or Slice must not be used after it.
 func (r *Region) Close() error {
 	var err error
 	r.close.Do(func() {
