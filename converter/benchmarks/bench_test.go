@@ -118,12 +118,14 @@ func compareWithErofs(b *testing.B, tarPath, dir string) {
 	out := b.TempDir()
 	warm(b, tarPath)
 	warmDir(b, dir)
-	var ours, oursDir, erofs time.Duration
+	// The best of b.N runs of each: the machine is shared, and the
+	// minimum is the figure least disturbed by other work.
+	ours, oursDir, erofs := time.Duration(1<<62), time.Duration(1<<62), time.Duration(1<<62)
 	for i := 0; i < b.N; i++ {
 		img, dimg, eimg := filepath.Join(out, "tar.daxfs"), filepath.Join(out, "dir.daxfs"), filepath.Join(out, "img.erofs")
-		ours += convertTarFile(b, tarPath, img)
-		oursDir += convertDirFile(b, dir, dimg)
-		erofs += mkfsErofs(b, dir, eimg)
+		ours = min(ours, convertTarFile(b, tarPath, img))
+		oursDir = min(oursDir, convertDirFile(b, dir, dimg))
+		erofs = min(erofs, mkfsErofs(b, dir, eimg))
 		if i == b.N-1 {
 			b.ReportMetric(float64(size(b, img))/(1<<20), "daxfs-MiB")
 			b.ReportMetric(float64(size(b, eimg))/(1<<20), "erofs-MiB")
@@ -132,10 +134,9 @@ func compareWithErofs(b *testing.B, tarPath, dir string) {
 			os.Remove(p)
 		}
 	}
-	n := float64(b.N)
-	b.ReportMetric(ms(ours)/n, "tar-ms")
-	b.ReportMetric(ms(oursDir)/n, "dir-ms")
-	b.ReportMetric(ms(erofs)/n, "erofs-dir-ms")
+	b.ReportMetric(ms(ours), "tar-ms")
+	b.ReportMetric(ms(oursDir), "dir-ms")
+	b.ReportMetric(ms(erofs), "erofs-dir-ms")
 	b.ReportMetric(float64(erofs)/float64(ours), "erofs/tar")
 	b.ReportMetric(float64(erofs)/float64(oursDir), "erofs/dir")
 }
@@ -207,11 +208,11 @@ func BenchmarkGzipLayer(b *testing.B) {
 	}
 	tarBytes := float64(size(b, tarPath))
 	warm(b, gzPath)
-	var ours, tarx time.Duration
+	ours, tarx := time.Duration(1<<62), time.Duration(1<<62) // best of b.N
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		img := filepath.Join(work, "img")
-		ours += convertTarFile(b, gzPath, img)
+		ours = min(ours, convertTarFile(b, gzPath, img))
 		os.Remove(img)
 		dst := filepath.Join(work, "x")
 		os.MkdirAll(dst, 0o755)
@@ -219,12 +220,11 @@ func BenchmarkGzipLayer(b *testing.B) {
 		if out, err := exec.Command("tar", "-xzf", gzPath, "-C", dst).CombinedOutput(); err != nil {
 			b.Fatalf("tar -xzf: %v\n%s", err, out)
 		}
-		tarx += time.Since(start)
+		tarx = min(tarx, time.Since(start))
 		os.RemoveAll(dst)
 	}
-	n := float64(b.N)
-	b.ReportMetric(tarBytes/(1<<20)/(ours.Seconds()/n), "daxfs-MB/s")
-	b.ReportMetric(tarBytes/(1<<20)/(tarx.Seconds()/n), "tar-xzf-MB/s")
+	b.ReportMetric(tarBytes/(1<<20)/ours.Seconds(), "daxfs-MB/s")
+	b.ReportMetric(tarBytes/(1<<20)/tarx.Seconds(), "tar-xzf-MB/s")
 	b.ReportMetric(float64(tarx)/float64(ours), "tar-xzf/daxfs")
 }
 
