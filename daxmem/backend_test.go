@@ -268,3 +268,58 @@ func TestDevDAXOverFakeDevice(t *testing.T) {
 		t.Fatalf("size %d, want 5 MiB rounded down to 4 MiB", r2.Size())
 	}
 }
+
+// TestHugetlbfsBackend mounts a private hugetlbfs and creates a region on
+// it. With huge pages reserved on the machine the region works and its
+// size is rounded up to whole huge pages; without, Create fails cleanly
+// (the kernel refuses the mapping) and leaves no file behind.
+func TestHugetlbfsBackend(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting hugetlbfs needs root")
+	}
+	dir := t.TempDir()
+	if err := unix.Mount("none", dir, "hugetlbfs", 0, "mode=0700"); err != nil {
+		t.Skipf("cannot mount hugetlbfs: %v", err)
+	}
+	defer unix.Unmount(dir, unix.MNT_DETACH)
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	huge := int64(st.Bsize)
+	ctx := context.Background()
+	path := filepath.Join(dir, "region")
+	r, err := Create(ctx, Options{Backend: BackendHugetlbfs, Path: path, Size: huge + 4096, Entries: 64, Participants: 4})
+	freePages := func() int64 {
+		b, _ := os.ReadFile("/proc/meminfo")
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) == 2 && f[0] == "HugePages_Free:" {
+				n, _ := strconv.ParseInt(f[1], 10, 64)
+				return n
+			}
+		}
+		return 0
+	}
+	if err != nil {
+		if freePages() >= 2 {
+			t.Fatalf("create on hugetlbfs with free huge pages: %v", err)
+		}
+		if !strings.Contains(err.Error(), "hugetlbfs backend") || !strings.Contains(err.Error(), path) {
+			t.Fatalf("error does not name the backend and path: %v", err)
+		}
+		if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+			t.Fatalf("failed create left %v behind", ents)
+		}
+		t.Logf("no huge pages reserved here: Create failed cleanly: %v", err)
+		return
+	}
+	defer r.Close()
+	if r.Size() != 2*huge || r.g.align != huge {
+		t.Fatalf("size %d align %d, want %d rounded to huge pages", r.Size(), r.g.align, huge+4096)
+	}
+	mustJoin(t, r)
+	publish(t, r, KindLayer, key("huge"), 8192, 8192, ClaimOptions{})
+	if err := r.Verify(KindLayer, key("huge")); err != nil {
+		t.Fatal(err)
+	}
+}
