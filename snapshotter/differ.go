@@ -165,7 +165,7 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 		case errors.Is(err, daxmem.ErrExists):
 			continue
 		case errors.Is(err, daxmem.ErrBusy):
-			if _, err := s.region.Wait(ctx, daxmem.KindLayer, key); err != nil {
+			if _, err := s.region.Wait(ctx, daxmem.KindLayer, key); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
 				return ocispec.Descriptor{}, 0, fmt.Errorf("waiting for another participant converting it: %w", err)
 			}
 			continue

@@ -70,7 +70,9 @@ func (s *Snapshotter) publishImageFile(ctx context.Context, kind daxmem.Kind, ke
 		case errors.Is(err, daxmem.ErrExists):
 			continue
 		case errors.Is(err, daxmem.ErrBusy):
-			if _, err := s.region.Wait(ctx, kind, k); err != nil {
+			// Wait ends when the entry is READY, or with ErrAbandoned when
+			// its writer died or gave up: then we claim it ourselves.
+			if _, err := s.region.Wait(ctx, kind, k); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
 				return daxmem.Entry{}, fmt.Errorf("waiting for %s being written by another participant: %w", key, err)
 			}
 			continue

@@ -308,7 +308,7 @@ func (t *viewTable) ensureView(ctx context.Context, chain digest.Digest, layers 
 		case errors.Is(err, daxmem.ErrExists):
 			continue
 		case errors.Is(err, daxmem.ErrBusy):
-			if _, err := r.Wait(ctx, daxmem.KindView, k); err != nil {
+			if _, err := r.Wait(ctx, daxmem.KindView, k); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
 				return daxmem.Entry{}, 0, fmt.Errorf("waiting for view %s: %w", chain, err)
 			}
 			continue
