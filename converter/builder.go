@@ -89,13 +89,14 @@ type layerBuilder struct {
 	// oversized layer stops early instead of after filling its output.
 	estimate int64
 	entries  int
-	// dirs records every directory path: true when an entry made it,
-	// false when the Writer created it as a missing parent.
-	dirs map[string]bool
+	// dirs records directory paths: explicit when an entry made them,
+	// not when the Writer created them as missing parents.
+	dirs map[string]dirState
+	gen  uint64
 }
 
 func newLayerBuilder(w *daxfs.Writer, maxSize int64) *layerBuilder {
-	return &layerBuilder{w: w, maxSize: maxSize, estimate: 2 * daxfs.BlockSize, dirs: make(map[string]bool)}
+	return &layerBuilder{w: w, maxSize: maxSize, estimate: 2 * daxfs.BlockSize, dirs: make(map[string]dirState)}
 }
 
 // ImplicitDirXattr marks, in a layer image, a directory that no entry of
@@ -107,25 +108,62 @@ func newLayerBuilder(w *daxfs.Writer, maxSize int64) *layerBuilder {
 const ImplicitDirXattr = "trusted.daxfs.implicit"
 
 // noted records that p was added (as a directory or not) so that the
-// parents the Writer made for it can be marked.
+// parents the Writer made for it can be marked. Directories carry a
+// generation and their parent's generation at creation, so that a subtree
+// dropped when its directory was replaced is recognised as stale without
+// walking it (a hostile tar could otherwise make this quadratic).
 func (b *layerBuilder) noted(p string, isDir bool) {
-	if isDir {
-		b.dirs[p] = true
-	} else if _, was := b.dirs[p]; was {
-		// A directory replaced: its subtree is gone.
+	parent := parentPath(p)
+	b.ensureDir(parent)
+	if !isDir {
 		delete(b.dirs, p)
-		for k := range b.dirs {
-			if strings.HasPrefix(k, p+"/") {
-				delete(b.dirs, k)
-			}
+		return
+	}
+	if st, ok := b.dirs[p]; ok && st.parentGen == b.genOf(parent) {
+		st.explicit = true
+		b.dirs[p] = st
+		return
+	}
+	b.gen++
+	b.dirs[p] = dirState{explicit: true, gen: b.gen, parentGen: b.genOf(parent)}
+}
+
+// ensureDir records the directories up to p that the Writer made as
+// missing parents, top down.
+func (b *layerBuilder) ensureDir(p string) {
+	if p == "" {
+		return
+	}
+	b.ensureDir(parentPath(p))
+	pg := b.genOf(parentPath(p))
+	if st, ok := b.dirs[p]; ok && st.parentGen == pg {
+		return
+	}
+	b.gen++
+	b.dirs[p] = dirState{gen: b.gen, parentGen: pg}
+}
+
+func (b *layerBuilder) genOf(p string) uint64 {
+	if p == "" {
+		return 0
+	}
+	return b.dirs[p].gen
+}
+
+// live reports whether the recorded directory p is still in the tree.
+func (b *layerBuilder) live(p string) bool {
+	for ; p != ""; p = parentPath(p) {
+		st, ok := b.dirs[p]
+		if !ok || st.parentGen != b.genOf(parentPath(p)) {
+			return false
 		}
 	}
-	for q := parentPath(p); q != ""; q = parentPath(q) {
-		if _, ok := b.dirs[q]; ok {
-			break
-		}
-		b.dirs[q] = false
-	}
+	return true
+}
+
+type dirState struct {
+	explicit       bool
+	gen, parentGen uint64
 }
 
 func parentPath(p string) string {
@@ -184,8 +222,8 @@ func (b *layerBuilder) whiteout(path string) error {
 // finish lays the image out, checks its size and writes the metadata.
 func (b *layerBuilder) finish() (int64, error) {
 	var implicit []string
-	for p, explicit := range b.dirs {
-		if !explicit {
+	for p, st := range b.dirs {
+		if !st.explicit && b.live(p) {
 			implicit = append(implicit, p)
 		}
 	}

@@ -166,9 +166,17 @@ func TestConvertLayerImplicitParents(t *testing.T) {
 	got := treeOf(t, layerFromTar(t, makeTar(t, []tarEnt{
 		file("a/b/c", "c"), file("x/y/z", "z"), withMode(dir("x"), 0o700, 0),
 		withX(dir("e"), ImplicitDirXattr, "1"), file("f/g", "g"), file("f", "file now"),
+		// r replaced by a file and r again as a directory: the r/s the
+		// Writer recreates for r/s/t is implicit.
+		dir("r"), dir("r/s"), file("r", "f"), dir("r"), file("r/s/t", "t"),
+		// an implicit subtree replaced by a file stays gone
+		file("q/w/e", "e"), file("q", "file"),
 	})))
+	if _, ok := got["/q/w"]; ok || !strings.HasPrefix(got["/q"], "mode=100644") {
+		t.Errorf("replaced implicit subtree: /q %s, /q/w %s", got["/q"], got["/q/w"])
+	}
 	mark := ImplicitDirXattr + `="1"`
-	for p, implicit := range map[string]bool{"/a": true, "/a/b": true, "/x": false, "/x/y": true, "/e": false} {
+	for p, implicit := range map[string]bool{"/a": true, "/a/b": true, "/x": false, "/x/y": true, "/e": false, "/r": false, "/r/s": true} {
 		if strings.Contains(got[p], mark) != implicit {
 			t.Errorf("%s: %s (implicit %v)", p, got[p], implicit)
 		}
