@@ -18,8 +18,8 @@ import (
 // runView writes one file holding the merged view of a layer chain
 // followed by its layer images, each page aligned: the layout a view has in
 // the region, so inspect and mount read the file as the merged tree. Each
-// LAYER (bottom first) is a layer tar in any compression or a DAXFS layer
-// image.
+// LAYER (bottom first) is a layer tar in any compression, a DAXFS layer
+// image, or a directory in overlay-upper form (as mkfs reads it).
 func runView(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("view", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -81,6 +81,21 @@ func runView(ctx context.Context, args []string) error {
 // layerImage returns the validated layer image of src, mapped read-only:
 // src itself when it is a DAXFS image, else its conversion written to tmp.
 func layerImage(ctx context.Context, src, tmp string) ([]byte, func(), error) {
+	if fi, err := os.Stat(src); err == nil && fi.IsDir() {
+		// An overlay upper directory, as mkfs reads one.
+		out, err := os.Create(tmp)
+		if err != nil {
+			return nil, nil, err
+		}
+		_, err = converter.ConvertDir(ctx, src, out, converter.DirOptions{})
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		return mapValidated(tmp)
+	}
 	in, err := os.Open(src)
 	if err != nil {
 		return nil, nil, err
@@ -106,6 +121,11 @@ func layerImage(ctx context.Context, src, tmp string) ([]byte, func(), error) {
 		}
 		path = tmp
 	}
+	return mapValidated(path)
+}
+
+// mapValidated maps an image file read-only and validates it.
+func mapValidated(path string) ([]byte, func(), error) {
 	b, unmap, err := mapReadOnly(path)
 	if err != nil {
 		return nil, nil, err
