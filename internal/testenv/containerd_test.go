@@ -45,7 +45,11 @@ func TestContainerdCleanupStopsEverything(t *testing.T) {
 			t.Errorf("process %s still running: %q", e.Name(), cmdline)
 		}
 	}
-	if cg, _ := filepath.Glob("/sys/fs/cgroup/*/" + ctrd.Namespace); len(cg) > 0 {
+	cg, _ := filepath.Glob("/sys/fs/cgroup/*/" + ctrd.Namespace) // cgroup v1
+	if _, err := os.Stat("/sys/fs/cgroup/" + ctrd.Namespace); err == nil {
+		cg = append(cg, "/sys/fs/cgroup/"+ctrd.Namespace) // cgroup v2
+	}
+	if len(cg) > 0 {
 		t.Errorf("cgroups left: %v", cg)
 	}
 	if _, err := os.Stat(filepath.Join("/run/containerd/runc", ctrd.Namespace)); !os.IsNotExist(err) {
