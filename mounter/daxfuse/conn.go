@@ -38,7 +38,11 @@ const (
 	// outBufSize bounds every non-READ reply: a readdir buffer (overlayfs
 	// asks for up to max_pages pages) or an xattr value (64 KiB max),
 	// plus headers.
-	outBufSize = maxWrite + 4096
+	outBufSize = maxReadPages*4096 + 4096
+
+	// maxReadPages is the largest READ, in pages (the kernel caps it at
+	// fs.fuse.max_pages_limit, 256 by default).
+	maxReadPages = 256
 
 	// maxReaders caps the goroutines reading one connection.
 	maxReaders = 8
@@ -63,9 +67,11 @@ func mountOptions(logger *log.Logger) *fuse.MountOptions {
 		MaxWrite:             maxWrite,
 		MaxBackground:        maxBackground,
 		EnableSymlinkCaching: true,
-		DisableSplice:        true,
-		Debug:                os.Getenv("DAXFUSE_DEBUG") != "",
-		Logger:               logger,
+		// Stop OPENDIR/RELEASEDIR round trips (see FS.OpenDir).
+		ExtraCapabilities: fuse.CAP_NO_OPENDIR_SUPPORT,
+		DisableSplice:     true,
+		Debug:             os.Getenv("DAXFUSE_DEBUG") != "",
+		Logger:            logger,
 		PanicHandler: func(v any) fuse.Status {
 			logger.Printf("daxfuse: recovered in handler (returning EIO): %v", v)
 			return fuse.EIO
@@ -178,6 +184,13 @@ func newConn(devFD int, fs FileSystem, init []byte, logger *log.Logger) (*Conn, 
 	if oh := (*fuse.OutHeader)(unsafe.Pointer(&out[0])); oh.Status != 0 {
 		nf.Close()
 		return nil, nil, fmt.Errorf("INIT refused: %v", syscall.Errno(-oh.Status))
+	}
+	// go-fuse derives max_pages from max_write. We never receive WRITE
+	// requests, so keep request buffers at max_write but let READ replies
+	// (which come straight from the mapping) be up to maxReadPages pages.
+	if n >= outHeaderSize+int(unsafe.Sizeof(fuse.InitOut{})) {
+		io := (*fuse.InitOut)(unsafe.Pointer(&out[outHeaderSize]))
+		io.MaxPages = maxReadPages
 	}
 	return c, out[:n], nil
 }

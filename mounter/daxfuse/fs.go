@@ -180,20 +180,11 @@ func (fs *FS) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Status {
 	return fuse.OK
 }
 
-// Open keeps the kernel page cache across opens: the bytes never change.
+// Open answers ENOSYS: with FUSE_NO_OPEN_SUPPORT the kernel then stops
+// sending OPEN, FLUSH and RELEASE and keeps the page cache across opens
+// (as FOPEN_KEEP_CACHE would). Nothing is kept per open file anyway.
 func (fs *FS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	node, st := fs.inode(in.NodeId)
-	if !st.Ok() {
-		return st
-	}
-	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY || in.Flags&syscall.O_TRUNC != 0 {
-		return fuse.EROFS
-	}
-	if node.IsDir() {
-		return fuse.EISDIR
-	}
-	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
-	return fuse.OK
+	return fuse.ENOSYS
 }
 
 // ReadSlice returns the bytes of file nodeID at [off, off+size), clipped at
@@ -243,17 +234,11 @@ func (fs *FS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.S
 	return b, fuse.OK
 }
 
-// OpenDir lets the kernel cache the listing and keep it across opens.
+// OpenDir answers ENOSYS: with FUSE_NO_OPENDIR_SUPPORT the kernel stops
+// sending OPENDIR and RELEASEDIR (two round trips per directory walked)
+// and caches listings as with FOPEN_KEEP_CACHE|FOPEN_CACHE_DIR.
 func (fs *FS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	node, st := fs.inode(in.NodeId)
-	if !st.Ok() {
-		return st
-	}
-	if !node.IsDir() {
-		return fuse.ENOTDIR
-	}
-	out.OpenFlags = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR
-	return fuse.OK
+	return fuse.ENOSYS
 }
 
 func (fs *FS) ReleaseDir(in *fuse.ReleaseIn) {}
@@ -446,4 +431,9 @@ func (b *BrokenFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.Op
 }
 func (b *BrokenFS) ReadSlice(nodeID uint64, off uint64, size uint32) ([]byte, fuse.Status) {
 	return nil, fuse.EIO
+}
+
+// Flush answers ENOSYS so the kernel stops sending FLUSH on every close.
+func (fs *FS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {
+	return fuse.ENOSYS
 }

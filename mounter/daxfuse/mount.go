@@ -136,3 +136,21 @@ func DisablePoll(target string) error {
 	_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
 	return nil
 }
+
+// ReadAheadKB is the readahead window Tune sets: large sequential reads
+// become few large FUSE requests.
+const ReadAheadKB = 1024
+
+// Tune sets the mount's readahead window (the kernel starts FUSE mounts
+// at the smaller of its default and what INIT said). Best effort.
+func Tune(target string) error {
+	var st unix.Stat_t
+	if err := unix.Stat(target, &st); err != nil {
+		return err
+	}
+	p := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	if err := os.WriteFile(p, []byte(fmt.Sprint(ReadAheadKB)), 0o644); err != nil {
+		return fmt.Errorf("set readahead of %s: %w", target, err)
+	}
+	return nil
+}

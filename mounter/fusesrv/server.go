@@ -286,6 +286,9 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 	if err := daxfuse.DisablePoll(target); err != nil {
 		s.logger.Printf("%v", err)
 	}
+	if err := daxfuse.Tune(target); err != nil {
+		s.logger.Printf("%v", err)
+	}
 	s.mu.Lock()
 	s.mounts[m.rec.ID] = m
 	s.mu.Unlock()
