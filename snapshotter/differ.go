@@ -126,7 +126,12 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 
 	start := time.Now()
 	out, size, err := d.convert(ctx, provider, desc, st)
-	s.metrics.converted(size, time.Since(start), err)
+	if err != nil || size > 0 {
+		s.metrics.converted(size, time.Since(start), err)
+	}
+	if err == nil && size > 0 {
+		s.metrics.LayersApplied.Add(1)
+	}
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
 	}
@@ -138,7 +143,8 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 }
 
 // convert streams blob desc into a layer image in the region under the
-// layer's diffID and returns the uncompressed layer's descriptor.
+// layer's diffID. It returns the uncompressed layer's descriptor and the
+// image size, 0 when another participant had converted the layer.
 func (d *Differ) convert(ctx context.Context, provider content.Provider, desc ocispec.Descriptor, st stage) (ocispec.Descriptor, int64, error) {
 	s := d.s
 	key, err := regionKey(st.DiffID)
@@ -146,31 +152,27 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 		return ocispec.Descriptor{}, 0, err
 	}
 	done := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID}
-	// A layer image is larger than its blob (file data is page aligned and
-	// the blob is compressed). Claim a generous bound; Publish gives the
-	// unused tail back, and a layer that still does not fit is retried
-	// with a larger one.
-	bound := max(desc.Size*16, 64<<20)
+	// A layer image is larger than its blob: the blob is compressed and
+	// every file's data starts on a page. Claim a generous bound (Publish
+	// gives the unused tail back) and, when the image still does not fit,
+	// convert again with a larger one, up to the largest free extent.
+	bound := max(desc.Size*8, 64<<20)
 	for {
-		if _, ok := s.region.Lookup(daxmem.KindLayer, key); ok {
+		limit := s.region.Stats().LargestFree
+		if s.maxSize > 0 {
+			limit = min(limit, s.maxSize)
+		}
+		bound = min(bound, limit)
+		c, _, err := s.claim(ctx, daxmem.KindLayer, key, func() (int64, daxmem.ClaimOptions, error) {
+			return bound, daxmem.ClaimOptions{}, nil
+		})
+		if err != nil {
+			return ocispec.Descriptor{}, 0, err
+		}
+		if c == nil {
 			// Converted by another participant meanwhile: same diffID,
 			// same layer. Nothing to download.
 			return done, 0, nil
-		}
-		if s.maxSize > 0 {
-			bound = min(bound, s.maxSize)
-		}
-		c, err := s.region.Claim(ctx, daxmem.KindLayer, key, bound, daxmem.ClaimOptions{})
-		switch {
-		case errors.Is(err, daxmem.ErrExists):
-			continue
-		case errors.Is(err, daxmem.ErrBusy):
-			if _, err := s.region.Wait(ctx, daxmem.KindLayer, key); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
-				return ocispec.Descriptor{}, 0, fmt.Errorf("waiting for another participant converting it: %w", err)
-			}
-			continue
-		case err != nil:
-			return ocispec.Descriptor{}, 0, fmt.Errorf("claiming %d bytes of the region: %w", bound, err)
 		}
 		ra, err := provider.ReaderAt(ctx, desc)
 		if err != nil {
@@ -178,11 +180,13 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 			return ocispec.Descriptor{}, 0, fmt.Errorf("opening blob: %w", err)
 		}
 		res, err := converter.ConvertLayer(ctx, io.NewSectionReader(ra, 0, ra.Size()), daxfs.NewWindow(c.Bytes()), converter.LayerOptions{MaxSize: s.maxSize})
-		size := res.Size
 		ra.Close()
-		if errors.Is(err, daxfs.ErrNoSpace) && (s.maxSize == 0 || bound < s.maxSize) {
+		if errors.Is(err, daxfs.ErrNoSpace) {
 			_ = c.Abort(ctx)
-			log.G(ctx).WithField("bound", bound).Debug("layer image larger than claimed: retrying with more")
+			if bound >= limit {
+				return ocispec.Descriptor{}, 0, fmt.Errorf("layer image larger than the %d bytes available (largest free extent of the region, or max_layer_size): %w", limit, errdefs.ErrResourceExhausted)
+			}
+			log.G(ctx).WithField("bound", bound).Debug("layer image larger than claimed: converting again with more")
 			bound *= 4
 			continue
 		}
@@ -194,17 +198,17 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 			_ = c.Abort(ctx)
 			return ocispec.Descriptor{}, 0, fmt.Errorf("computed diffID %s does not match %s: %w", res.DiffID, st.DiffID, errdefs.ErrFailedPrecondition)
 		}
-		if err := daxfs.Validate(c.Bytes()[:size]); err != nil {
+		if err := daxfs.Validate(c.Bytes()[:res.Size]); err != nil {
 			_ = c.Abort(ctx)
 			return ocispec.Descriptor{}, 0, fmt.Errorf("converted image is invalid: %w", err)
 		}
-		if _, err := c.Publish(ctx, size); err != nil {
+		if _, err := c.Publish(ctx, res.Size); err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, 0, fmt.Errorf("publishing: %w", err)
+			return ocispec.Descriptor{}, 0, fmt.Errorf("publishing: %w", regionErr(err))
 		}
-		done.Size = res.Size
-		log.G(ctx).WithField("diffID", st.DiffID).WithField("size", size).Debug("layer converted into the region")
-		return done, size, nil
+		done.Size = res.TarSize
+		log.G(ctx).WithField("diffID", st.DiffID).WithField("size", res.Size).Debug("layer converted into the region")
+		return done, res.Size, nil
 	}
 }
 

@@ -12,6 +12,9 @@ import (
 type Metrics struct {
 	// LayersConverted counts layer images our differ or a commit wrote.
 	LayersConverted atomic.Int64
+	// LayersApplied counts those our differ streamed from a blob (the
+	// normal pull path; the rest came from an upper directory).
+	LayersApplied atomic.Int64
 	// LayerBytes counts the bytes of those images.
 	LayerBytes atomic.Int64
 	// ConvertNanos is the time spent converting layers.
@@ -47,6 +50,7 @@ func (m *Metrics) WritePrometheus(w io.Writer) error {
 		v          float64
 	}{
 		{"daxfs_layers_converted_total", "Layer images converted by this participant.", float64(m.LayersConverted.Load())},
+		{"daxfs_layers_applied_total", "Layer blobs our differ streamed into the region.", float64(m.LayersApplied.Load())},
 		{"daxfs_layer_bytes_total", "Bytes of layer images converted by this participant.", float64(m.LayerBytes.Load())},
 		{"daxfs_convert_seconds_total", "Time spent converting layers.", time.Duration(m.ConvertNanos.Load()).Seconds()},
 		{"daxfs_convert_failures_total", "Layer conversions that failed.", float64(m.ConvertFailures.Load())},

@@ -19,9 +19,32 @@ import (
 func regionKey(d digest.Digest) (daxmem.Key, error) {
 	k, err := daxmem.KeyFromDigest(d.String())
 	if err != nil {
-		return k, fmt.Errorf("region key for %s: %w", d, errdefs.ErrInvalidArgument)
+		return k, fmt.Errorf("region key for %q: %w", d, errdefs.ErrInvalidArgument)
 	}
 	return k, nil
+}
+
+// regionErr gives region errors the errdefs class containerd maps to gRPC
+// codes, keeping the region's message (which names the key).
+func regionErr(err error) error {
+	var class error
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, daxmem.ErrFull), errors.Is(err, daxmem.ErrNoSlot):
+		class = errdefs.ErrResourceExhausted
+	case errors.Is(err, daxmem.ErrNotFound):
+		class = errdefs.ErrNotFound
+	case errors.Is(err, daxmem.ErrExists):
+		class = errdefs.ErrAlreadyExists
+	case errors.Is(err, daxmem.ErrCorrupt), errors.Is(err, daxmem.ErrBadHeader):
+		class = errdefs.ErrDataLoss
+	case errors.Is(err, daxmem.ErrBusy), errors.Is(err, daxmem.ErrNotJoined), errors.Is(err, daxmem.ErrEvicted):
+		class = errdefs.ErrUnavailable
+	default:
+		return err
+	}
+	return fmt.Errorf("%w: %w", class, err)
 }
 
 // lookupLayer returns the READY region entry of a layer image.
@@ -34,7 +57,7 @@ func (s *Snapshotter) lookupLayer(layer digest.Digest) (daxmem.Entry, bool, erro
 	return e, ok, nil
 }
 
-// layerImage opens the layer image of a READY entry.
+// image opens the image of a READY entry.
 func (s *Snapshotter) image(e daxmem.Entry) (*daxfs.Image, error) {
 	b, err := s.region.Slice(e.Offset, e.Length)
 	if err != nil {
@@ -43,10 +66,43 @@ func (s *Snapshotter) image(e daxmem.Entry) (*daxfs.Image, error) {
 	return daxfs.Open(b)
 }
 
+// claim returns a claim on (kind, key) for the caller to write, or, when
+// the region holds the image READY already (or another participant
+// finishes it while we wait), no claim and that entry. size is asked for
+// the extent to claim each time a claim is attempted.
+func (s *Snapshotter) claim(ctx context.Context, kind daxmem.Kind, key daxmem.Key, size func() (int64, daxmem.ClaimOptions, error)) (*daxmem.Claim, daxmem.Entry, error) {
+	for {
+		if e, ok := s.region.Lookup(kind, key); ok {
+			return nil, e, nil
+		}
+		n, opts, err := size()
+		if err != nil {
+			return nil, daxmem.Entry{}, err
+		}
+		c, err := s.region.Claim(ctx, kind, key, n, opts)
+		switch {
+		case err == nil:
+			return c, daxmem.Entry{}, nil
+		case errors.Is(err, daxmem.ErrExists):
+			continue
+		case errors.Is(err, daxmem.ErrBusy):
+			// Another participant is writing it. Wait ends when it is
+			// READY, or with ErrAbandoned when its writer died or gave
+			// up: then we claim it ourselves.
+			if _, err := s.region.Wait(ctx, kind, key); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
+				return nil, daxmem.Entry{}, fmt.Errorf("waiting for another participant writing %s: %w", key, regionErr(err))
+			}
+			continue
+		default:
+			return nil, daxmem.Entry{}, fmt.Errorf("claiming %d bytes of the region for %s: %w", n, key, regionErr(err))
+		}
+	}
+}
+
 // publishImageFile copies a finished image file into the region under
-// (kind, key) and publishes it. If the key is already READY (another
-// participant or an earlier attempt made it), the existing entry is used:
-// images are content addressed, so the bytes are the same layer.
+// (kind, key) and publishes it. If the key is READY already (another
+// participant or an earlier attempt made it), that entry is used: keys are
+// content addresses, so it is the same image.
 func (s *Snapshotter) publishImageFile(ctx context.Context, kind daxmem.Kind, key digest.Digest, path string) (daxmem.Entry, error) {
 	k, err := regionKey(key)
 	if err != nil {
@@ -61,39 +117,24 @@ func (s *Snapshotter) publishImageFile(ctx context.Context, kind daxmem.Kind, ke
 	if err != nil {
 		return daxmem.Entry{}, err
 	}
-	for {
-		if e, ok := s.region.Lookup(kind, k); ok {
-			return e, nil
-		}
-		c, err := s.region.Claim(ctx, kind, k, fi.Size(), daxmem.ClaimOptions{})
-		switch {
-		case errors.Is(err, daxmem.ErrExists):
-			continue
-		case errors.Is(err, daxmem.ErrBusy):
-			// Wait ends when the entry is READY, or with ErrAbandoned when
-			// its writer died or gave up: then we claim it ourselves.
-			if _, err := s.region.Wait(ctx, kind, k); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
-				return daxmem.Entry{}, fmt.Errorf("waiting for %s being written by another participant: %w", key, err)
-			}
-			continue
-		case err != nil:
-			return daxmem.Entry{}, fmt.Errorf("claiming region space for %s (%d bytes): %w", key, fi.Size(), err)
-		}
-		dst := c.Bytes()
-		if _, err := io.ReadFull(f, dst[:fi.Size()]); err != nil {
-			_ = c.Abort(ctx)
-			return daxmem.Entry{}, fmt.Errorf("copying %s into the region: %w", key, err)
-		}
-		if err := daxfs.Validate(dst[:fi.Size()]); err != nil {
-			_ = c.Abort(ctx)
-			return daxmem.Entry{}, fmt.Errorf("image for %s is invalid: %w", key, err)
-		}
-		e, err := c.Publish(ctx, fi.Size())
-		if err != nil {
-			_ = c.Abort(ctx)
-			return daxmem.Entry{}, fmt.Errorf("publishing %s: %w", key, err)
-		}
-		log.G(ctx).WithField("key", key).WithField("size", fi.Size()).Debug("published image")
-		return e, nil
+	c, e, err := s.claim(ctx, kind, k, func() (int64, daxmem.ClaimOptions, error) { return fi.Size(), daxmem.ClaimOptions{}, nil })
+	if err != nil || c == nil {
+		return e, err
 	}
+	dst := c.Bytes()[:fi.Size()]
+	if _, err := io.ReadFull(f, dst); err != nil {
+		_ = c.Abort(ctx)
+		return daxmem.Entry{}, fmt.Errorf("copying image %s into the region: %w", key, err)
+	}
+	if err := daxfs.Validate(dst); err != nil {
+		_ = c.Abort(ctx)
+		return daxmem.Entry{}, fmt.Errorf("image %s is invalid: %w", key, err)
+	}
+	e, err = c.Publish(ctx, fi.Size())
+	if err != nil {
+		_ = c.Abort(ctx)
+		return daxmem.Entry{}, fmt.Errorf("publishing image %s: %w", key, regionErr(err))
+	}
+	log.G(ctx).WithField("key", key).WithField("size", fi.Size()).Debug("published image")
+	return e, nil
 }

@@ -67,6 +67,9 @@ type Snapshotter struct {
 
 	views   *viewTable
 	metrics Metrics
+	// refMu orders our region reference changes on layers (Commit's Ref
+	// and Remove's Unref) with the metadata that decides them.
+	refMu sync.Mutex
 
 	closeOnce sync.Once
 }
@@ -81,6 +84,11 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	if err := overlay.Supported(); err != nil {
 		return nil, err
 	}
+	root, err := filepath.Abs(cfg.Root)
+	if err != nil {
+		return nil, err
+	}
+	cfg.Root = root
 	for _, d := range []string{cfg.Root, filepath.Join(cfg.Root, "snapshots"), filepath.Join(cfg.Root, "mnt"), filepath.Join(cfg.Root, "empty")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, err
@@ -338,15 +346,15 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 				return nil, fmt.Errorf("label %s=%q of %s: %w", labelDiffID, d, key, errdefs.ErrInvalidArgument)
 			}
 			st = &stage{DiffID: diffID}
-			// The target chain may exist already (another unpack of the
-			// same image): containerd then skips this layer.
-			if _, err := s.info(ctx, info.Labels[labelSnapshotRef]); err == nil {
-				return nil, fmt.Errorf("target snapshot %q: %w", info.Labels[labelSnapshotRef], errdefs.ErrAlreadyExists)
-			}
-			if _, ok, err := s.lookupLayer(diffID); err != nil {
+			if e, ok, err := s.lookupLayer(diffID); err != nil {
 				return nil, err
 			} else if ok {
-				st.Hit = true
+				// Reference it now: containerd may commit it much later
+				// (parallel unpacks commit in order), and GC must not
+				// free it in between.
+				if err := s.region.Ref(daxmem.KindLayer, e.Key); err == nil {
+					st.Hit = true
+				}
 			}
 		}
 	}
@@ -482,25 +490,31 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		layer = st.DiffID
 	default:
 		// The walking differ or a container wrote into the upper: convert
-		// it. Keyed by the diffID when containerd named the layer, else by
-		// the image's own digest.
+		// it, keyed by the image's own digest. Not by the diffID label: a
+		// client can put any diffID on a snapshot and write anything into
+		// it, and the region is shared by every participant; only layers
+		// our differ checked against their blob are keyed by diffID.
 		start := time.Now()
 		var size int64
-		layer, size, err = s.commitUpper(ctx, id, st.DiffID)
+		layer, size, err = s.commitUpper(ctx, id)
 		s.metrics.converted(size, time.Since(start), err)
 		if err != nil {
 			return fmt.Errorf("converting snapshot %s to a layer image: %w", key, err)
 		}
 	}
+	// Reference accounting (Ref here, Unref in Remove when no committed
+	// snapshot uses a layer any more) must not interleave with a Remove.
+	s.refMu.Lock()
+	defer s.refMu.Unlock()
 	e, ok, err := s.lookupLayer(layer)
 	if err != nil {
 		return err
 	}
 	if !ok {
-		return fmt.Errorf("layer %s of snapshot %s is not in the region: %w", layer, key, errdefs.ErrNotFound)
+		return fmt.Errorf("layer %s of snapshot %s is no longer in the region: %w", layer, key, errdefs.ErrFailedPrecondition)
 	}
 	if err := s.region.Ref(daxmem.KindLayer, e.Key); err != nil {
-		return fmt.Errorf("referencing layer %s: %w", layer, err)
+		return fmt.Errorf("referencing layer %s of snapshot %s: %w", layer, key, regionErr(err))
 	}
 
 	var parentChain digest.Digest
@@ -539,10 +553,14 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // Remove removes a snapshot. Its layer stays in the region while another
 // committed snapshot (or another participant) references it.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	s.refMu.Lock()
+	defer s.refMu.Unlock()
 	var (
 		id     string
 		info   snapshots.Info
-		layers map[string]bool
+		layer  digest.Digest // the layer image this snapshot referenced
+		inUse  map[string]bool
+		stages = map[string]stage{}
 	)
 	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		var err error
@@ -550,19 +568,40 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		if err != nil {
 			return err
 		}
+		switch info.Kind {
+		case snapshots.KindCommitted:
+			layer = digest.Digest(info.Labels[labelLayer])
+		case snapshots.KindActive:
+			// An extraction snapshot references its layer from the
+			// region hit at Prepare, or from our differ's Publish.
+			if st, ok, err := s.readStage(id); err == nil && ok && (st.Hit || st.Applied) {
+				layer = st.DiffID
+			}
+		}
 		if _, _, err = storage.Remove(ctx, key); err != nil {
 			return err
 		}
-		if info.Kind == snapshots.KindCommitted {
-			layers = map[string]bool{}
-			return storage.WalkInfo(ctx, func(ctx context.Context, i snapshots.Info) error {
-				if l := i.Labels[labelLayer]; l != "" {
-					layers[l] = true
-				}
-				return nil
-			})
+		if layer == "" {
+			return nil
 		}
-		return nil
+		inUse = map[string]bool{}
+		ids, err := storage.IDMap(ctx)
+		if err != nil {
+			return err
+		}
+		err = storage.WalkInfo(ctx, func(ctx context.Context, i snapshots.Info) error {
+			if l := i.Labels[labelLayer]; l != "" {
+				inUse[l] = true
+			}
+			return nil
+		})
+		for sid := range ids {
+			if st, ok, _ := s.readStage(sid); ok && (st.Hit || st.Applied) {
+				stages[sid] = st
+				inUse[st.DiffID.String()] = true
+			}
+		}
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("removing snapshot %s: %w", key, err)
@@ -571,13 +610,13 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the snapshot's directory")
 	}
-	if l := info.Labels[labelLayer]; info.Kind == snapshots.KindCommitted && l != "" && !layers[l] {
-		k, err := regionKey(digest.Digest(l))
+	if layer != "" && !inUse[layer.String()] {
+		k, err := regionKey(layer)
 		if err == nil {
 			err = s.region.Unref(daxmem.KindLayer, k)
 		}
-		if err != nil && !errdefs.IsNotFound(err) {
-			log.G(ctx).WithError(err).WithField("layer", l).Warn("dropping our reference to a layer")
+		if err != nil && !errors.Is(err, daxmem.ErrNotFound) {
+			log.G(ctx).WithError(err).WithField("layer", layer).Warn("dropping our reference to a layer")
 		}
 	}
 	return nil
@@ -596,26 +635,33 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 // Cleanup unmounts views no snapshot uses and removes directories of
 // snapshots that no longer exist.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	ids := map[string]bool{}
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		got, err := storage.IDMap(ctx)
-		for id := range got {
-			ids[id] = true
+	var stale []string
+	// Listed inside a write transaction, as containerd's overlay
+	// snapshotter does: creates (which make their directory inside their
+	// own write transaction) cannot interleave, and IDs only grow, so a
+	// directory found stale here never belongs to a new snapshot.
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		ids, err := storage.IDMap(ctx)
+		if err != nil {
+			return err
 		}
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	ents, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
-	if err != nil {
-		return err
-	}
-	for _, e := range ents {
-		if !ids[e.Name()] {
-			if err := os.RemoveAll(filepath.Join(s.root, "snapshots", e.Name())); err != nil {
-				log.G(ctx).WithError(err).WithField("id", e.Name()).Warn("removing a stale snapshot directory")
+		ents, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			if _, ok := ids[e.Name()]; !ok {
+				stale = append(stale, filepath.Join(s.root, "snapshots", e.Name()))
 			}
+		}
+		return nil
+	})
+	if err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	for _, dir := range stale {
+		if err := os.RemoveAll(dir); err != nil {
+			log.G(ctx).WithError(err).WithField("path", dir).Warn("removing a stale snapshot directory")
 		}
 	}
 	return s.views.cleanup(ctx)

@@ -2,6 +2,7 @@ package snapshotter
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -20,17 +21,38 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 )
 
+// A view is keyed in the region (and named under mnt/) by its view key:
+// the chain key together with where each of its layer images lies and its
+// checksum. A view stores absolute offsets into its layers, so a view built
+// over layer images that were since freed and published again elsewhere
+// must never be found again: its key no longer matches.
+func viewKey(chain digest.Digest, layers []daxmem.Entry) digest.Digest {
+	d := digest.SHA256.Digester()
+	h := d.Hash()
+	h.Write([]byte(chain.String()))
+	var b [24]byte
+	for _, e := range layers {
+		binary.LittleEndian.PutUint64(b[0:], uint64(e.Offset))
+		binary.LittleEndian.PutUint64(b[8:], uint64(e.Length))
+		binary.LittleEndian.PutUint64(b[16:], e.Checksum)
+		h.Write(b[:])
+	}
+	return d.Digest()
+}
+
 // viewTable tracks which views are mounted under mnt/ and which active and
-// view snapshots use them. A view is mounted once per chain, however many
-// containers use it; it is unmounted by Cleanup once no snapshot uses it
-// (an unmount succeeds even while an overlay still uses a FUSE lower, so
-// the users are counted here, not by the kernel).
+// view snapshots use them. A view is mounted once, however many containers
+// use it; Cleanup unmounts it once no snapshot uses it. An unmount succeeds
+// even while an overlay still uses a FUSE lower, so users are counted here,
+// not by the kernel.
 type viewTable struct {
 	s *Snapshotter
 
+	// mu guards the maps, and is held across Cleanup's unmounts so that
+	// an acquire never reuses a view being unmounted.
 	mu      sync.Mutex
-	mounted map[digest.Digest]*viewMount // by chain key
-	users   map[string]digest.Digest     // snapshot ID -> chain key it uses
+	mounted map[digest.Digest]*viewMount // by view key
+	users   map[string]digest.Digest     // snapshot ID -> view key it uses
 }
 
 type viewMount struct {
@@ -45,13 +67,14 @@ func newViewTable(s *Snapshotter) *viewTable {
 	return &viewTable{s: s, mounted: map[digest.Digest]*viewMount{}, users: map[string]digest.Digest{}}
 }
 
-func (t *viewTable) dir(chain digest.Digest) string {
-	return filepath.Join(t.s.root, "mnt", chain.Encoded())
+func (t *viewTable) dir(key digest.Digest) string {
+	return filepath.Join(t.s.root, "mnt", key.Encoded())
 }
 
-// adopt takes over views a previous run of the daemon left mounted, and
-// counts the snapshots that use them, so running containers keep their
-// lowers across a restart.
+// adopt takes over views a previous run of the daemon left mounted, takes
+// its region references on them back (they may have been cleared while the
+// daemon was down), and counts the snapshots that use them, so running
+// containers keep their lowers across a restart.
 func (t *viewTable) adopt(ctx context.Context) error {
 	infos, err := t.s.mounter.Mounted(ctx)
 	if err != nil {
@@ -61,17 +84,25 @@ func (t *viewTable) adopt(ctx context.Context) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, mi := range infos {
-		if filepath.Dir(mi.Target) != mnt {
+		if filepath.Dir(mi.Target) != mnt || mi.State == "detached" {
+			// Detached connections still serve overlays of containers
+			// that ran before, but are no mount point to hand out.
 			continue
 		}
-		chain := digest.NewDigestFromEncoded(digest.SHA256, filepath.Base(mi.Target))
-		if chain.Validate() != nil {
+		key := digest.NewDigestFromEncoded(digest.SHA256, filepath.Base(mi.Target))
+		if key.Validate() != nil {
 			continue
+		}
+		if k, err := regionKey(key); err == nil {
+			if err := t.s.region.Ref(daxmem.KindView, k); err != nil {
+				log.G(ctx).WithError(err).WithField("view", key).Error("an adopted view is not in the region: it is not reused")
+				continue
+			}
 		}
 		vm := &viewMount{dir: mi.Target, done: make(chan struct{})}
 		close(vm.done)
-		t.mounted[chain] = vm
-		log.G(ctx).WithField("chain", chain).Info("adopted mounted view")
+		t.mounted[key] = vm
+		log.G(ctx).WithField("view", key).Info("adopted mounted view")
 	}
 	err = t.s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
@@ -82,14 +113,14 @@ func (t *viewTable) adopt(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			_, pinfo, _, err := storage.GetInfo(ctx, info.Parent)
+			key, _, _, err := t.keyOf(ctx, info.Parent)
 			if err != nil {
-				return err
+				log.G(ctx).WithError(err).WithField("snapshot", info.Name).Warn("the view of this snapshot cannot be rebuilt")
+				return nil
 			}
-			chain := digest.Digest(pinfo.Labels[labelChain])
-			if vm, ok := t.mounted[chain]; ok {
+			if vm, ok := t.mounted[key]; ok {
 				vm.users++
-				t.users[id] = chain
+				t.users[id] = key
 			}
 			return nil
 		})
@@ -101,44 +132,71 @@ func (t *viewTable) adopt(ctx context.Context) error {
 	return err
 }
 
+// keyOf returns the view key, chain key and layer entries (bottom first) of
+// committed snapshot name.
+func (t *viewTable) keyOf(ctx context.Context, name string) (digest.Digest, digest.Digest, []daxmem.Entry, error) {
+	chain, layers, err := t.chainOf(ctx, name)
+	if err != nil {
+		return "", "", nil, err
+	}
+	entries := make([]daxmem.Entry, len(layers))
+	for i, l := range layers {
+		e, ok, err := t.s.lookupLayer(l)
+		if err != nil {
+			return "", "", nil, err
+		}
+		if !ok {
+			return "", "", nil, fmt.Errorf("layer %s of chain %s is not in the region: %w", l, chain, errdefs.ErrNotFound)
+		}
+		entries[i] = e
+	}
+	return viewKey(chain, entries), chain, entries, nil
+}
+
 // acquire makes sure the view of committed snapshot parent is in the region
 // and mounted, counts snapshot id as its user, and returns the directory.
 func (t *viewTable) acquire(ctx context.Context, parent, id string) (string, error) {
-	chain, layers, err := t.chainOf(ctx, parent)
+	key, chain, layers, err := t.keyOf(ctx, parent)
 	if err != nil {
 		return "", err
 	}
 	t.mu.Lock()
-	if c, ok := t.users[id]; ok && c == chain {
-		if vm := t.mounted[chain]; vm != nil {
+	if k, ok := t.users[id]; ok {
+		if vm := t.mounted[k]; k == key && vm != nil {
 			t.mu.Unlock()
 			<-vm.done
 			return vm.dir, vm.err
 		}
+		// Its old view is gone or stale: count it on the current one.
+		if vm := t.mounted[k]; vm != nil {
+			vm.users--
+		}
 		delete(t.users, id)
 	}
-	vm, ok := t.mounted[chain]
+	vm, ok := t.mounted[key]
 	if !ok {
-		vm = &viewMount{dir: t.dir(chain), done: make(chan struct{})}
-		t.mounted[chain] = vm
+		vm = &viewMount{dir: t.dir(key), done: make(chan struct{})}
+		t.mounted[key] = vm
 		go func() {
 			// Detached from the caller's cancellation: other callers may
 			// be waiting for the same mount.
-			vm.err = t.mount(context.WithoutCancel(ctx), chain, layers, vm.dir)
+			vm.err = t.mount(context.WithoutCancel(ctx), key, chain, layers, vm.dir)
 			close(vm.done)
 		}()
 	}
 	vm.users++
-	t.users[id] = chain
+	t.users[id] = key
 	t.mu.Unlock()
 
 	<-vm.done
 	if vm.err != nil {
 		t.mu.Lock()
 		vm.users--
-		delete(t.users, id)
-		if t.mounted[chain] == vm {
-			delete(t.mounted, chain)
+		if t.users[id] == key {
+			delete(t.users, id)
+		}
+		if t.mounted[key] == vm {
+			delete(t.mounted, key)
 		}
 		t.mu.Unlock()
 		return "", vm.err
@@ -151,43 +209,43 @@ func (t *viewTable) acquire(ctx context.Context, parent, id string) (string, err
 func (t *viewTable) release(ctx context.Context, id string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	chain, ok := t.users[id]
+	key, ok := t.users[id]
 	if !ok {
 		return
 	}
 	delete(t.users, id)
-	if vm, ok := t.mounted[chain]; ok {
+	if vm, ok := t.mounted[key]; ok {
 		vm.users--
 	}
 }
 
-// cleanup unmounts views no snapshot uses.
+// cleanup unmounts views no snapshot uses and drops our references on them.
+// It holds the table's lock throughout, so a concurrent acquire of the same
+// view waits and then mounts it afresh instead of getting a directory being
+// unmounted; a view whose unmount fails stays in the table (and referenced)
+// for the next Cleanup.
 func (t *viewTable) cleanup(ctx context.Context) error {
 	t.mu.Lock()
-	var idle []digest.Digest
-	for chain, vm := range t.mounted {
+	defer t.mu.Unlock()
+	var errs []error
+	for key, vm := range t.mounted {
 		select {
 		case <-vm.done:
 		default:
+			continue // still being mounted
+		}
+		if vm.users > 0 {
 			continue
 		}
-		if vm.users <= 0 {
-			idle = append(idle, chain)
-			delete(t.mounted, chain)
-		}
-	}
-	t.mu.Unlock()
-	var errs []error
-	for _, chain := range idle {
-		dir := t.dir(chain)
-		if err := t.s.mounter.Unmount(ctx, dir); err != nil {
-			errs = append(errs, fmt.Errorf("unmounting view %s: %w", chain, err))
+		if err := t.s.mounter.Unmount(ctx, vm.dir); err != nil {
+			errs = append(errs, fmt.Errorf("unmounting view %s: %w", key, err))
 			continue
 		}
-		_ = os.Remove(dir)
-		if k, err := regionKey(chain); err == nil {
-			if err := t.s.region.Unref(daxmem.KindView, k); err != nil && !errdefs.IsNotFound(err) {
-				log.G(ctx).WithError(err).WithField("chain", chain).Warn("dropping our reference to a view")
+		delete(t.mounted, key)
+		_ = os.Remove(vm.dir)
+		if k, err := regionKey(key); err == nil {
+			if err := t.s.region.Unref(daxmem.KindView, k); err != nil && !errors.Is(err, daxmem.ErrNotFound) {
+				log.G(ctx).WithError(err).WithField("view", key).Warn("dropping our reference to a view")
 			}
 		}
 	}
@@ -231,15 +289,15 @@ func (t *viewTable) chainOf(ctx context.Context, name string) (digest.Digest, []
 	return chain, layers, nil
 }
 
-// mount builds the view of chain in the region if no participant has yet,
-// and mounts it on dir.
-func (t *viewTable) mount(ctx context.Context, chain digest.Digest, layers []digest.Digest, dir string) error {
-	e, window, err := t.ensureView(ctx, chain, layers)
+// mount builds the view in the region if no participant has yet, and
+// mounts it on dir.
+func (t *viewTable) mount(ctx context.Context, key, chain digest.Digest, layers []daxmem.Entry, dir string) error {
+	e, window, err := t.ensureView(ctx, key, chain, layers)
 	if err != nil {
 		return err
 	}
 	if err := t.s.region.Ref(daxmem.KindView, e.Key); err != nil {
-		return fmt.Errorf("referencing view %s: %w", chain, err)
+		return fmt.Errorf("referencing view %s of chain %s: %w", key, chain, regionErr(err))
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -250,86 +308,64 @@ func (t *viewTable) mount(ctx context.Context, chain digest.Digest, layers []dig
 	}
 	if err := t.s.mounter.Mount(ctx, src, dir); err != nil {
 		_ = t.s.region.Unref(daxmem.KindView, e.Key)
-		return fmt.Errorf("mounting view %s on %s: %w", chain, dir, err)
+		return fmt.Errorf("mounting view of chain %s on %s: %w", chain, dir, err)
 	}
 	t.s.metrics.ViewsMounted.Add(1)
-	log.G(ctx).WithField("chain", chain).WithField("layers", len(layers)).Debug("view mounted")
+	log.G(ctx).WithField("chain", chain).WithField("view", key).WithField("layers", len(layers)).Debug("view mounted")
 	return nil
 }
 
-// ensureView returns the READY view entry of chain and its window size,
+// ensureView returns the READY view entry for key and its window size,
 // building and publishing it when the region has none.
-func (t *viewTable) ensureView(ctx context.Context, chain digest.Digest, layers []digest.Digest) (daxmem.Entry, int64, error) {
-	r := t.s.region
-	k, err := regionKey(chain)
+func (t *viewTable) ensureView(ctx context.Context, key, chain digest.Digest, entries []daxmem.Entry) (daxmem.Entry, int64, error) {
+	k, err := regionKey(key)
 	if err != nil {
 		return daxmem.Entry{}, 0, err
 	}
-	for {
-		if e, ok := r.Lookup(daxmem.KindView, k); ok {
-			// Another participant (or an earlier run) built it: its
-			// superblock says how far its window reaches.
-			b, err := r.Slice(e.Offset, r.Size()-e.Offset)
-			if err != nil {
-				return e, 0, err
-			}
-			img, err := daxfs.Open(b)
-			if err != nil {
-				return e, 0, fmt.Errorf("view %s in the region: %w", chain, err)
-			}
-			return e, int64(img.TotalSize()), nil
+	below, end := int64(-1), int64(0)
+	for _, e := range entries {
+		if below < 0 || e.Offset < below {
+			below = e.Offset
 		}
-		entries := make([]daxmem.Entry, len(layers))
-		images := make([]*daxfs.Image, len(layers))
-		below, end := int64(-1), int64(0)
-		for i, l := range layers {
-			e, ok, err := t.s.lookupLayer(l)
-			if err != nil {
-				return daxmem.Entry{}, 0, err
-			}
-			if !ok {
-				return daxmem.Entry{}, 0, fmt.Errorf("layer %s of chain %s is not in the region: %w", l, chain, errdefs.ErrNotFound)
-			}
-			if images[i], err = t.s.image(e); err != nil {
-				return daxmem.Entry{}, 0, fmt.Errorf("layer %s: %w", l, err)
-			}
-			entries[i] = e
-			if below < 0 || e.Offset < below {
-				below = e.Offset
-			}
-			end = max(end, e.Offset+e.Length)
-		}
-		plan, err := converter.PlanView(images)
-		if err != nil {
-			return daxmem.Entry{}, 0, fmt.Errorf("planning view %s: %w", chain, err)
-		}
-		c, err := r.Claim(ctx, daxmem.KindView, k, plan.Size(), daxmem.ClaimOptions{Below: below})
-		switch {
-		case errors.Is(err, daxmem.ErrExists):
-			continue
-		case errors.Is(err, daxmem.ErrBusy):
-			if _, err := r.Wait(ctx, daxmem.KindView, k); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
-				return daxmem.Entry{}, 0, fmt.Errorf("waiting for view %s: %w", chain, err)
-			}
-			continue
-		case err != nil:
-			return daxmem.Entry{}, 0, fmt.Errorf("claiming %d bytes for view %s: %w", plan.Size(), chain, err)
-		}
-		bases := make([]uint64, len(entries))
-		for i, e := range entries {
-			bases[i] = uint64(e.Offset - c.Offset())
-		}
-		window := end - c.Offset()
-		if err := plan.Write(daxfs.NewWindow(c.Bytes()), bases, uint64(window)); err != nil {
-			_ = c.Abort(ctx)
-			return daxmem.Entry{}, 0, fmt.Errorf("writing view %s: %w", chain, err)
-		}
-		e, err := c.Publish(ctx, plan.Size())
-		if err != nil {
-			_ = c.Abort(ctx)
-			return daxmem.Entry{}, 0, fmt.Errorf("publishing view %s: %w", chain, err)
-		}
-		t.s.metrics.ViewsBuilt.Add(1)
-		return e, window, nil
+		end = max(end, e.Offset+e.Length)
 	}
+	var plan *converter.ViewPlan
+	c, existing, err := t.s.claim(ctx, daxmem.KindView, k, func() (int64, daxmem.ClaimOptions, error) {
+		images := make([]*daxfs.Image, len(entries))
+		for i, e := range entries {
+			var err error
+			if images[i], err = t.s.image(e); err != nil {
+				return 0, daxmem.ClaimOptions{}, fmt.Errorf("layer %s of chain %s: %w", e.Key, chain, err)
+			}
+		}
+		plan, err = converter.PlanView(images)
+		if err != nil {
+			return 0, daxmem.ClaimOptions{}, fmt.Errorf("planning the view of chain %s: %w", chain, err)
+		}
+		return plan.Size(), daxmem.ClaimOptions{Below: below}, nil
+	})
+	if err != nil {
+		return daxmem.Entry{}, 0, fmt.Errorf("view of chain %s: %w", chain, err)
+	}
+	if c == nil {
+		// Built by another participant (or earlier): the window runs to
+		// the end of its last layer.
+		return existing, end - existing.Offset, nil
+	}
+	bases := make([]uint64, len(entries))
+	for i, e := range entries {
+		bases[i] = uint64(e.Offset - c.Offset())
+	}
+	window := end - c.Offset()
+	if err := plan.Write(daxfs.NewWindow(c.Bytes()), bases, uint64(window)); err != nil {
+		_ = c.Abort(ctx)
+		return daxmem.Entry{}, 0, fmt.Errorf("writing the view of chain %s: %w", chain, err)
+	}
+	e, err := c.Publish(ctx, plan.Size())
+	if err != nil {
+		_ = c.Abort(ctx)
+		return daxmem.Entry{}, 0, fmt.Errorf("publishing the view of chain %s: %w", chain, regionErr(err))
+	}
+	t.s.metrics.ViewsBuilt.Add(1)
+	return e, window, nil
 }

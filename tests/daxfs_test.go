@@ -53,9 +53,12 @@ func TestDaxfsImportRun(t *testing.T) {
 			t.Fatalf("layer %s is not in the region after import", diffID)
 		}
 	}
-	// Our differ converted each layer once; nothing came from the region.
-	if m := d.metrics(t); m["daxfs_layers_converted_total"] != float64(len(built.DiffIDs)) || m["daxfs_region_hits_total"] != 0 {
-		t.Fatalf("after a cold import: %v layers converted, %v region hits; want %d and 0", m["daxfs_layers_converted_total"], m["daxfs_region_hits_total"], len(built.DiffIDs))
+	// Our differ streamed each layer once (not the walking differ plus a
+	// conversion at Commit); nothing came from the region.
+	if m := d.metrics(t); m["daxfs_layers_applied_total"] != float64(len(built.DiffIDs)) ||
+		m["daxfs_layers_converted_total"] != float64(len(built.DiffIDs)) || m["daxfs_region_hits_total"] != 0 {
+		t.Fatalf("after a cold import: %v layers applied by our differ, %v converted, %v region hits; want %d, %d and 0",
+			m["daxfs_layers_applied_total"], m["daxfs_layers_converted_total"], m["daxfs_region_hits_total"], len(built.DiffIDs), len(built.DiffIDs))
 	}
 
 	out := ctrd.CtrOK(t, "run", "--rm", "--snapshotter", "daxfs", ref, "read",
@@ -132,6 +135,9 @@ func TestDaxfsRegistryPull(t *testing.T) {
 			t.Fatalf("layer %s is not in the region after pull", diffID)
 		}
 	}
+	if got := d.metrics(t)["daxfs_layers_applied_total"]; got != float64(len(built.DiffIDs)) {
+		t.Fatalf("our differ applied %v layers, want %d", got, len(built.DiffIDs))
+	}
 	runGreetingOn(t, ctrd, "daxfs", remote, "pulled")
 }
 
@@ -172,6 +178,9 @@ func TestDaxfsClientPull(t *testing.T) {
 		if !regionHasLayer(t, d, diffID) {
 			t.Fatalf("layer %s is not in the region after client.Pull", diffID)
 		}
+	}
+	if got := d.metrics(t)["daxfs_layers_applied_total"]; got != float64(len(built.DiffIDs)) {
+		t.Fatalf("our differ applied %v layers through the diff service, want %d", got, len(built.DiffIDs))
 	}
 	runGreetingOn(t, ctrd, "daxfs", remote, "client-pulled")
 }
