@@ -152,7 +152,7 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	cr := &countingReader{r: stream, h: sha256.New(), limit: maxTarSize(opts.MaxSize)}
 	w := daxfs.NewWriter(&outputWriter{w: out}, opts.Writer)
 	b := newLayerBuilder(w, opts.MaxSize)
-	if err := addTar(ctx, tar.NewReader(cr), b, format); err != nil {
+	if err := addTar(ctx, cr, b, format); err != nil {
 		return res, err
 	}
 	if cr.zeroTail < 512 {
@@ -186,9 +186,10 @@ type countingReader struct {
 	limit    int64 // 0: none
 	trailing bool  // past the end-of-archive marker
 	trailN   int64
-	// zeroTail counts the zero bytes at the end of what was read so far:
-	// a tar reader that reports the end with fewer than one zero block
-	// behind it ran into the end of a truncated stream.
+	// zeroTail counts the zero bytes at the end of what was read since
+	// the last header was asked for: a tar reader that reports the end
+	// with fewer than one zero block read ran into the end of a truncated
+	// stream.
 	zeroTail int64
 }
 
@@ -218,13 +219,17 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// addTar feeds every entry of tr to b.
-func addTar(ctx context.Context, tr *tar.Reader, b *layerBuilder, format Format) error {
+// addTar feeds every entry of the tar read from cr to b.
+func addTar(ctx context.Context, cr *countingReader, b *layerBuilder, format Format) error {
+	tr := tar.NewReader(cr)
 	last := ""
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		// Count only the zeros Next reads (the previous entry's padding,
+		// then the end-of-archive blocks), not those ending file data.
+		cr.zeroTail = 0
 		hdr, err := tr.Next()
 		if err == io.EOF {
 			return nil

@@ -226,6 +226,7 @@ func TestConvertLayerHostile(t *testing.T) {
 	truncZst = truncZst[:len(truncZst)-10]
 	corruptZst := zst(t, good)
 	corruptZst[len(corruptZst)/2] ^= 0x55
+	zeroEnd := makeTar(t, []tarEnt{file("z", strings.Repeat("\x00", 2048))})
 	xs := bytes.Index(good, []byte(strings.Repeat("x", 3000)))
 	between := (xs + 3000 + 511) &^ 511
 	trailing := append(bytes.Clone(good), make([]byte, maxTrailing+1024)...)
@@ -254,6 +255,7 @@ func TestConvertLayerHostile(t *testing.T) {
 		{"truncated tar in file data", good[:xs+100], LayerOptions{}, `tar layer: truncated: entry "d/f"`},
 		{"truncated tar between entries", good[:between], LayerOptions{}, "truncated: no end-of-archive marker"},
 		{"empty stream", nil, LayerOptions{}, "truncated"},
+		{"truncated after a file ending in zeros", zeroEnd[:len(zeroEnd)-1024], LayerOptions{}, "no end-of-archive marker"},
 		{"garbage", []byte(strings.Repeat("garbage!", 100)), LayerOptions{}, "tar layer: reading the first tar header"},
 		{"truncated gzip", truncGz, LayerOptions{}, "gzip layer"},
 		{"gzip checksum", badCRC, LayerOptions{}, "gzip layer"},
