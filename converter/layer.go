@@ -290,6 +290,12 @@ func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
 		if !ok {
 			continue
 		}
+		if strings.HasPrefix(name, "trusted.") {
+			// containerd's applier never sets trusted.* xattrs from an
+			// archive ("admin attributes"): neither do we, so a layer
+			// cannot smuggle overlayfs or daxfs markers into a root.
+			continue
+		}
 		if isOverlayXattr(name) {
 			// An overlay upper holding this xattr would make the
 			// directory opaque: say so the OCI way.
