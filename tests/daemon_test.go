@@ -17,6 +17,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 )
 
@@ -84,7 +85,8 @@ func containerdConfig(socket, root string) string {
     platform = "linux/amd64"
     snapshotter = "daxfs"
     differ = "daxfs-diff"
-`, socket, root, socket)
+    layer_types = [%q]
+`, socket, root, socket, converter.MediaTypeLayer)
 }
 
 // daxfsOptions tune startWithDaxfs.

@@ -11,10 +11,12 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
+	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter/imageconv"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
@@ -289,4 +291,32 @@ func tail(path string) string {
 		s = s[len(s)-2000:]
 	}
 	return s
+}
+
+// TestDaxfsPreconverted converts an image to DAXFS layers with our
+// containerd image converter, pushes it to a registry, and pulls and runs
+// it on daxfs: the layers are validated and copied into the region as they
+// are, with nothing to decompress or convert.
+func TestDaxfsPreconverted(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
+	local := "docker.io/library/greeting:orig"
+	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), local)
+	src.CtrOK(t, "image", "import", archive)
+	remote := reg + "/library/greeting:daxfs-layers"
+	ctx := src.Context(context.Background())
+	img, err := ctrconverter.Convert(ctx, src.Client(t), remote, local, ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc()))
+	if err != nil {
+		t.Fatalf("converting %s to DAXFS layers: %v", local, err)
+	}
+	t.Logf("converted to %s", img.Target.Digest)
+	src.CtrOK(t, "image", "push", "--plain-http", remote)
+
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ctrd.CtrOK(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", remote)
+	m := d.metrics(t)
+	if m["daxfs_layers_applied_total"] != float64(len(built.DiffIDs)) {
+		t.Fatalf("our differ took %v pre-converted layers, want %d", m["daxfs_layers_applied_total"], len(built.DiffIDs))
+	}
+	runGreetingOn(t, ctrd, "daxfs", remote, "preconverted")
 }
