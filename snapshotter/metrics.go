@@ -26,8 +26,9 @@ type Metrics struct {
 	RegionHits atomic.Int64
 	// ViewsBuilt counts views this participant wrote; ViewsMounted the
 	// mounts it made.
-	ViewsBuilt   atomic.Int64
-	ViewsMounted atomic.Int64
+	ViewsBuilt     atomic.Int64
+	ViewsMounted   atomic.Int64
+	ViewsUnmounted atomic.Int64
 }
 
 // Metrics returns the snapshotter's counters.
@@ -57,6 +58,7 @@ func (m *Metrics) WritePrometheus(w io.Writer) error {
 		{"daxfs_region_hits_total", "Layers found in the region at unpack: nothing downloaded or converted.", float64(m.RegionHits.Load())},
 		{"daxfs_views_built_total", "Views written by this participant.", float64(m.ViewsBuilt.Load())},
 		{"daxfs_views_mounted_total", "View mounts made by this participant.", float64(m.ViewsMounted.Load())},
+		{"daxfs_views_unmounted_total", "Views unmounted by Cleanup once no snapshot used them.", float64(m.ViewsUnmounted.Load())},
 	} {
 		if _, err := fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %g\n", c.name, c.help, c.name, c.name, c.v); err != nil {
 			return err

@@ -242,6 +242,7 @@ func (t *viewTable) cleanup(ctx context.Context) error {
 			continue
 		}
 		delete(t.mounted, key)
+		t.s.metrics.ViewsUnmounted.Add(1)
 		_ = os.Remove(vm.dir)
 		if k, err := regionKey(key); err == nil {
 			if err := t.s.region.Unref(daxmem.KindView, k); err != nil && !errors.Is(err, daxmem.ErrNotFound) {

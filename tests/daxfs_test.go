@@ -272,8 +272,25 @@ done`
 	// The reader keeps going with the daemon dead.
 	n = waitIterations(n + 20)
 	d.start(t)
-	waitIterations(n + 20)
+	n = waitIterations(n + 20)
 	runGreetingOn(t, ctrd, "daxfs", ref, "after-restart")
+	// The restarted daemon adopted the view the reader uses: the new
+	// container got the same mount, none was made.
+	if got := d.metrics(t)["daxfs_views_mounted_total"]; got != 0 {
+		t.Fatalf("the restarted daemon mounted %v views for a chain whose view was already mounted", got)
+	}
+	// Garbage collection of another image ends in the snapshotter's
+	// Cleanup, which must keep the adopted view: it still has a user.
+	other := "docker.io/library/greeting:other"
+	otherImg := testenv.BusyboxImage(t, testimage.Layer{Entries: []testimage.Entry{testimage.File("other", []byte("other\n"), 0o644)}})
+	otherArchive, _ := testenv.WriteImageArchive(t, otherImg, other)
+	ctrd.CtrOK(t, "image", "import", "--snapshotter", "daxfs", otherArchive)
+	ctrd.CtrOK(t, "run", "--rm", "--snapshotter", "daxfs", other, "other", "true")
+	ctrd.CtrOK(t, "image", "rm", "--sync", other)
+	if got := d.metrics(t)["daxfs_views_unmounted_total"]; got < 1 {
+		t.Fatalf("Cleanup after removing %s unmounted %v views: the idle one should go", other, got)
+	}
+	waitIterations(n + 20)
 	if b, _ := os.ReadFile(logPath); strings.Contains(string(b), "READ-ERROR") || strings.Contains(string(b), "rror") {
 		t.Fatalf("the reader saw errors across the restart:\n%s", tail(logPath))
 	}
