@@ -469,3 +469,91 @@ func TestEncodeDev(t *testing.T) {
 		}
 	}
 }
+
+// TestLargeFileInWindow serves a view-style image whose one file lives
+// outside the image itself, in the window after it (as a view's files live
+// in the layer images after the view), at offsets past 4 GiB. The backing
+// file is sparse, so the test is cheap.
+func TestLargeFileInWindow(t *testing.T) {
+	requireFUSE(t)
+	p := filepath.Join(t.TempDir(), "window")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	const size = 4<<30 + 8192 + 5
+	w := daxfs.NewWriter(f, daxfs.WriterOptions{})
+	if err := w.AddExternal(&daxfs.Header{Path: "huge", Mode: daxfs.ModeRegular | 0o644, Size: size}, 0, 4096); err != nil {
+		t.Fatal(err)
+	}
+	n, err := w.Layout()
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := uint64(n+4095)&^4095 + 1<<30 // the "layer" starts 1 GiB after the image
+	window := (base + 4096 + size + 4095) &^ 4095
+	if err := w.SetExternalBases([]uint64{base}, window); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(int64(window)); err != nil {
+		t.Fatal(err)
+	}
+	marks := map[int64]string{0: "first", 4<<30 - 3: "straddles-4GiB", 4<<30 + 4096: "past-4GiB", size - 4: "end!"}
+	for off, m := range marks {
+		if _, err := f.WriteAt([]byte(m), int64(base)+4096+off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mnt := serveImage(t, p)
+	hf, err := os.Open(filepath.Join(mnt, "huge"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hf.Close()
+	st, _ := hf.Stat()
+	if st.Size() != size {
+		t.Errorf("size %d, want %d", st.Size(), size)
+	}
+	for off, m := range marks {
+		buf := make([]byte, len(m))
+		if _, err := hf.ReadAt(buf, off); err != nil || string(buf) != m {
+			t.Errorf("ReadAt(%d) = %q, %v; want %q", off, buf, err, m)
+		}
+	}
+	buf := make([]byte, 10)
+	if k, _ := hf.ReadAt(buf, size-2); k != 2 {
+		t.Errorf("read across the end returned %d bytes", k)
+	}
+}
+
+// TestTruncatedSource: when the mapped source shrinks under a mount (a
+// fault on the mapping, SIGBUS in user space), requests fail with EIO and
+// the serving process lives on.
+func TestTruncatedSource(t *testing.T) {
+	requireFUSE(t)
+	_, img := buildTree(t)
+	cp := filepath.Join(t.TempDir(), "copy.daxfs")
+	if err := mtest.CopyFile(img, cp); err != nil {
+		t.Fatal(err)
+	}
+	mnt := serveImage(t, cp)
+	if err := os.Truncate(cp, 4096); err != nil {
+		t.Fatal(err)
+	}
+	// A lookup reads the inode table (a fault in Go code), a read makes
+	// the kernel copy from the mapping (EFAULT in writev).
+	if _, err := os.Lstat(filepath.Join(mnt, "sizes/f65537")); !errors.Is(err, unix.EIO) {
+		t.Errorf("lookup on a truncated source: %v, want EIO", err)
+	}
+	if _, err := os.ReadFile(filepath.Join(mnt, "one")); !errors.Is(err, unix.EIO) {
+		t.Errorf("read on a truncated source: %v, want EIO", err)
+	}
+	// This process (the server) is still alive and serving.
+	if _, err := os.Stat(mnt); err != nil {
+		t.Errorf("stat of the root after faults: %v", err)
+	}
+}
