@@ -234,3 +234,15 @@ func absTarget(target string) (string, error) {
 const FSTypeFUSE = daxfuse.FSType
 
 var errNoKernel = errors.New("the daxfs kernel module is not loaded (not in /proc/filesystems)")
+
+// StopFUSE detaches every FUSE mount of the serving process of stateDir,
+// waits for the connections to end (up to 10 s; an overlay still using a
+// lower keeps its connection alive and makes this fail), and stops the
+// serving process and its descriptor holder. For tests and operators:
+// the daemon itself never stops the serving process.
+func StopFUSE(ctx context.Context, stateDir string) error {
+	if stateDir == "" {
+		stateDir = fusesrv.DefaultStateDir
+	}
+	return fusesrv.NewClient(stateDir, nil).Quit(ctx)
+}

@@ -36,6 +36,14 @@ func TestMountListUnmount(t *testing.T) {
 	if d := testenv.Diff(want, got); len(d) > 0 {
 		t.Errorf("served tree differs:\n%s", strings.Join(d, "\n"))
 	}
+	// Exec of a static binary from the mount, directly and through a
+	// symlink.
+	if out, err := exec.Command(filepath.Join(mnt, "bin/busybox"), "echo", "hello from daxfs").CombinedOutput(); err != nil || string(out) != "hello from daxfs\n" {
+		t.Errorf("exec busybox from the mount: %q, %v", out, err)
+	}
+	if out, err := exec.Command(filepath.Join(mnt, "bin/sh"), "-c", "cat "+filepath.Join(mnt, "one")).CombinedOutput(); err != nil || string(out) != "x" {
+		t.Errorf("exec through a symlink: %q, %v", out, err)
+	}
 	ms := listMounts(t, c)
 	if len(ms) != 1 || ms[0].Target != mnt || ms[0].State != StateMounted || ms[0].Source.Path != img {
 		t.Errorf("list = %s", describe(ms))
