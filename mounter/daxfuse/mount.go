@@ -1,6 +1,7 @@
 package daxfuse
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -43,6 +44,13 @@ func Mount(target, fsname string) (int, error) {
 		return -1, fmt.Errorf("mount target %q: not an absolute path", target)
 	}
 	st, err := os.Stat(target)
+	if errors.Is(err, unix.ENOTCONN) {
+		// A dead FUSE mount (its server and the descriptor holder both
+		// died): take it off the directory and mount afresh.
+		if uerr := unix.Unmount(target, unix.MNT_DETACH); uerr == nil {
+			st, err = os.Stat(target)
+		}
+	}
 	if err != nil {
 		return -1, fmt.Errorf("mount target: %w", err)
 	}

@@ -305,3 +305,35 @@ i=$((i+1)); done; echo "iterations $i"`
 	}
 	_ = io.Discard
 }
+
+// TestRemountOverDeadMount: if the server and the holder both die, the
+// mount is dead (ENOTCONN); mounting on its directory again replaces it.
+func TestRemountOverDeadMount(t *testing.T) {
+	c := startServer(t)
+	src, img := testImage(t)
+	mnt := mkdir(t, filepath.Join(t.TempDir(), "mnt"))
+	if err := mountImage(t, c, Source{Path: img}, mnt, false); err != nil {
+		t.Fatal(err)
+	}
+	probe := NewClient(c.StateDir(), nil)
+	r, err := probe.Ensure(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	hp := holderPIDFromProc(t, holderLock(c.StateDir()))
+	syscall.Kill(hp, syscall.SIGKILL)
+	syscall.Kill(r.PID, syscall.SIGKILL)
+	waitFor(t, "the mount to die", func() bool {
+		_, err := os.Stat(filepath.Join(mnt, "one"))
+		return err != nil
+	})
+	if _, err := c.Ensure(context.Background()); err != nil { // starts a new server
+		t.Fatal(err)
+	}
+	if err := mountImage(t, c, Source{Path: img}, mnt, false); err != nil {
+		t.Fatalf("mount over a dead mount: %v", err)
+	}
+	if got := mustRead(t, filepath.Join(mnt, "sizes/f4097")); !bytes.Equal(got, mustRead(t, filepath.Join(src, "sizes/f4097"))) {
+		t.Errorf("wrong contents after remount")
+	}
+}
