@@ -146,8 +146,9 @@ func DisablePoll(target string) error {
 }
 
 // ReadAheadKB is the readahead window Tune sets: large sequential reads
-// become few large FUSE requests.
-const ReadAheadKB = 1024
+// become several 1 MiB FUSE requests in flight at once (measured: cold
+// sequential reads 0.47x of overlay-on-disk with 1 MiB, 0.7x with 4 MiB).
+const ReadAheadKB = 4096
 
 // Tune sets the mount's readahead window (the kernel starts FUSE mounts
 // at the smaller of its default and what INIT said). Best effort.
