@@ -421,10 +421,9 @@ type expectedEntry struct {
 // compares every path with the fixture's expected.json.
 func TestUpstreamFixture(t *testing.T) {
 	requireFUSE(t)
-	dir := "/work/shared/fixtures/upstream-v5"
-	if _, err := os.Stat(filepath.Join(dir, "static.daxfs")); err != nil {
-		dir = filepath.Join(testenv.ModuleRoot(), "testdata", "upstream-v5")
-	}
+	// The project's shared material lies beside the repository, in a
+	// developer's tree and in CI's clone alike.
+	dir := filepath.Join(filepath.Dir(testenv.ModuleRoot()), "shared", "fixtures", "upstream-v5")
 	b, err := os.ReadFile(filepath.Join(dir, "expected.json"))
 	if err != nil {
 		t.Fatalf("fixture: %v", err)
