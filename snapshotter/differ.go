@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"path/filepath"
 	"strings"
 	"time"
@@ -125,6 +124,7 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	}
 
 	start := time.Now()
+	log.G(ctx).WithField("blob", desc.Digest).Debug("apply")
 	out, size, err := d.convert(ctx, provider, desc, st)
 	if err != nil || size > 0 {
 		s.metrics.converted(size, time.Since(start), err)
@@ -179,8 +179,12 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 			_ = c.Abort(ctx)
 			return ocispec.Descriptor{}, 0, fmt.Errorf("opening blob: %w", err)
 		}
-		res, err := converter.ConvertLayer(ctx, io.NewSectionReader(ra, 0, ra.Size()), daxfs.NewWindow(c.Bytes()), converter.LayerOptions{MaxSize: s.maxSize})
+		start := time.Now()
+		blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
+		res, err := converter.ConvertLayer(ctx, blob, daxfs.NewWindow(c.Bytes()), converter.LayerOptions{MaxSize: s.maxSize})
+		blob.Close()
 		ra.Close()
+		log.G(ctx).WithField("blob", desc.Digest).WithField("took", time.Since(start)).WithField("fetching", blob.waited).Debug("converted blob")
 		if errors.Is(err, daxfs.ErrNoSpace) {
 			_ = c.Abort(ctx)
 			if bound >= limit {

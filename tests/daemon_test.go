@@ -55,10 +55,12 @@ type daxfsDaemon struct {
 	Dir, Root, Socket, Region, LogPath string
 	// Metrics is the host:port of the daemon's /metrics endpoint.
 	Metrics string
-	bin     string
-	ctrd    *testenv.Containerd
-	cmd     *exec.Cmd
-	exited  chan struct{}
+	// ownRegion: the region file is this daemon's, removed at cleanup.
+	ownRegion bool
+	bin       string
+	ctrd      *testenv.Containerd
+	cmd       *exec.Cmd
+	exited    chan struct{}
 }
 
 // containerdConfig is the containerd configuration of DESIGN section 1 for
@@ -108,15 +110,19 @@ func startWithDaxfs(t testing.TB, opts testenv.ContainerdOptions, dopts ...daxfs
 		t.Fatal(err)
 	}
 	d := &daxfsDaemon{
-		Dir:     dir,
-		Root:    filepath.Join(dir, "root"),
-		Socket:  filepath.Join(dir, "daxfs.sock"),
-		Region:  filepath.Join(dir, "region"),
+		Dir:    dir,
+		Root:   filepath.Join(dir, "root"),
+		Socket: filepath.Join(dir, "daxfs.sock"),
+		// Shared memory, as in production (the default region lives in
+		// /dev/shm): a region file on disk would make every publish an
+		// msync to the disk.
+		Region:  filepath.Join("/dev/shm", filepath.Base(dir)+"-region"),
 		LogPath: filepath.Join(dir, "daxfs.log"),
 	}
+	d.ownRegion = true
 	for _, o := range dopts {
 		if o.Region != "" {
-			d.Region = o.Region
+			d.Region, d.ownRegion = o.Region, false
 		}
 	}
 	opts.ExtraConfig = containerdConfig(d.Socket, d.Root) + opts.ExtraConfig
@@ -236,6 +242,9 @@ func (d *daxfsDaemon) cleanup(t testing.TB) {
 		_ = mount.UnmountAll(mounts[i], syscall.MNT_DETACH)
 	}
 	_ = os.RemoveAll(d.Dir)
+	if d.ownRegion {
+		_ = os.Remove(d.Region)
+	}
 }
 
 // killMentioning SIGKILLs processes whose command line contains needle.
