@@ -134,15 +134,19 @@ func BenchmarkImportRun(b *testing.B) {
 	b.Log(tab.String())
 }
 
+// firstLine shortens a ctr failure to the line that says why (ctr's own
+// "ctr: ..." message from its standard error), else the first line.
 func firstLine(err error) string {
 	if err == nil {
 		return ""
 	}
-	s := err.Error()
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		return s[:i]
+	lines := strings.Split(err.Error(), "\n")
+	for _, l := range lines {
+		if strings.HasPrefix(strings.TrimSpace(l), "ctr: ") {
+			return strings.TrimSpace(l)
+		}
 	}
-	return s
+	return lines[0]
 }
 
 // settle writes back dirty pages and drops the page cache.
