@@ -6,9 +6,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -66,7 +68,27 @@ func (c *Client) StateDir() string { return c.stateDir }
 // Ensure makes sure a server runs, starting it if needed, and returns its
 // ping answer.
 func (c *Client) Ensure(ctx context.Context) (*Response, error) {
-	return c.call(ctx, &Request{Op: "ping"})
+	// A server that is starting (or one we just started while a dying one
+	// still held the socket) can drop a first connection; a ping is
+	// idempotent, so retry those for a while.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := c.call(ctx, &Request{Op: "ping"})
+		if err == nil || !transient(err) || time.Now().After(deadline) {
+			return resp, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// transient reports connection errors a retry can cure.
+func transient(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 func (c *Client) dial(ctx context.Context) (net.Conn, error) {
