@@ -38,6 +38,9 @@ func newPrefetchReader(ctx context.Context, ra io.ReaderAt, size int64, depth in
 	go func() {
 		defer close(ch)
 		for off := int64(0); off < size; {
+			if ctx.Err() != nil {
+				return // Close: the consumer is gone
+			}
 			n := min(int64(prefetchChunk), size-off)
 			b := make([]byte, n)
 			m, err := ra.ReadAt(b, off)

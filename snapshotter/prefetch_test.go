@@ -79,7 +79,9 @@ func TestPrefetchReaderCloseEarly(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close()
-	if ra.calls > 3 {
-		t.Fatalf("%d chunks fetched after an early Close, want at most 3", ra.calls)
+	// One consumed, one buffered, one in flight, and at most one more
+	// sent while Close drains: never the whole blob.
+	if ra.calls > 4 {
+		t.Fatalf("%d of 10 chunks fetched after an early Close, want at most 4", ra.calls)
 	}
 }

@@ -393,6 +393,20 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		if dir != "" {
 			_ = os.RemoveAll(dir)
 		}
+		if st != nil && st.Hit {
+			// Give back the reference taken above, unless another
+			// snapshot of ours uses the layer.
+			s.refMu.Lock()
+			var inUse map[string]bool
+			if terr := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+				var err error
+				inUse, err = s.layersInUse(ctx)
+				return err
+			}); (terr == nil || errdefs.IsNotFound(terr)) && !inUse[st.DiffID.String()] {
+				s.unref(ctx, st.DiffID)
+			}
+			s.refMu.Unlock()
+		}
 		return nil, fmt.Errorf("creating snapshot %s: %w", key, err)
 	}
 	defer func() {
@@ -556,11 +570,10 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	s.refMu.Lock()
 	defer s.refMu.Unlock()
 	var (
-		id     string
-		info   snapshots.Info
-		layer  digest.Digest // the layer image this snapshot referenced
-		inUse  map[string]bool
-		stages = map[string]stage{}
+		id    string
+		info  snapshots.Info
+		layer digest.Digest // the layer image this snapshot referenced
+		inUse map[string]bool
 	)
 	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		var err error
@@ -584,23 +597,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		if layer == "" {
 			return nil
 		}
-		inUse = map[string]bool{}
-		ids, err := storage.IDMap(ctx)
-		if err != nil {
-			return err
-		}
-		err = storage.WalkInfo(ctx, func(ctx context.Context, i snapshots.Info) error {
-			if l := i.Labels[labelLayer]; l != "" {
-				inUse[l] = true
-			}
-			return nil
-		})
-		for sid := range ids {
-			if st, ok, _ := s.readStage(sid); ok && (st.Hit || st.Applied) {
-				stages[sid] = st
-				inUse[st.DiffID.String()] = true
-			}
-		}
+		inUse, err = s.layersInUse(ctx)
 		return err
 	})
 	if err != nil {
@@ -611,15 +608,46 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the snapshot's directory")
 	}
 	if layer != "" && !inUse[layer.String()] {
-		k, err := regionKey(layer)
-		if err == nil {
-			err = s.region.Unref(daxmem.KindLayer, k)
-		}
-		if err != nil && !errors.Is(err, daxmem.ErrNotFound) {
-			log.G(ctx).WithError(err).WithField("layer", layer).Warn("dropping our reference to a layer")
-		}
+		s.unref(ctx, layer)
 	}
 	return nil
+}
+
+// layersInUse returns the layers our snapshots reference: committed ones
+// by label, extraction snapshots by their stage (a region hit or our
+// differ's publication). Call it inside a metadata transaction.
+func (s *Snapshotter) layersInUse(ctx context.Context) (map[string]bool, error) {
+	inUse := map[string]bool{}
+	err := storage.WalkInfo(ctx, func(ctx context.Context, i snapshots.Info) error {
+		if l := i.Labels[labelLayer]; l != "" {
+			inUse[l] = true
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	ids, err := storage.IDMap(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for id := range ids {
+		if st, ok, _ := s.readStage(id); ok && (st.Hit || st.Applied) {
+			inUse[st.DiffID.String()] = true
+		}
+	}
+	return inUse, nil
+}
+
+// unref drops our region reference on a layer.
+func (s *Snapshotter) unref(ctx context.Context, layer digest.Digest) {
+	k, err := regionKey(layer)
+	if err == nil {
+		err = s.region.Unref(daxmem.KindLayer, k)
+	}
+	if err != nil && !errors.Is(err, daxmem.ErrNotFound) {
+		log.G(ctx).WithError(err).WithField("layer", layer).Warn("dropping our reference to a layer")
+	}
 }
 
 // Walk calls fn for every snapshot matching the filters.
