@@ -12,6 +12,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 )
 
 // KernelFSType is the kernel module's file system type.
@@ -119,7 +121,7 @@ func (kernelMounter) Unmount(ctx context.Context, target string) error {
 }
 
 func (kernelMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
-	ms, err := readMountinfo()
+	ms, err := mountinfo.Read()
 	if err != nil {
 		return nil, err
 	}
@@ -152,7 +154,7 @@ func isKernelMount(target string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	ms, err := readMountinfo()
+	ms, err := mountinfo.Read()
 	if err != nil {
 		return false, err
 	}

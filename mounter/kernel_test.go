@@ -74,51 +74,6 @@ func TestKernelMountData(t *testing.T) {
 	}
 }
 
-func TestParseMountinfo(t *testing.T) {
-	const sample = `22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:5 - proc proc rw
-41 26 0:38 / /var/lib/containerd-daxfs/mnt/sha256:abc ro,relatime - fuse.daxfs /dev/shm/containerd-daxfs/region ro,user_id=0,group_id=0,default_permissions,allow_other,max_read=131072
-50 26 0:40 / /mnt/with\040space ro - daxfs none ro,phys=0x100000000,size=8388608
-51 26 0:41 / /mnt/x rw master:1 shared:2 - overlay overlay rw,lowerdir=/a,upperdir=/b,workdir=/c
-`
-	ms, err := ParseMountinfo(strings.NewReader(sample))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(ms) != 4 {
-		t.Fatalf("%d entries", len(ms))
-	}
-	if ms[1].FSType != FSTypeFUSE || ms[1].MountPoint != "/var/lib/containerd-daxfs/mnt/sha256:abc" || ms[1].Source != "/dev/shm/containerd-daxfs/region" {
-		t.Errorf("fuse entry = %+v", ms[1])
-	}
-	if ms[2].MountPoint != "/mnt/with space" || ms[2].FSType != "daxfs" || !strings.Contains(ms[2].SuperOptions, "phys=0x100000000") {
-		t.Errorf("kernel entry = %+v", ms[2])
-	}
-	if ms[3].FSType != "overlay" || ms[3].MountPoint != "/mnt/x" {
-		t.Errorf("entry with optional fields = %+v", ms[3])
-	}
-	for _, bad := range []string{"1 2 3\n", "1 2 0:1 / /x rw - \n", "no separator here at all\n"} {
-		if _, err := ParseMountinfo(strings.NewReader(bad)); err == nil {
-			t.Errorf("ParseMountinfo(%q) accepted a malformed line", bad)
-		}
-	}
-}
-
-func FuzzParseMountinfo(f *testing.F) {
-	f.Add("41 26 0:38 / /a\\040b ro - fuse.daxfs src ro,max_read=1\n")
-	f.Add("1 2 3\n")
-	f.Add("\\")
-	f.Fuzz(func(t *testing.T, s string) {
-		ms, err := ParseMountinfo(strings.NewReader(s))
-		if err == nil {
-			for _, m := range ms {
-				if m.FSType == "" {
-					t.Errorf("entry without a type: %+v", m)
-				}
-			}
-		}
-	})
-}
-
 func FuzzParseFilesystems(f *testing.F) {
 	f.Add(sampleFilesystems)
 	f.Fuzz(func(t *testing.T, s string) {

@@ -80,31 +80,6 @@ func FuzzParseAptSources(f *testing.F) {
 	})
 }
 
-func TestUnescapeMountinfo(t *testing.T) {
-	for in, want := range map[string]string{
-		`/a/b`:             "/a/b",
-		`/with\040space`:   "/with space",
-		`/tab\011x\134y`:   "/tab\tx\\y",
-		`/trailing\`:       `/trailing\`,
-		`/short\04`:        `/short\04`,
-		`/not\999octal`:    `/not\999octal`,
-		`/x\012newline\04`: "/x\nnewline\\04",
-	} {
-		if got := unescapeMountinfo(in); got != want {
-			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
-		}
-	}
-}
-
-func FuzzUnescapeMountinfo(f *testing.F) {
-	f.Add(`/with\040space`)
-	f.Fuzz(func(t *testing.T, s string) {
-		if got := unescapeMountinfo(s); len(got) > len(s) {
-			t.Fatalf("unescaping grew %q to %q", s, got)
-		}
-	})
-}
-
 // TestUnmountUnder mounts stacked and nested tmpfs instances and checks
 // that unmountUnder removes all of them, deepest first, and nothing else.
 func TestUnmountUnder(t *testing.T) {

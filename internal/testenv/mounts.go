@@ -1,16 +1,15 @@
 package testenv
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 )
 
 // MountsUnder returns the mount points at or below dir, as listed in
@@ -27,29 +26,18 @@ func MountsUnder(dir string) ([]string, error) {
 	if err != nil {
 		real = dir
 	}
-	f, err := os.Open("/proc/self/mountinfo")
+	entries, err := mountinfo.Read()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("reading /proc/self/mountinfo: %w", err)
 	}
-	defer f.Close()
 	var points []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		p := unescapeMountinfo(fields[4])
+	for _, e := range entries {
 		for _, d := range []string{dir, real} {
-			if p == d || strings.HasPrefix(p, d+"/") {
-				points = append(points, p)
+			if e.MountPoint == d || strings.HasPrefix(e.MountPoint, d+"/") {
+				points = append(points, e.MountPoint)
 				break
 			}
 		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("reading /proc/self/mountinfo: %w", err)
 	}
 	// mountinfo lists parents before children; reverse it so children come
 	// first, and keep that order stable for equal paths (stacked mounts).
@@ -60,26 +48,6 @@ func MountsUnder(dir string) ([]string, error) {
 		return strings.Count(points[i], "/") > strings.Count(points[j], "/")
 	})
 	return points, nil
-}
-
-// unescapeMountinfo undoes the octal escapes (\040 for a space, ...) that
-// the kernel uses in mountinfo paths.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // unmountUnder unmounts everything mounted at or below dir, lazily when a

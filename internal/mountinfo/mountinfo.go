@@ -1,4 +1,6 @@
-package mounter
+// Package mountinfo parses /proc/self/mountinfo: the mounter finds its
+// kernel mounts with it, and the test harness what is left mounted.
+package mountinfo
 
 import (
 	"bufio"
@@ -10,18 +12,18 @@ import (
 	"strings"
 )
 
-// MountinfoEntry is one line of /proc/self/mountinfo.
-type MountinfoEntry struct {
+// Entry is one line of /proc/self/mountinfo.
+type Entry struct {
 	MountPoint   string
 	FSType       string
 	Source       string
 	SuperOptions string
 }
 
-// ParseMountinfo parses /proc/self/mountinfo contents. A malformed line
+// Parse parses /proc/self/mountinfo contents. A malformed line
 // is an error naming its number.
-func ParseMountinfo(r io.Reader) ([]MountinfoEntry, error) {
-	var out []MountinfoEntry
+func Parse(r io.Reader) ([]Entry, error) {
+	var out []Entry
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	n := 0
@@ -40,7 +42,7 @@ func ParseMountinfo(r io.Reader) ([]MountinfoEntry, error) {
 		if len(f) < 6 || len(g) < 2 {
 			return nil, fmt.Errorf("mountinfo line %d: too few fields", n)
 		}
-		e := MountinfoEntry{MountPoint: unescapeOctal(f[4]), FSType: g[0], Source: unescapeOctal(g[1])}
+		e := Entry{MountPoint: unescapeOctal(f[4]), FSType: g[0], Source: unescapeOctal(g[1])}
 		if len(g) > 2 {
 			e.SuperOptions = g[2]
 		}
@@ -69,11 +71,12 @@ func unescapeOctal(s string) string {
 	return b.String()
 }
 
-func readMountinfo() ([]MountinfoEntry, error) {
+// Read parses this process's /proc/self/mountinfo.
+func Read() ([]Entry, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	return ParseMountinfo(f)
+	return Parse(f)
 }
