@@ -380,6 +380,29 @@ func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
 	return fmt.Errorf("entry %q: unsupported tar entry type %q", hdr.Name, hdr.Typeflag)
 }
 
+// readIntoWindow fills buf (the start of win's bytes) from r like
+// io.ReadFull, backing the window's memory as it goes.
+func readIntoWindow(r io.Reader, win *daxfs.Window, buf []byte) (int, error) {
+	const step = 16 << 20
+	n := 0
+	for n < len(buf) {
+		end := min(len(buf), n+step)
+		if err := win.Ensure(int64(end)); err != nil {
+			return n, err
+		}
+		k, err := io.ReadFull(r, buf[n:end])
+		n += k
+		if err != nil {
+			if err == io.EOF && n > 0 {
+				// Short, but not empty: as io.ReadFull says it.
+				err = io.ErrUnexpectedEOF
+			}
+			return n, err
+		}
+	}
+	return n, nil
+}
+
 // copyImage validates a blob that already is a DAXFS layer image and copies
 // it to out unchanged. Validation needs the whole image addressable: when
 // out is a Window (a region extent) the image is copied first and checked
@@ -393,7 +416,7 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 		if opts.MaxSize > 0 && int64(len(buf)) > opts.MaxSize {
 			buf = buf[:opts.MaxSize]
 		}
-		n, err := io.ReadFull(r, buf)
+		n, err := readIntoWindow(r, win, buf)
 		switch {
 		case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
 		case err != nil:

@@ -579,6 +579,10 @@ func (w *Writer) copyToWindow(win *Window, path string, size int64, padded uint6
 		w.err = fmt.Errorf("daxfs: %s: writing data at %d: %w", path, off, ErrNoSpace)
 		return w.err
 	}
+	if err := win.Ensure(int64(off + padded)); err != nil {
+		w.err = fmt.Errorf("daxfs: %s: writing data at %d: %w", path, off, err)
+		return w.err
+	}
 	dst := win.b[off : off+padded]
 	k, err := io.ReadFull(r, dst[:size])
 	if err != nil {
@@ -1042,15 +1046,56 @@ func (w *Writer) writeMeta() error {
 // Window is an io.WriterAt and io.ReaderAt over a byte slice, such as an
 // extent of the shared region. Writes past its end fail with ErrNoSpace and
 // write nothing.
-type Window struct{ b []byte }
+type Window struct {
+	b []byte
+	// reserve, when set, backs a range of b with memory before it is
+	// written; ready is how much of b (a prefix) it has backed.
+	reserve func(off, n int64) error
+	ready   int64
+}
+
+// reserveChunk is how far ahead of the write position a reserving Window
+// backs its memory: large enough that reservations are rare, small
+// enough that an image much smaller than its bound costs little.
+const reserveChunk = 16 << 20
 
 // NewWindow returns a Window over b.
 func NewWindow(b []byte) *Window { return &Window{b: b} }
+
+// NewReservingWindow returns a Window over b that calls reserve(off, n) to
+// back b[off:off+n] with memory before writing there, in growing prefixes
+// of b. It lets a writer claim a generous bound of a region (the image's
+// size is not known before it is written) and pay only for what it
+// writes. An error from reserve fails the write that needed it.
+func NewReservingWindow(b []byte, reserve func(off, n int64) error) *Window {
+	return &Window{b: b, reserve: reserve}
+}
+
+// Ensure backs b[:end] (clipped to the Window) with memory. Writes through
+// WriteAt and the Writer do this themselves; code that fills Bytes()
+// directly calls it first.
+func (w *Window) Ensure(end int64) error {
+	if w.reserve == nil || end <= w.ready {
+		return nil
+	}
+	next := min(int64(len(w.b)), (end+reserveChunk-1)/reserveChunk*reserveChunk)
+	if next <= w.ready {
+		return nil
+	}
+	if err := w.reserve(w.ready, next-w.ready); err != nil {
+		return fmt.Errorf("daxfs: backing bytes [%d,%d) of the output: %w", w.ready, next, err)
+	}
+	w.ready = next
+	return nil
+}
 
 // WriteAt implements io.WriterAt.
 func (w *Window) WriteAt(p []byte, off int64) (int, error) {
 	if off < 0 || off > int64(len(w.b)) || int64(len(p)) > int64(len(w.b))-off {
 		return 0, ErrNoSpace
+	}
+	if err := w.Ensure(off + int64(len(p))); err != nil {
+		return 0, err
 	}
 	return copy(w.b[off:], p), nil
 }

@@ -426,3 +426,61 @@ func TestWindowNoSpaceForMetadata(t *testing.T) {
 		t.Fatal("half-written image validates")
 	}
 }
+
+// TestReservingWindow checks that a reserving Window backs its memory in
+// growing prefixes that cover every byte written before it is written, and
+// that a failing reservation fails the write naming the file.
+func TestReservingWindow(t *testing.T) {
+	big := strings.Repeat("x", 3*reserveChunk/2)
+	var calls [][2]int64
+	buf := make([]byte, 4*reserveChunk)
+	win := NewReservingWindow(buf, func(off, n int64) error {
+		calls = append(calls, [2]int64{off, n})
+		return nil
+	})
+	w := NewWriter(win, WriterOptions{})
+	for _, f := range []struct{ path, data string }{{"a", "hello"}, {"big", big}, {"z", "bye"}} {
+		h, r := file(f.path, f.data)
+		if err := w.Add(h, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	size, err := w.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var end int64
+	for _, c := range calls {
+		if c[0] != end || c[1] <= 0 {
+			t.Fatalf("reservations %v are not growing prefixes", calls)
+		}
+		end += c[1]
+	}
+	if end < size || end > size+reserveChunk {
+		t.Fatalf("reserved %d bytes for an image of %d", end, size)
+	}
+	im, err := Open(buf[:size])
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := im.LookupPath("big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := im.Data(in.Ino); string(d) != big {
+		t.Fatal("big file reads back wrong")
+	}
+
+	boom := errors.New("tmpfs full")
+	win = NewReservingWindow(make([]byte, 4*reserveChunk), func(off, n int64) error {
+		if off+n > reserveChunk {
+			return boom
+		}
+		return nil
+	})
+	w = NewWriter(win, WriterOptions{})
+	h, r := file("big", big)
+	if err := w.Add(h, r); !errors.Is(err, boom) || !strings.Contains(err.Error(), "big") {
+		t.Fatalf("write past a failing reservation: %v, want the reservation's error naming the file", err)
+	}
+}

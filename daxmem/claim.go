@@ -17,6 +17,11 @@ type ClaimOptions struct {
 	// Below, when non-zero, is a region offset the extent must end at or
 	// below: a view must lie below the layers it references.
 	Below int64
+	// Deferred leaves the extent unbacked: the writer calls Claim.Reserve
+	// for each range before it writes there. A generous size (a bound on
+	// an image whose size is not known yet) then costs nothing until it
+	// is used; Publish gives the unused tail back either way.
+	Deferred bool
 }
 
 // Claim is a WRITING entry owned by this participant: write the image into
@@ -103,9 +108,12 @@ func (r *Region) Claim(ctx context.Context, k Kind, key Key, size int64, opts Cl
 			if err != nil {
 				return nil, err
 			}
-			if err := r.be.reserveRange(r.mem, c.off, c.extent); err != nil {
+			if opts.Deferred {
+				return c, nil
+			}
+			if err := c.Reserve(0, c.extent); err != nil {
 				c.Abort(ctx)
-				return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("backing store of %s cannot hold %d more bytes: %v", r.be.path, c.extent, err))
+				return nil, err
 			}
 			return c, nil
 		}
@@ -227,6 +235,20 @@ func checksum(b []byte) (sum uint64, err error) {
 		}
 	}()
 	return uint64(crc32.Checksum(b, castagnoli)), nil
+}
+
+// Reserve backs bytes [off, off+n) of the claim with memory, so that
+// stores there cannot fault (see backend.reserveRange). A claim made
+// without ClaimOptions.Deferred is reserved whole already. A full backing
+// store (tmpfs, filesystem) is ErrFull.
+func (c *Claim) Reserve(off, n int64) error {
+	if off < 0 || n < 0 || off > c.extent || n > c.extent-off {
+		return c.r.keyErr("reserve", c.kind, c.key, nil, ErrInvalidSize, fmt.Sprintf("range [%d,%d) outside the claimed %d bytes", off, off+n, c.extent))
+	}
+	if err := c.r.be.reserveRange(c.r.mem, c.off+off, n); err != nil {
+		return c.r.keyErr("reserve", c.kind, c.key, nil, ErrFull, fmt.Sprintf("backing store of %s cannot hold %d more bytes: %v", c.r.be.path, n, err))
+	}
+	return nil
 }
 
 // Publish makes the image READY: finalSize bytes (at most the claimed

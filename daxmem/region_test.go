@@ -1,6 +1,8 @@
 package daxmem
 
 import (
+	"golang.org/x/sys/unix"
+
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -636,5 +638,65 @@ func TestEvictedParticipantIsFenced(t *testing.T) {
 	}
 	if len(a.Entries()) != 0 {
 		t.Fatalf("entries %+v", a.Entries())
+	}
+}
+
+// TestDeferredClaim checks that a Deferred claim allocates no memory until
+// the writer reserves it, that Reserve backs exactly what it is asked for,
+// and that Publish of a short image leaves only that image allocated.
+func TestDeferredClaim(t *testing.T) {
+	ctx := context.Background()
+	o := testOpts(t, 64<<20)
+	r := mustCreate(t, o)
+	mustJoin(t, r)
+	allocated := func() int64 {
+		t.Helper()
+		var st unix.Stat_t
+		if err := unix.Stat(o.Path, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks * 512
+	}
+	before := allocated()
+	k := key("deferred")
+	c, err := r.Claim(ctx, KindLayer, k, 32<<20, ClaimOptions{Deferred: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated() - before; got > 1<<20 {
+		t.Fatalf("a deferred claim of 32 MiB allocated %d bytes up front", got)
+	}
+	if err := c.Reserve(0, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated() - before; got < 4<<20 || got > 5<<20 {
+		t.Fatalf("Reserve of 4 MiB allocated %d bytes", got)
+	}
+	for _, bad := range [][2]int64{{-1, 1}, {0, 33 << 20}, {32 << 20, 1}, {4096, -1}} {
+		if err := c.Reserve(bad[0], bad[1]); !errors.Is(err, ErrInvalidSize) || !strings.Contains(err.Error(), k.Short()) {
+			t.Errorf("Reserve(%d, %d) = %v, want ErrInvalidSize naming the key", bad[0], bad[1], err)
+		}
+	}
+	fill(c.Bytes()[:3<<20], k)
+	e, err := c.Publish(ctx, 3<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Verify(e.Kind, e.Key); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated() - before; got > 4<<20 {
+		t.Fatalf("after publishing 3 MiB, %d bytes stay allocated", got)
+	}
+
+	// Without Deferred the whole claim is backed at once.
+	before = allocated()
+	c, err = r.Claim(ctx, KindLayer, key("eager"), 8<<20, ClaimOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Abort(ctx)
+	if got := allocated() - before; got < 8<<20 {
+		t.Fatalf("an eager claim of 8 MiB allocated only %d bytes", got)
 	}
 }

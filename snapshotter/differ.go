@@ -164,7 +164,10 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 		}
 		bound = min(bound, limit)
 		c, _, err := s.claim(ctx, daxmem.KindLayer, key, func() (int64, daxmem.ClaimOptions, error) {
-			return bound, daxmem.ClaimOptions{}, nil
+			// Deferred: the bound is backed with memory only as the
+			// image grows into it (populating all of it up front cost
+			// more than the conversion for a 100 MB blob).
+			return bound, daxmem.ClaimOptions{Deferred: true}, nil
 		})
 		if err != nil {
 			return ocispec.Descriptor{}, 0, err
@@ -181,7 +184,7 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 		}
 		start := time.Now()
 		blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
-		res, err := converter.ConvertLayer(ctx, blob, daxfs.NewWindow(c.Bytes()), converter.LayerOptions{MaxSize: s.maxSize})
+		res, err := converter.ConvertLayer(ctx, blob, daxfs.NewReservingWindow(c.Bytes(), c.Reserve), converter.LayerOptions{MaxSize: s.maxSize})
 		blob.Close()
 		ra.Close()
 		log.G(ctx).WithField("blob", desc.Digest).WithField("took", time.Since(start)).WithField("fetching", blob.waited).Debug("converted blob")
