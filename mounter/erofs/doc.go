@@ -25,9 +25,12 @@
 //	byte 1024    superblock (128 bytes): features CHUNKED_FILE and
 //	             DEVICE_TABLE, meta_blkaddr 0, extra_devices 1, devt_slotoff
 //	             10, uuid derived from the image's bytes
-//	byte 1280    the one device slot: empty tag (mounting without device=
-//	             fails instead of reading the wrong blocks), blocks =
-//	             Options.DataSize/4096, mapped_blkaddr 0
+//	byte 1280    the one device slot: empty tag, blocks =
+//	             Options.DataSize/4096, mapped_blkaddr = the image's block
+//	             count (mounted without device=, the kernel would read the
+//	             data device's chunks from the metadata device at
+//	             mapped_blkaddr + block: past its end, so reads fail with
+//	             EIO instead of returning metadata bytes)
 //	byte 1408    inodes, 32-byte aligned, root first (its nid must fit 16
 //	             bits), then breadth first; nid = byte offset / 32. Each is
 //	             a 64-byte extended inode, then its inline xattrs, then:

@@ -2,6 +2,7 @@ package erofs
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -422,6 +423,32 @@ func TestLargeFile(t *testing.T) {
 		got, err := os.ReadFile(filepath.Join(mnt, "small/f"+strconv.Itoa(n)))
 		if err != nil || !bytes.Equal(got, bytes.Repeat([]byte{byte(n)}, n)) {
 			t.Errorf("small/f%d: %d bytes, %v", n, len(got), err)
+		}
+	}
+}
+
+// TestMountWithoutDevice: mounted without device= (the kernel then looks
+// for device 1's chunks on the metadata device), reading a file fails with
+// EIO rather than returning metadata bytes as its content.
+func TestMountWithoutDevice(t *testing.T) {
+	s := mountTree(t, mtest.WriteTree)
+	metaDev := attachLoop(t, s.meta)
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(metaDev, mnt, "erofs", unix.MS_RDONLY, ""); err != nil {
+		return // refusing the mount is fine too
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(mnt, 0); err != nil {
+			t.Errorf("unmount %s: %v", mnt, err)
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	})
+	for _, name := range []string{"one", "sizes/f4097", "bin/busybox"} {
+		if b, err := os.ReadFile(filepath.Join(mnt, name)); !errors.Is(err, unix.EIO) {
+			t.Errorf("%s without the data device: %d bytes, %v; want EIO", name, len(b), err)
 		}
 	}
 }

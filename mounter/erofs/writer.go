@@ -395,11 +395,15 @@ func (b *builder) encode() []byte {
 		b.encodeInode(out, n)
 	}
 
-	// The device slot: an empty tag, so a mount without device= fails
-	// ("empty device tag") rather than reading the metadata device.
+	// The device slot. Its mapped_blkaddr (uniaddr) matters only when
+	// the image is mounted without device=: the kernel then reads chunks
+	// of device 1 from the metadata device at uniaddr + block. Past the
+	// image's end, such reads fail (EIO) instead of returning metadata
+	// bytes as file content. With device= it is unused for our chunks
+	// (they name their device), and it lies past every metadata block.
 	ds := out[devSlotOff : devSlotOff+devSlotSize]
 	le.PutUint32(ds[64:], uint32(b.opts.DataSize/blockSize)) // blocks
-	le.PutUint32(ds[68:], 0)                                 // mapped_blkaddr
+	le.PutUint32(ds[68:], uint32(b.blocks))                  // mapped_blkaddr
 
 	sb := out[superOff : superOff+128]
 	le.PutUint32(sb[0:], superMagic)
