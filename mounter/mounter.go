@@ -44,6 +44,7 @@ func (s Source) String() string {
 const (
 	KindFUSE   = "fuse"
 	KindKernel = "kernel"
+	KindEROFS  = "erofs"
 )
 
 // MountInfo describes one mount made by a Mounter.
@@ -76,13 +77,18 @@ const (
 	ModeAuto   = "auto"
 	ModeFUSE   = "fuse"
 	ModeKernel = "kernel"
+	ModeEROFS  = "erofs"
 )
 
-// FUSEOptions configure the FUSE mounter.
+// FUSEOptions configure the FUSE mounter, and where the erofs mounter
+// keeps its metadata images.
 type FUSEOptions struct {
 	// StateDir holds the serving process's sockets, locks and logs
 	// (default fusesrv.DefaultStateDir).
 	StateDir string
+	// EROFSDir holds the erofs mounter's metadata images (default
+	// StateDir/erofs).
+	EROFSDir string
 	// Binary is the containerd-daxfs-grpc executable started as
 	// `Binary fuse-serve --state StateDir` when no server runs
 	// (default: this executable).
@@ -94,21 +100,35 @@ type FUSEOptions struct {
 	Validate bool
 }
 
-// New returns a Mounter for mode: "kernel", "fuse", or "auto" (the kernel
-// module for sources with a physical address when /proc/filesystems lists
-// daxfs, FUSE otherwise).
+// New returns a Mounter for mode: "kernel" (the daxfs module), "erofs"
+// (the kernel's erofs over loop devices, indexing the image in place),
+// "fuse", or "auto": the daxfs module for sources with a physical address
+// when /proc/filesystems lists daxfs, else erofs where it works, else
+// FUSE (also the fallback for an image erofs cannot index).
 func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
 	switch mode {
 	case ModeKernel:
 		return NewKernel(ctx)
 	case ModeFUSE:
 		return NewFUSE(ctx, fo)
+	case ModeEROFS:
+		return NewEROFS(ctx, fo.erofsDir(), fo.Validate)
 	case ModeAuto, "":
 		a := &autoMounter{fo: fo}
 		if k, err := NewKernel(ctx); err == nil {
 			a.kernel = k.(*kernelMounter)
 		} else {
-			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable; mounting with FUSE")
+			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable")
+		}
+		if e, err := NewEROFS(ctx, fo.erofsDir(), fo.Validate); err == nil {
+			a.erofs = e.(*erofsMounter)
+			// FUSE is only the fallback now: its serving process starts
+			// when a mount first needs it.
+			a.fuse = newFUSEClient(fo)
+			log.G(ctx).Debug("mounting images with erofs over loop devices (no daxfs kernel module)")
+			return a, nil
+		} else {
+			log.G(ctx).WithError(err).Info("erofs not usable; mounting images with FUSE")
 		}
 		f, err := NewFUSE(ctx, fo)
 		if err != nil {
@@ -117,18 +137,37 @@ func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
 		a.fuse = f.(*fuseMounter)
 		return a, nil
 	}
-	return nil, fmt.Errorf("mount mode %q: %w (want auto, fuse or kernel)", mode, errdefs.ErrInvalidArgument)
+	return nil, fmt.Errorf("mount mode %q: %w (want auto, kernel, erofs or fuse)", mode, errdefs.ErrInvalidArgument)
+}
+
+func (fo FUSEOptions) erofsDir() string {
+	if fo.EROFSDir != "" {
+		return fo.EROFSDir
+	}
+	st := fo.StateDir
+	if st == "" {
+		st = fusesrv.DefaultStateDir
+	}
+	return filepath.Join(st, erofsDirName)
 }
 
 type autoMounter struct {
 	fo     FUSEOptions
 	kernel *kernelMounter
+	erofs  *erofsMounter // nil where erofs does not work
 	fuse   *fuseMounter
 }
 
 func (a *autoMounter) Mount(ctx context.Context, src Source, target string) error {
 	if a.kernel != nil && src.HasPhys {
 		return a.kernel.Mount(ctx, src, target)
+	}
+	if a.erofs != nil {
+		err := a.erofs.Mount(ctx, src, target)
+		if err == nil || errors.Is(err, errdefs.ErrDataLoss) {
+			return err
+		}
+		log.G(ctx).WithError(err).WithField("image", src.String()).Warn("erofs mount failed; serving the image with FUSE")
 	}
 	return a.fuse.Mount(ctx, src, target)
 }
@@ -139,13 +178,44 @@ func (a *autoMounter) Unmount(ctx context.Context, target string) error {
 			return a.kernel.Unmount(ctx, target)
 		}
 	}
+	if a.erofs != nil {
+		abs, err := absTarget(target)
+		if err != nil {
+			return err
+		}
+		if ok, _ := isEROFSMount(abs); ok {
+			return a.erofs.Unmount(ctx, target)
+		}
+		// A FUSE mount, if any, is served by a running server: do not
+		// start one to hear that nothing is mounted.
+		running := fusesrv.NewClient(a.fuse.c.StateDir(), nil)
+		if _, err := running.Ensure(ctx); err != nil {
+			return fmt.Errorf("%s: %w: not mounted", abs, errdefs.ErrNotFound)
+		}
+		return running.Unmount(ctx, abs)
+	}
 	return a.fuse.Unmount(ctx, target)
 }
 
 func (a *autoMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
-	out, err := a.fuse.Mounted(ctx)
-	if err != nil {
-		return nil, err
+	var out []MountInfo
+	if a.erofs != nil {
+		e, err := a.erofs.Mounted(ctx)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e...)
+		// FUSE mounts of an earlier run, if its server still runs;
+		// asking must not start one.
+		if recs, err := fusesrv.NewClient(a.fuse.c.StateDir(), nil).List(ctx); err == nil {
+			out = append(out, fuseInfos(recs)...)
+		}
+	} else {
+		f, err := a.fuse.Mounted(ctx)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f...)
 	}
 	if a.kernel != nil {
 		k, err := a.kernel.Mounted(ctx)
@@ -166,26 +236,30 @@ type fuseMounter struct {
 // NewFUSE connects to the FUSE serving process of opts.StateDir, starting
 // it (detached, in its own session) when it does not run.
 func NewFUSE(ctx context.Context, opts FUSEOptions) (Mounter, error) {
+	m := newFUSEClient(opts)
+	if _, err := m.c.Ensure(ctx); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// newFUSEClient returns the FUSE mounter without contacting the serving
+// process: the first call that needs it starts it.
+func newFUSEClient(opts FUSEOptions) *fuseMounter {
 	if opts.StateDir == "" {
 		opts.StateDir = fusesrv.DefaultStateDir
 	}
 	if opts.Binary == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return nil, err
-		}
-		opts.Binary = exe
+		// os.Executable fails only where /proc is missing; the FUSE
+		// server then fails to start with the empty path, naming it.
+		opts.Binary, _ = os.Executable()
 	}
 	args := opts.Args
 	if args == nil {
 		args = []string{"fuse-serve"}
 	}
 	cmd := append(append([]string{opts.Binary}, args...), "--state", opts.StateDir)
-	m := &fuseMounter{c: fusesrv.NewClient(opts.StateDir, cmd), validate: opts.Validate}
-	if _, err := m.c.Ensure(ctx); err != nil {
-		return nil, err
-	}
-	return m, nil
+	return &fuseMounter{c: fusesrv.NewClient(opts.StateDir, cmd), validate: opts.Validate}
 }
 
 func (m *fuseMounter) Mount(ctx context.Context, src Source, target string) error {
@@ -209,6 +283,10 @@ func (m *fuseMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
 	if err != nil {
 		return nil, err
 	}
+	return fuseInfos(recs), nil
+}
+
+func fuseInfos(recs []fusesrv.MountRecord) []MountInfo {
 	out := make([]MountInfo, 0, len(recs))
 	for _, r := range recs {
 		out = append(out, MountInfo{
@@ -216,7 +294,7 @@ func (m *fuseMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
 			Source: Source{Path: r.Source.Path, Offset: r.Source.Offset, Length: r.Source.Length},
 		})
 	}
-	return out, nil
+	return out
 }
 
 func absTarget(target string) (string, error) {

@@ -34,10 +34,10 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// TestAutoMountsWithFUSE: without the kernel module, auto mode mounts with
-// FUSE (even for a source with a physical address), a second Mounter (a
-// restarted daemon) sees the mount, and Unmount removes it.
-func TestAutoMountsWithFUSE(t *testing.T) {
+// TestFUSEMounter: the FUSE mounter mounts (even a source with a physical
+// address), a second Mounter (a restarted daemon) sees the mount, and
+// Unmount removes it.
+func TestFUSEMounter(t *testing.T) {
 	testenv.RequireRoot(t)
 	if ok, _ := KernelAvailable(); ok {
 		t.Fatal("this test expects no daxfs kernel module")
@@ -60,7 +60,7 @@ func TestAutoMountsWithFUSE(t *testing.T) {
 	if _, err := New(ctx, "bogus", fo); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("bogus mode: %v", err)
 	}
-	m, err := New(ctx, ModeAuto, fo)
+	m, err := New(ctx, ModeFUSE, fo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +81,7 @@ func TestAutoMountsWithFUSE(t *testing.T) {
 		t.Errorf("read through the mount: %q %v", b, err)
 	}
 	// A restarted daemon re-adopts what is mounted.
-	m2, err := New(ctx, ModeAuto, fo)
+	m2, err := New(ctx, ModeFUSE, fo)
 	if err != nil {
 		t.Fatal(err)
 	}

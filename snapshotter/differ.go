@@ -35,6 +35,16 @@ type ContentFunc func(ctx context.Context) (content.Provider, error)
 type Differ struct {
 	s       *Snapshotter
 	content ContentFunc
+	opts    DifferOptions
+}
+
+// DifferOptions configure a Differ.
+type DifferOptions struct {
+	// ContentRoot is the directory of containerd's local content store
+	// (<containerd root>/io.containerd.content.v1.content) when the
+	// daemon runs beside containerd: layer blobs are read from its files.
+	// Empty: always through the content API.
+	ContentRoot string
 }
 
 var (
@@ -42,9 +52,9 @@ var (
 	_ diff.Comparer = (*Differ)(nil)
 )
 
-// NewDiffer returns the Applier for s.
-func NewDiffer(s *Snapshotter, content ContentFunc) *Differ {
-	return &Differ{s: s, content: content}
+// NewDiffer returns the Applier for s, reading blobs from content.
+func NewDiffer(s *Snapshotter, content ContentFunc, opts DifferOptions) *Differ {
+	return &Differ{s: s, content: content, opts: opts}
 }
 
 // Compare is not ours to do: containerd's walking differ computes diffs.
@@ -118,14 +128,9 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 		return ocispec.Descriptor{}, err
 	}
 	ctx = namespaces.WithNamespace(ctx, ns)
-	provider, err := d.content(ctx)
-	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("content store for layer %s: %w", desc.Digest, err)
-	}
-
 	start := time.Now()
 	log.G(ctx).WithField("blob", desc.Digest).Debug("apply")
-	out, size, err := d.convert(ctx, provider, desc, st)
+	out, size, err := d.convert(ctx, desc, st)
 	if err != nil || size > 0 {
 		s.metrics.converted(size, time.Since(start), err)
 	}
@@ -145,7 +150,7 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 // convert streams blob desc into a layer image in the region under the
 // layer's diffID. It returns the uncompressed layer's descriptor and the
 // image size, 0 when another participant had converted the layer.
-func (d *Differ) convert(ctx context.Context, provider content.Provider, desc ocispec.Descriptor, st stage) (ocispec.Descriptor, int64, error) {
+func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage) (ocispec.Descriptor, int64, error) {
 	s := d.s
 	key, err := regionKey(st.DiffID)
 	if err != nil {
@@ -177,7 +182,7 @@ func (d *Differ) convert(ctx context.Context, provider content.Provider, desc oc
 			// same layer. Nothing to download.
 			return done, 0, nil
 		}
-		ra, err := provider.ReaderAt(ctx, desc)
+		ra, err := d.openBlob(ctx, desc)
 		if err != nil {
 			_ = c.Abort(ctx)
 			return ocispec.Descriptor{}, 0, fmt.Errorf("opening blob: %w", err)

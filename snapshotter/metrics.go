@@ -29,6 +29,10 @@ type Metrics struct {
 	ViewsBuilt     atomic.Int64
 	ViewsMounted   atomic.Int64
 	ViewsUnmounted atomic.Int64
+	// BlobsLocal counts layer blobs the differ read from containerd's
+	// content store files; BlobsRemote those read through its API.
+	BlobsLocal  atomic.Int64
+	BlobsRemote atomic.Int64
 }
 
 // Metrics returns the snapshotter's counters.
@@ -58,6 +62,8 @@ func (m *Metrics) WritePrometheus(w io.Writer) error {
 		{"daxfs_region_hits_total", "Layers found in the region at unpack: nothing downloaded or converted.", float64(m.RegionHits.Load())},
 		{"daxfs_views_built_total", "Views written by this participant.", float64(m.ViewsBuilt.Load())},
 		{"daxfs_views_mounted_total", "View mounts made by this participant.", float64(m.ViewsMounted.Load())},
+		{"daxfs_blobs_local_total", "Layer blobs read from the files of containerd's content store.", float64(m.BlobsLocal.Load())},
+		{"daxfs_blobs_remote_total", "Layer blobs read through containerd's content API.", float64(m.BlobsRemote.Load())},
 		{"daxfs_views_unmounted_total", "Views unmounted by Cleanup once no snapshot used them.", float64(m.ViewsUnmounted.Load())},
 	} {
 		if _, err := fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %g\n", c.name, c.help, c.name, c.name, c.v); err != nil {

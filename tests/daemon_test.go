@@ -97,6 +97,11 @@ type daxfsOptions struct {
 	// daemon's directory. Two daemons given the same file are two
 	// participants of one region, as two kernels sharing CXL memory are.
 	Region string
+	// ContentAPI makes the differ read layer blobs only through
+	// containerd's content API (no containerd_root).
+	ContentAPI bool
+	// Mode is mount.mode; default "auto" (erofs here).
+	Mode string
 }
 
 // startWithDaxfs starts a containerd wired to a fresh daxfs daemon and the
@@ -134,9 +139,19 @@ func startWithDaxfs(t testing.TB, opts testenv.ContainerdOptions, dopts ...daxfs
 	}
 	d.Metrics = l.Addr().String()
 	l.Close()
+	ctrdRoot, mode := ctrd.Root, "auto"
+	for _, o := range dopts {
+		if o.ContentAPI {
+			ctrdRoot = ""
+		}
+		if o.Mode != "" {
+			mode = o.Mode
+		}
+	}
 	cfg := fmt.Sprintf(`root = %q
 address = %q
 containerd_address = %q
+containerd_root = %q
 metrics_address = %q
 log_level = "debug"
 [region]
@@ -144,10 +159,10 @@ path = %q
 size = "2GiB"
 entries = 1024
 [mount]
-mode = "fuse"
+mode = %q
 [gc]
 interval = "1h"
-`, d.Root, d.Socket, ctrd.Address(), d.Metrics, d.Region)
+`, d.Root, d.Socket, ctrd.Address(), ctrdRoot, d.Metrics, d.Region, mode)
 	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/converter/imageconv"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
@@ -41,11 +42,49 @@ func regionHasLayer(t *testing.T, d *daxfsDaemon, diffID digest.Digest) bool {
 	return ok
 }
 
+// mountModes are the mounters the end-to-end tests run with: the default
+// (auto: erofs over loop devices on this kernel, which has no daxfs
+// module) and FUSE, with the file system type their views show.
+var mountModes = []struct{ mode, fstype string }{
+	{"auto", "erofs"},
+	{"fuse", "fuse.daxfs"},
+}
+
+// requireViewFSType fails unless every view the daemon has mounted is of
+// file system type fstype, and there is at least one.
+func requireViewFSType(t *testing.T, d *daxfsDaemon, fstype string) {
+	t.Helper()
+	ms, err := mountinfo.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, m := range ms {
+		if filepath.Dir(m.MountPoint) != filepath.Join(d.Root, "mnt") {
+			continue
+		}
+		if m.FSType != fstype {
+			t.Fatalf("view %s is mounted as %s, want %s", m.MountPoint, m.FSType, fstype)
+		}
+		n++
+	}
+	if n == 0 {
+		t.Fatalf("no view is mounted under %s", filepath.Join(d.Root, "mnt"))
+	}
+}
+
 // TestDaxfsImportRun imports an image through the transfer service with
 // --snapshotter daxfs (our differ converts each layer into the region) and
-// runs containers that read, exec, write, delete and list.
+// runs containers that read, exec, write, delete and list, with each
+// mounter.
 func TestDaxfsImportRun(t *testing.T) {
-	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	for _, mm := range mountModes {
+		t.Run(mm.mode, func(t *testing.T) { testImportRun(t, mm.mode, mm.fstype) })
+	}
+}
+
+func testImportRun(t *testing.T, mode, fstype string) {
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{}, daxfsOptions{Mode: mode})
 	ref := "docker.io/library/greeting-daxfs:latest"
 	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), ref)
 	ctrd.CtrOK(t, "image", "import", "--snapshotter", "daxfs", archive)
@@ -68,6 +107,7 @@ func TestDaxfsImportRun(t *testing.T) {
 	if want := greeting + busyboxSum(t) + "  /bin/busybox\n"; out != want {
 		t.Fatalf("container output %q, want %q", out, want)
 	}
+	requireViewFSType(t, d, fstype)
 	// Copy-up on write, delete of a lower file, rename, and a listing of
 	// the merged directory, all in one container.
 	script := strings.Join([]string{
@@ -128,6 +168,11 @@ func TestDaxfsRegistryPull(t *testing.T) {
 	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
 	ctrd.CtrOK(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", remote)
 	requireApplied(t, d, built)
+	// The daemon runs beside containerd: blobs come from the files of its
+	// content store, not through its content API.
+	if m := d.metrics(t); m["daxfs_blobs_local_total"] < float64(len(built.DiffIDs)) || m["daxfs_blobs_remote_total"] != 0 {
+		t.Fatalf("blobs read locally %v, through the content API %v; want %d and 0", m["daxfs_blobs_local_total"], m["daxfs_blobs_remote_total"], len(built.DiffIDs))
+	}
 	runGreetingOn(t, ctrd, "daxfs", remote, "pulled")
 }
 
@@ -156,13 +201,14 @@ func runGreetingOn(t *testing.T, ctrd *testenv.Containerd, snapshotter, ref, id 
 
 // TestDaxfsClientPull pulls with the Go client's Pull(WithPullUnpack):
 // unpacking goes through the diff service's default order, where our
-// differ comes first.
+// differ comes first. The daemon is not told containerd's root, so it
+// reads blobs through containerd's content API.
 func TestDaxfsClientPull(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
 	remote, built := pushImage(t, src, reg, greetingImage(t, testimage.Gzip), "greeting:client")
 
-	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{}, daxfsOptions{ContentAPI: true})
 	cl := ctrd.Client(t)
 	ctx := ctrd.Context(context.Background())
 	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchAllHosts))})
@@ -174,6 +220,9 @@ func TestDaxfsClientPull(t *testing.T) {
 		t.Fatalf("image not unpacked into daxfs: %v %v", ok, err)
 	}
 	requireApplied(t, d, built)
+	if m := d.metrics(t); m["daxfs_blobs_remote_total"] < float64(len(built.DiffIDs)) || m["daxfs_blobs_local_total"] != 0 {
+		t.Fatalf("blobs read through the content API %v, locally %v; want %d and 0", m["daxfs_blobs_remote_total"], m["daxfs_blobs_local_total"], len(built.DiffIDs))
+	}
 	runGreetingOn(t, ctrd, "daxfs", remote, "client-pulled")
 }
 
@@ -230,7 +279,13 @@ func layerWriters(t *testing.T, d *daxfsDaemon, diffIDs []digest.Digest) []strin
 // a loop while the daemon is killed with SIGKILL and restarted: not one
 // read may fail, and new containers start after the restart.
 func TestDaxfsDaemonRestart(t *testing.T) {
-	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	for _, mm := range mountModes {
+		t.Run(mm.mode, func(t *testing.T) { testDaemonRestart(t, mm.mode, mm.fstype) })
+	}
+}
+
+func testDaemonRestart(t *testing.T, mode, fstype string) {
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{}, daxfsOptions{Mode: mode})
 	ref := "docker.io/library/greeting:restart"
 	archive, _ := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), ref)
 	ctrd.CtrOK(t, "image", "import", "--snapshotter", "daxfs", archive)
@@ -258,6 +313,7 @@ done`
 		}
 	}
 	n := waitIterations(5)
+	requireViewFSType(t, d, fstype)
 	d.kill(t)
 	// The reader keeps going with the daemon dead.
 	n = waitIterations(n + 20)

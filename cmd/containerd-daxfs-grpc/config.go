@@ -20,8 +20,12 @@ type Config struct {
 	Root              string `toml:"root"`
 	Address           string `toml:"address"`
 	ContainerdAddress string `toml:"containerd_address"`
-	LogLevel          string `toml:"log_level"`
-	MetricsAddress    string `toml:"metrics_address"`
+	// ContainerdRoot is containerd's root directory: layer blobs are read
+	// from its content store's files when they are there (faster than
+	// containerd's content API). Empty: always use the API.
+	ContainerdRoot string `toml:"containerd_root"`
+	LogLevel       string `toml:"log_level"`
+	MetricsAddress string `toml:"metrics_address"`
 
 	Region RegionConfig `toml:"region"`
 	Mount  MountConfig  `toml:"mount"`
@@ -43,7 +47,7 @@ type RegionConfig struct {
 
 // MountConfig selects how views are mounted.
 type MountConfig struct {
-	Mode     string `toml:"mode"`     // auto, fuse, kernel
+	Mode     string `toml:"mode"`     // auto, kernel, erofs, fuse
 	Validate *bool  `toml:"validate"` // validate images before mounting them
 }
 
@@ -60,6 +64,7 @@ func DefaultConfig() Config {
 		Root:              "/var/lib/containerd-daxfs",
 		Address:           "/run/containerd-daxfs/containerd-daxfs-grpc.sock",
 		ContainerdAddress: "/run/containerd/containerd.sock",
+		ContainerdRoot:    "/var/lib/containerd",
 		LogLevel:          "info",
 		Region: RegionConfig{
 			Backend:      "file",
@@ -108,9 +113,9 @@ func (c Config) check() error {
 		return fmt.Errorf("config: region.backend %q: want file, hugetlbfs, devdax or fsdax", c.Region.Backend)
 	}
 	switch c.Mount.Mode {
-	case "auto", "fuse", "kernel":
+	case "auto", "fuse", "kernel", "erofs":
 	default:
-		return fmt.Errorf("config: mount.mode %q: want auto, fuse or kernel", c.Mount.Mode)
+		return fmt.Errorf("config: mount.mode %q: want auto, kernel, erofs or fuse", c.Mount.Mode)
 	}
 	if c.Root == "" || c.Address == "" || c.Region.Path == "" {
 		return errors.New("config: root, address and region.path must not be empty")

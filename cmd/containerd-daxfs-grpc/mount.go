@@ -18,7 +18,7 @@ func runMount(ctx context.Context, args []string) error {
 	fl := flag.NewFlagSet("mount", flag.ContinueOnError)
 	offset := fl.Int64("offset", 0, "byte offset of the image in IMAGE (a region extent)")
 	length := fl.Int64("length", 0, "length of the image window (0: to the end of IMAGE)")
-	mode := fl.String("mode", mounter.ModeAuto, "auto, fuse or kernel")
+	mode := fl.String("mode", mounter.ModeAuto, "auto, kernel, erofs or fuse")
 	phys := fl.String("phys", "", "physical address of the image (kernel mounter)")
 	state := fl.String("fuse-state", fusesrv.DefaultStateDir, "state directory of the FUSE serving process")
 	validate := fl.Bool("validate", false, "validate the whole image before mounting")

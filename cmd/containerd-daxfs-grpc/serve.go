@@ -42,7 +42,7 @@ func runServe(ctx context.Context, args []string) error {
 	logLevel := fs.String("log-level", "", "log level (overrides log_level)")
 	regionPath := fs.String("region-path", "", "region file or device (overrides region.path)")
 	regionSize := fs.String("region-size", "", "region size when creating it, e.g. 8GiB (overrides region.size)")
-	mountMode := fs.String("mount-mode", "", "auto, fuse or kernel (overrides mount.mode)")
+	mountMode := fs.String("mount-mode", "", "auto, kernel, erofs or fuse (overrides mount.mode)")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
@@ -118,6 +118,7 @@ func serve(ctx context.Context, cfg Config) error {
 	validate := cfg.Mount.Validate == nil || *cfg.Mount.Validate
 	mnt, err := mounter.New(ctx, cfg.Mount.Mode, mounter.FUSEOptions{
 		StateDir: filepath.Join(cfg.Root, "fuse"),
+		EROFSDir: filepath.Join(cfg.Root, "erofs"),
 		Binary:   self,
 		Validate: validate,
 	})
@@ -139,7 +140,11 @@ func serve(ctx context.Context, cfg Config) error {
 
 	cc := &containerdContent{address: cfg.ContainerdAddress}
 	defer cc.Close()
-	differ := snapshotter.NewDiffer(sn, cc.Provider)
+	blobs := ""
+	if cfg.ContainerdRoot != "" {
+		blobs = filepath.Join(cfg.ContainerdRoot, "io.containerd.content.v1.content")
+	}
+	differ := snapshotter.NewDiffer(sn, cc.Provider, snapshotter.DifferOptions{ContentRoot: blobs})
 
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))

@@ -1,0 +1,62 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/log"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// openBlob opens the layer blob desc. With DifferOptions.ContentRoot set it
+// reads a committed blob straight from the file of containerd's local
+// content store, and asks containerd's content API for anything not there.
+// Reading a layer through the API costs a gRPC round trip, a protobuf copy
+// and containerd's CPU per chunk: on a 2-core machine a third of a layer's
+// conversion time. A blob file (blobs/<algorithm>/<hex>) is immutable once
+// committed (ingests live elsewhere), and the caller (containerd) has
+// checked that the namespace owns desc, so the file is the same content
+// with nothing in between.
+func (d *Differ) openBlob(ctx context.Context, desc ocispec.Descriptor) (content.ReaderAt, error) {
+	if err := desc.Digest.Validate(); err != nil {
+		return nil, fmt.Errorf("blob %q: %w", desc.Digest, err)
+	}
+	if root := d.opts.ContentRoot; root != "" {
+		p := filepath.Join(root, "blobs", desc.Digest.Algorithm().String(), desc.Digest.Encoded())
+		f, err := os.Open(p)
+		if err == nil {
+			st, serr := f.Stat()
+			if serr == nil && st.Mode().IsRegular() && (desc.Size == 0 || st.Size() == desc.Size) {
+				d.s.metrics.BlobsLocal.Add(1)
+				return &fileReaderAt{File: f, size: st.Size()}, nil
+			}
+			f.Close()
+			log.G(ctx).WithField("blob", desc.Digest).WithField("path", p).Debug("local blob file does not match its descriptor; reading through containerd")
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			log.G(ctx).WithError(err).WithField("blob", desc.Digest).Debug("local blob file not readable; reading through containerd")
+		}
+	}
+	provider, err := d.content(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("content store: %w", err)
+	}
+	ra, err := provider.ReaderAt(ctx, desc)
+	if err != nil {
+		return nil, err
+	}
+	d.s.metrics.BlobsRemote.Add(1)
+	return ra, nil
+}
+
+// fileReaderAt is a blob file as a content.ReaderAt.
+type fileReaderAt struct {
+	*os.File
+	size int64
+}
+
+func (f *fileReaderAt) Size() int64 { return f.size }
