@@ -212,7 +212,7 @@ func layoutOf(t *testing.T, r region) *builder {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &builder{img: im, opts: Options{DataOffset: r.off, DataSize: r.size}, nodes: map[uint32]*node{}}
+	b := newBuilder(im, Options{DataOffset: r.off, DataSize: r.size})
 	if err := b.walk(); err != nil {
 		t.Fatal(err)
 	}

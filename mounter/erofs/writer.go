@@ -89,14 +89,14 @@ var le = binary.LittleEndian
 
 type dentry struct {
 	name string
-	ino  uint32
+	n    *node
 }
 
 // node is one inode of the output.
 type node struct {
 	in     daxfs.Inode
-	path   string // the first path it was found at (for errors)
-	parent uint32 // directories: the parent's ino ("..")
+	name   string // where it was first found (for errors): name in up
+	up     *node  // nil for the root; for directories also ".."
 	xattrs []byte // encoded xattr entries, without the ibody header
 	layout int
 	target []byte // symlinks
@@ -114,8 +114,19 @@ type node struct {
 	mt   daxfs.Timespec
 }
 
+// path is where n was first found.
+func (n *node) path() string {
+	if n.up == nil {
+		return "/"
+	}
+	if n.up.up == nil {
+		return "/" + n.name
+	}
+	return n.up.path() + "/" + n.name
+}
+
 func (n *node) fail(err error) error {
-	return fmt.Errorf("%s (inode %d): %w", n.path, n.in.Ino, err)
+	return fmt.Errorf("%s (inode %d): %w", n.path(), n.in.Ino, err)
 }
 
 func (n *node) xattrSize() int64 {
@@ -178,7 +189,7 @@ func build(img *daxfs.Image, opts Options) ([]byte, error) {
 	case opts.DataSize/blockSize > nullAddr:
 		return nil, fmt.Errorf("%w: data device of %d bytes has more than 2^32-1 blocks", ErrUnsupported, opts.DataSize)
 	}
-	b := &builder{img: img, opts: opts, nodes: map[uint32]*node{}}
+	b := newBuilder(img, opts)
 	if err := b.walk(); err != nil {
 		return nil, err
 	}
@@ -191,15 +202,21 @@ func build(img *daxfs.Image, opts Options) ([]byte, error) {
 type builder struct {
 	img    *daxfs.Image
 	opts   Options
-	nodes  map[uint32]*node
+	nodes  []*node // by DAXFS inode number
 	order  []*node // root first, then breadth first
 	blocks int64   // image size in blocks
+}
+
+func newBuilder(img *daxfs.Image, opts Options) *builder {
+	// Open checked that the inode table fits the image, so this is at
+	// most an eighth of the image's size.
+	return &builder{img: img, opts: opts, nodes: make([]*node, img.InodeCount()+1)}
 }
 
 // walk visits the tree breadth first from the root and prepares every
 // inode (xattrs, symlink targets, directory entries, data placement).
 func (b *builder) walk() error {
-	root, err := b.add(daxfs.RootIno, "/", daxfs.RootIno)
+	root, err := b.add(daxfs.RootIno, "", nil)
 	if err != nil {
 		return err
 	}
@@ -216,25 +233,29 @@ func (b *builder) walk() error {
 			return d.fail(err)
 		}
 		d.ents = make([]dentry, 0, len(ents)+2)
-		d.ents = append(d.ents, dentry{".", d.in.Ino}, dentry{"..", d.parent})
+		up := d.up
+		if up == nil {
+			up = d
+		}
+		d.ents = append(d.ents, dentry{".", d}, dentry{"..", up})
 		for _, e := range ents {
 			if e.Name == "" || e.Name == "." || e.Name == ".." || len(e.Name) > daxfs.MaxNameLen || strings.ContainsAny(e.Name, "/\x00") {
 				return d.fail(fmt.Errorf("%w: bad entry name %q", ErrInvalid, e.Name))
 			}
-			p := d.path + "/" + e.Name
-			if d.path == "/" {
-				p = "/" + e.Name
+			if e.Ino == 0 || e.Ino >= uint32(len(b.nodes)) {
+				return d.fail(fmt.Errorf("%w: entry %q: inode %d of %d", ErrInvalid, e.Name, e.Ino, len(b.nodes)-1))
 			}
-			c, ok := b.nodes[e.Ino]
+			c := b.nodes[e.Ino]
 			switch {
-			case !ok:
-				if _, err := b.add(e.Ino, p, d.in.Ino); err != nil {
+			case c == nil:
+				var err error
+				if c, err = b.add(e.Ino, e.Name, d); err != nil {
 					return err
 				}
 			case c.in.IsDir():
-				return fmt.Errorf("%s: %w: directory inode %d linked twice (also at %s)", p, ErrInvalid, e.Ino, c.path)
+				return d.fail(fmt.Errorf("%w: entry %q: directory inode %d linked twice (also at %s)", ErrInvalid, e.Name, e.Ino, c.path()))
 			}
-			d.ents = append(d.ents, dentry{e.Name, e.Ino})
+			d.ents = append(d.ents, dentry{e.Name, c})
 		}
 		sort.Slice(d.ents, func(i, j int) bool { return d.ents[i].name < d.ents[j].name })
 		for j := 1; j < len(d.ents); j++ {
@@ -259,13 +280,14 @@ func (b *builder) walk() error {
 	return nil
 }
 
-// add prepares inode ino, first found at path p in directory parent.
-func (b *builder) add(ino uint32, p string, parent uint32) (*node, error) {
+// add prepares inode ino, first found as name in directory up.
+func (b *builder) add(ino uint32, name string, up *node) (*node, error) {
+	n := &node{in: daxfs.Inode{Ino: ino}, name: name, up: up}
 	in, err := b.img.Inode(ino)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", p, err)
+		return nil, n.fail(err)
 	}
-	n := &node{in: in, path: p, parent: parent}
+	n.in = in
 	if n.in.Mode&^(daxfs.ModeTypeMask|daxfs.ModePermMask) != 0 {
 		return nil, n.fail(fmt.Errorf("%w: mode %#o", ErrInvalid, n.in.Mode))
 	}
@@ -386,7 +408,7 @@ func (b *builder) place() error {
 	return nil
 }
 
-func (b *builder) nid(ino uint32) uint64 { return uint64(b.nodes[ino].pos / slotSize) }
+func (n *node) nid() uint64 { return uint64(n.pos / slotSize) }
 
 // encode lays out the image in memory.
 func (b *builder) encode() []byte {
@@ -408,7 +430,7 @@ func (b *builder) encode() []byte {
 	sb := out[superOff : superOff+128]
 	le.PutUint32(sb[0:], superMagic)
 	sb[12] = blkszBits
-	le.PutUint16(sb[14:], uint16(b.nid(daxfs.RootIno)))
+	le.PutUint16(sb[14:], uint16(b.order[0].nid()))
 	le.PutUint64(sb[16:], uint64(len(b.order))) // inos
 	le.PutUint32(sb[36:], uint32(b.blocks))     // blocks
 	le.PutUint32(sb[40:], 0)                    // meta_blkaddr
@@ -481,9 +503,9 @@ func (b *builder) encodeDir(out []byte, n *node) {
 		nameoff := direntSize * k
 		for j, e := range ents[:k] {
 			d := blk[j*direntSize:]
-			le.PutUint64(d[0:], b.nid(e.ino))
+			le.PutUint64(d[0:], e.n.nid())
 			le.PutUint16(d[8:], uint16(nameoff))
-			d[10] = fileType(b.nodes[e.ino].in.Mode)
+			d[10] = fileType(e.n.in.Mode)
 			nameoff += copy(blk[nameoff:], e.name)
 		}
 		ents = ents[k:]
