@@ -161,13 +161,15 @@ func (n *node) dataBlocks() int64 {
 func alignUp(v, a int64) int64 { return (v + a - 1) / a * a }
 
 // Write writes an EROFS image indexing img (opened with daxfs.Open over
-// the image's bytes) to w and returns the number of bytes written. A file's
-// data lies at byte DataOffset + daxfs.BaseOffset + inode.DataOffset of the
-// data device (inode data offsets count from the base image); for every
-// non-empty regular file that must be a multiple of 4096; otherwise Write fails with an error wrapping ErrUnaligned and naming
-// the path (the caller then falls back to FUSE). Regular files' data is
-// never read: only their inodes' DataOffset and Size are used, so a view
-// whose files live in layer images after it works.
+// the image's bytes, or the whole window for a view) to w and returns the
+// number of bytes written. A file's data lies at byte DataOffset +
+// daxfs.BaseOffset + inode.DataOffset of the data device (DAXFS inode data
+// offsets count from the base image); for every non-empty regular file
+// that must be a multiple of 4096, otherwise Write fails with an error
+// wrapping ErrUnaligned and naming the path (the caller then falls back to
+// FUSE). Regular files' data is never read: only their inodes' DataOffset
+// and Size are used. The image is built in memory (about 170 bytes per
+// inode) and written with one Write call; on error nothing is written.
 func Write(w io.Writer, img *daxfs.Image, opts Options) (int64, error) {
 	b, err := build(img, opts)
 	if err != nil {
