@@ -14,10 +14,10 @@ import (
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/klauspost/pgzip"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter/gunzip"
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
@@ -132,10 +132,11 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	case FormatDAXFS:
 		return copyImage(ctx, br, out, opts)
 	case FormatGzip:
-		// pgzip decompresses in its own goroutine, ahead of the reader:
-		// inflating overlaps parsing, hashing and copying the tar, which
-		// is most of a layer's conversion time on two cores.
-		zr, err := pgzip.NewReader(br)
+		// gunzip decompresses in its own goroutine, ahead of the reader
+		// (with ISA-L where built with it): inflating overlaps parsing,
+		// hashing and copying the tar, and is most of a layer's
+		// conversion time.
+		zr, err := gunzip.NewReader(br)
 		if err != nil {
 			return res, fmt.Errorf("gzip layer: %w", err)
 		}

@@ -1055,8 +1055,11 @@ type Window struct {
 }
 
 // reserveChunk is how far ahead of the write position a reserving Window
-// backs its memory: large enough that reservations are rare, small
-// enough that an image much smaller than its bound costs little.
+// backs its memory, at most: large enough that reservations are rare,
+// small enough that an image much smaller than its bound costs little.
+// The step starts at 1 MiB and doubles with what is reserved, so a small
+// image does not pay for 16 MiB of fresh pages (the first write to a new
+// page is what costs, in virtual machines above all).
 const reserveChunk = 16 << 20
 
 // NewWindow returns a Window over b.
@@ -1078,7 +1081,8 @@ func (w *Window) Ensure(end int64) error {
 	if w.reserve == nil || end <= w.ready {
 		return nil
 	}
-	next := min(int64(len(w.b)), (end+reserveChunk-1)/reserveChunk*reserveChunk)
+	step := min(int64(reserveChunk), max(1<<20, w.ready))
+	next := min(int64(len(w.b)), (end+step-1)/step*step)
 	if next <= w.ready {
 		return nil
 	}

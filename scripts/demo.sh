@@ -51,7 +51,8 @@ fi
 
 scripts/deps.sh
 mkdir -p bin "$demo" "$run"
-go build -o "$daxfs" ./cmd/containerd-daxfs-grpc
+# ISA-L for the gzip inflater (libisal-dev comes from deps.sh).
+go build -tags isal -o "$daxfs" ./cmd/containerd-daxfs-grpc
 
 # containerd, configured as DESIGN section 1 / docs/containerd.md says.
 if ! [ -S "$ctrd_sock" ] || ! "${ctr[@]}" version >/dev/null 2>&1; then

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a Debian machine with Go, as root:
 #   - Debian packages: runc, fuse3, erofs-utils, busybox-static, debootstrap,
-#     spin, zstd, kmod (for modprobe), ca-certificates (for the Go proxy);
+#     spin, zstd, kmod (for modprobe), ca-certificates (for the Go proxy),
+#     gcc and libisal-dev (the daemon is built with cgo and ISA-L, `-tags
+#     isal`, for its gzip inflater; the isal package with the igzip command
+#     is not installed, so containerd's own unpacking is as it ships);
 #   - containerd v2.4.2 (containerd, ctr, containerd-shim-runc-v2) and the
 #     distribution registry v3.1.2, built from the Go module proxy into
 #     .cache/bin (git-ignored, kept between runs).
@@ -20,7 +23,7 @@ mkdir -p "$bin"
 
 CONTAINERD_VERSION=v2.4.2
 REGISTRY_VERSION=v3.1.2
-pkgs=(runc fuse3 erofs-utils busybox-static debootstrap spin zstd kmod ca-certificates)
+pkgs=(runc fuse3 erofs-utils busybox-static debootstrap spin zstd kmod ca-certificates gcc libc6-dev libisal-dev)
 
 log() { echo "deps: $*" >&2; }
 die() { echo "deps: error: $*" >&2; exit 1; }

@@ -23,6 +23,7 @@ import (
 
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter/gunzip"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 	"github.com/containerd-daxfs/containerd-daxfs/overlay"
@@ -173,7 +174,7 @@ func serve(ctx context.Context, cfg Config) error {
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
-	logger.WithField("address", cfg.Address).Info("serving snapshots and diff services")
+	logger.WithField("address", cfg.Address).WithField("gzip", gunzip.Implementation).Info("serving snapshots and diff services")
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serving on %s: %w", cfg.Address, err)
