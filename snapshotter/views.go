@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
@@ -293,10 +294,12 @@ func (t *viewTable) chainOf(ctx context.Context, name string) (digest.Digest, []
 // mount builds the view in the region if no participant has yet, and
 // mounts it on dir.
 func (t *viewTable) mount(ctx context.Context, key, chain digest.Digest, layers []daxmem.Entry, dir string) error {
+	start := time.Now()
 	e, window, err := t.ensureView(ctx, key, chain, layers)
 	if err != nil {
 		return err
 	}
+	built := time.Since(start)
 	if err := t.s.region.Ref(daxmem.KindView, e.Key); err != nil {
 		return fmt.Errorf("referencing view %s of chain %s: %w", key, chain, regionErr(err))
 	}
@@ -312,7 +315,8 @@ func (t *viewTable) mount(ctx context.Context, key, chain digest.Digest, layers 
 		return fmt.Errorf("mounting view of chain %s on %s: %w", chain, dir, err)
 	}
 	t.s.metrics.ViewsMounted.Add(1)
-	log.G(ctx).WithField("chain", chain).WithField("view", key).WithField("layers", len(layers)).Debug("view mounted")
+	log.G(ctx).WithField("chain", chain).WithField("view", key).WithField("layers", len(layers)).
+		WithField("build", built).WithField("total", time.Since(start)).Debug("view mounted")
 	return nil
 }
 

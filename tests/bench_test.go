@@ -56,10 +56,16 @@ func benchImages(b *testing.B) map[string]testimage.Image {
 	return map[string]testimage.Image{"debian": debian, "multilayer": multi}
 }
 
+// benchRows are the rows of BenchmarkImportRun: containerd's snapshotters,
+// then daxfs with its default mounter (erofs over loop devices here) and
+// with FUSE.
+var benchRows = []string{"overlayfs", "erofs", "daxfs", "daxfs-fuse"}
+
 // BenchmarkImportRun measures, in one run on the same images, the time of
 // `ctr image import` (import and unpack) and of the first `ctr run` for
-// containerd's overlayfs and erofs snapshotters and for daxfs, and reports
-// them as ratios to overlayfs (b.ReportMetric, and a table in the log).
+// containerd's overlayfs and erofs snapshotters and for daxfs (with each
+// mounter), and reports them as ratios to overlayfs (b.ReportMetric, and
+// a table in the log).
 //
 //	go test -run '^$' -bench ImportRun -benchtime 1x -v ./tests/
 //
@@ -78,11 +84,16 @@ func BenchmarkImportRun(b *testing.B) {
 			if results[name] == nil {
 				results[name] = map[string]row{}
 			}
-			for _, sn := range []string{"overlayfs", "erofs", "daxfs"} {
+			for _, row := range benchRows {
 				var ctrd *testenv.Containerd
-				if sn == "daxfs" {
+				sn := row
+				switch row {
+				case "daxfs":
 					ctrd, _ = startWithDaxfs(b, testenv.ContainerdOptions{})
-				} else {
+				case "daxfs-fuse":
+					sn = "daxfs"
+					ctrd, _ = startWithDaxfs(b, testenv.ContainerdOptions{}, daxfsOptions{Mode: "fuse"})
+				default:
 					ctrd = testenv.StartContainerd(b, testenv.ContainerdOptions{})
 				}
 				// Every import starts from the same state: nothing dirty
@@ -91,7 +102,7 @@ func BenchmarkImportRun(b *testing.B) {
 				settle(b)
 				start := time.Now()
 				if _, err := ctrd.Ctr(b, "image", "import", "--snapshotter", sn, archive); err != nil {
-					failures = append(failures, fmt.Sprintf("%s on %s: import: %v", name, sn, firstLine(err)))
+					failures = append(failures, fmt.Sprintf("%s on %s: import: %v", name, row, firstLine(err)))
 					continue
 				}
 				importT := time.Since(start)
@@ -99,13 +110,13 @@ func BenchmarkImportRun(b *testing.B) {
 				start = time.Now()
 				out, err := ctrd.Ctr(b, "run", "--rm", "--snapshotter", sn, ref, fmt.Sprintf("bench-%d", i), "/bin/sh", "-c", "echo ok")
 				if err != nil || strings.TrimSpace(out) != "ok" {
-					failures = append(failures, fmt.Sprintf("%s on %s: run: %v %q", name, sn, firstLine(err), out))
+					failures = append(failures, fmt.Sprintf("%s on %s: run: %v %q", name, row, firstLine(err), out))
 					continue
 				}
-				r := results[name][sn]
+				r := results[name][row]
 				r.importT += importT
 				r.runT += time.Since(start)
-				results[name][sn] = r
+				results[name][row] = r
 			}
 		}
 	}
@@ -113,7 +124,7 @@ func BenchmarkImportRun(b *testing.B) {
 	fmt.Fprintf(&tab, "\n%-11s %-10s %12s %9s %12s %9s\n", "image", "snapshotter", "import+unpack", "ratio", "first run", "ratio")
 	for _, name := range []string{"debian", "multilayer"} {
 		base := results[name]["overlayfs"]
-		for _, sn := range []string{"overlayfs", "erofs", "daxfs"} {
+		for _, sn := range benchRows {
 			r, ok := results[name][sn]
 			if !ok || base.importT == 0 {
 				fmt.Fprintf(&tab, "%-11s %-10s %12s %9s %12s %9s\n", name, sn, "failed", "-", "failed", "-")
@@ -122,9 +133,9 @@ func BenchmarkImportRun(b *testing.B) {
 			n := time.Duration(b.N)
 			ri, rr := float64(r.importT)/float64(base.importT), float64(r.runT)/float64(base.runT)
 			fmt.Fprintf(&tab, "%-11s %-10s %12s %8.2fx %12s %8.2fx\n", name, sn, (r.importT / n).Round(time.Millisecond), ri, (r.runT / n).Round(time.Millisecond), rr)
-			if sn == "daxfs" {
-				b.ReportMetric(ri, name+"-import/overlayfs")
-				b.ReportMetric(rr, name+"-run/overlayfs")
+			if strings.HasPrefix(sn, "daxfs") {
+				b.ReportMetric(ri, name+"-"+sn+"-import/overlayfs")
+				b.ReportMetric(rr, name+"-"+sn+"-run/overlayfs")
 			}
 		}
 	}
