@@ -6,7 +6,7 @@ BIN       := bin/containerd-daxfs-grpc
 # gzip inflater; `make TAGS=` builds pure Go. Exported through GOFLAGS, so
 # the binaries the end-to-end tests build carry them too.
 TAGS      ?= isal
-export GOFLAGS := -tags=$(TAGS)
+export GOFLAGS := $(strip $(GOFLAGS) -tags=$(TAGS))
 # Packages with goroutines or cross-process state run under the race detector.
 RACE_PKGS := ./daxmem/... ./mounter/... ./snapshotter/...
 

@@ -74,6 +74,9 @@ func classify(ctx context.Context, err error) error {
 		return err
 	case errors.Is(err, ErrTooLarge), errors.Is(err, ErrInvalidLayer), errors.As(err, &ioe):
 		return err
+	case errors.Is(err, daxfs.ErrBacking):
+		// The output could not get memory (region or tmpfs full).
+		return &ioError{err}
 	}
 	return fmt.Errorf("%w: %w", ErrInvalidLayer, err)
 }

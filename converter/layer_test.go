@@ -367,3 +367,34 @@ func TestDetectFormat(t *testing.T) {
 	}
 	_ = sha256.New
 }
+
+// TestConvertLayerBackingFull: when the output cannot get memory (a
+// reserving Window over a full region), the error is the backing store's,
+// not an invalid layer, for a tar and for a DAXFS layer copied verbatim.
+func TestConvertLayerBackingFull(t *testing.T) {
+	big := strings.Repeat("x", 3<<20)
+	plain := makeTar(t, []tarEnt{dir("etc"), file("etc/big", big)})
+	out := &memOut{}
+	if _, err := ConvertLayer(t.Context(), bytes.NewReader(plain), out, LayerOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	image := out.b
+	full := errors.New("region full")
+	for _, tc := range []struct {
+		name string
+		blob []byte
+	}{{"tar", plain}, {"gzip", gz(t, plain)}, {"daxfs image", image}} {
+		t.Run(tc.name, func(t *testing.T) {
+			win := daxfs.NewReservingWindow(make([]byte, 8<<20), func(off, n int64) error {
+				if off+n > 1<<20 {
+					return full
+				}
+				return nil
+			})
+			_, err := ConvertLayer(t.Context(), bytes.NewReader(tc.blob), win, LayerOptions{})
+			if !errors.Is(err, full) || !errors.Is(err, daxfs.ErrBacking) || errors.Is(err, ErrInvalidLayer) || errors.Is(err, ErrTooLarge) {
+				t.Fatalf("error %v: want the backing store's error, not an invalid or too large layer", err)
+			}
+		})
+	}
+}

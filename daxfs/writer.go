@@ -1087,7 +1087,7 @@ func (w *Window) Ensure(end int64) error {
 		return nil
 	}
 	if err := w.reserve(w.ready, next-w.ready); err != nil {
-		return fmt.Errorf("daxfs: backing bytes [%d,%d) of the output: %w", w.ready, next, err)
+		return fmt.Errorf("%w: bytes [%d,%d) of the output: %w", ErrBacking, w.ready, next, err)
 	}
 	w.ready = next
 	return nil

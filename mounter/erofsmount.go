@@ -69,15 +69,25 @@ func NewEROFS(ctx context.Context, dir string, validate bool) (Mounter, error) {
 	if dir == "" {
 		dir = filepath.Join(fusesrv.DefaultStateDir, erofsDirName)
 	}
-	m := &erofsMounter{dir: dir, validate: validate}
-	if err := os.MkdirAll(m.dir, 0o700); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	// Metadata images left by a daemon that died between writing and
-	// attaching one are garbage: attached ones are already unlinked.
-	if ents, err := os.ReadDir(m.dir); err == nil {
-		for _, e := range ents {
-			_ = os.Remove(filepath.Join(m.dir, e.Name()))
+	// The kernel names a loop device's backing file by its resolved
+	// path; Mounted compares against that.
+	dir, err = resolve(dir)
+	if err != nil {
+		return nil, err
+	}
+	m := &erofsMounter{dir: dir, validate: validate}
+	// Named metadata images (where O_TMPFILE is not supported) left by a
+	// process that died between writing and attaching one are garbage;
+	// attached ones are unlinked, and a minute covers one being attached
+	// by a concurrent process.
+	if old, err := filepath.Glob(filepath.Join(m.dir, "meta-*.erofs")); err == nil {
+		for _, p := range old {
+			if st, err := os.Stat(p); err == nil && time.Since(st.ModTime()) > time.Minute {
+				_ = os.Remove(p)
+			}
 		}
 	}
 	if err := m.probe(ctx); err != nil {
@@ -141,9 +151,9 @@ func (m *erofsMounter) Mount(ctx context.Context, src Source, target string) err
 	if err != nil {
 		return err
 	}
+	defer meta.Close()
 	written := time.Since(start)
-	defer os.Remove(meta)
-	metaDev, err := mount.SetupLoop(meta, mount.LoopParams{Readonly: true, Autoclear: true})
+	metaDev, err := mount.SetupLoop(meta.path, mount.LoopParams{Readonly: true, Autoclear: true})
 	if err != nil {
 		return fmt.Errorf("image %s: loop device for its erofs metadata: %w", src, err)
 	}
@@ -169,42 +179,59 @@ func (m *erofsMounter) Mount(ctx context.Context, src Source, target string) err
 	return nil
 }
 
+// metaFile is a written metadata image: an unnamed file in m.dir
+// (O_TMPFILE) reachable as /proc/self/fd/N until Close, or, where the file
+// system has no O_TMPFILE, a named one that Close removes (the loop device
+// keeps the inode either way).
+type metaFile struct {
+	f     *os.File
+	path  string
+	named bool
+}
+
+func (mf *metaFile) Close() {
+	mf.f.Close()
+	if mf.named {
+		os.Remove(mf.path)
+	}
+}
+
 // writeMeta writes the EROFS metadata image for src into m.dir and returns
-// its path and the size the data device must have.
-func (m *erofsMounter) writeMeta(src Source) (string, int64, error) {
+// it and the size the data device must have.
+func (m *erofsMounter) writeMeta(src Source) (*metaFile, int64, error) {
 	f, err := os.Open(src.Path)
 	if err != nil {
-		return "", 0, fmt.Errorf("image %s: %w", src, err)
+		return nil, 0, fmt.Errorf("image %s: %w", src, err)
 	}
 	defer f.Close()
 	st, err := f.Stat()
 	if err != nil {
-		return "", 0, err
+		return nil, 0, err
 	}
 	length := src.Length
 	if length == 0 {
 		length = st.Size() - src.Offset
 	}
 	if src.Offset < 0 || length <= 0 || src.Offset+length > st.Size() {
-		return "", 0, fmt.Errorf("image %s: %w: window outside the %d-byte file", src, errdefs.ErrInvalidArgument, st.Size())
+		return nil, 0, fmt.Errorf("image %s: %w: window outside the %d-byte file", src, errdefs.ErrInvalidArgument, st.Size())
 	}
 	page := int64(os.Getpagesize())
 	if src.Offset%page != 0 {
-		return "", 0, fmt.Errorf("image %s: %w: offset not page aligned", src, errdefs.ErrInvalidArgument)
+		return nil, 0, fmt.Errorf("image %s: %w: offset not page aligned", src, errdefs.ErrInvalidArgument)
 	}
 	b, err := unix.Mmap(int(f.Fd()), src.Offset, int(length), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
-		return "", 0, fmt.Errorf("image %s: mmap: %w", src, err)
+		return nil, 0, fmt.Errorf("image %s: mmap: %w", src, err)
 	}
 	defer unix.Munmap(b)
 	if m.validate {
 		if err := daxfs.Validate(b); err != nil {
-			return "", 0, fmt.Errorf("image %s: %w: %w", src, errdefs.ErrDataLoss, err)
+			return nil, 0, fmt.Errorf("image %s: %w: %w", src, errdefs.ErrDataLoss, err)
 		}
 	}
 	img, err := daxfs.Open(b)
 	if err != nil {
-		return "", 0, fmt.Errorf("image %s: %w", src, err)
+		return nil, 0, fmt.Errorf("image %s: %w", src, err)
 	}
 	// Loop devices count whole 512-byte sectors; erofs reads 4 KiB
 	// blocks. File data ends on a page of the image, so the data device
@@ -212,22 +239,33 @@ func (m *erofsMounter) writeMeta(src Source) (string, int64, error) {
 	dataSize := st.Size() / page * page
 	var buf bytes.Buffer
 	if _, err := erofs.Write(&buf, img, erofs.Options{DataOffset: src.Offset, DataSize: dataSize}); err != nil {
-		return "", 0, fmt.Errorf("image %s: %w", src, err)
+		return nil, 0, fmt.Errorf("image %s: %w", src, err)
 	}
-	out, err := os.CreateTemp(m.dir, "meta-*.erofs")
+	mf, err := m.newMetaFile()
 	if err != nil {
-		return "", 0, err
+		return nil, 0, err
 	}
-	if _, err := out.Write(buf.Bytes()); err != nil {
-		out.Close()
-		os.Remove(out.Name())
-		return "", 0, err
+	if _, err := mf.f.Write(buf.Bytes()); err != nil {
+		mf.Close()
+		return nil, 0, fmt.Errorf("writing the erofs metadata of %s: %w", src, err)
 	}
-	if err := out.Close(); err != nil {
-		os.Remove(out.Name())
-		return "", 0, err
+	return mf, dataSize, nil
+}
+
+func (m *erofsMounter) newMetaFile() (*metaFile, error) {
+	fd, err := unix.Open(m.dir, unix.O_RDWR|unix.O_TMPFILE|unix.O_CLOEXEC, 0o600)
+	if err == nil {
+		f := os.NewFile(uintptr(fd), m.dir)
+		return &metaFile{f: f, path: fmt.Sprintf("/proc/self/fd/%d", fd)}, nil
 	}
-	return out.Name(), dataSize, nil
+	if err != unix.EOPNOTSUPP && err != unix.EISDIR && err != unix.EINVAL {
+		return nil, fmt.Errorf("creating an erofs metadata file in %s: %w", m.dir, err)
+	}
+	f, err := os.CreateTemp(m.dir, "meta-*.erofs")
+	if err != nil {
+		return nil, err
+	}
+	return &metaFile{f: f, path: f.Name(), named: true}, nil
 }
 
 // blockDevSize is the size of the block device open as f (BLKGETSIZE64).
@@ -288,8 +326,25 @@ func (m *erofsMounter) ours(dev string) bool {
 	return filepath.Dir(backing) == m.dir
 }
 
+// resolve returns the absolute path p with symlinks resolved (as mountinfo
+// and sysfs show paths), or p made absolute when it does not exist.
+func resolve(p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", err
+	}
+	if r, err := filepath.EvalSymlinks(abs); err == nil {
+		return r, nil
+	}
+	return abs, nil
+}
+
 // isEROFSMount reports whether target is an erofs mount point.
 func isEROFSMount(target string) (bool, error) {
+	target, err := resolve(target)
+	if err != nil {
+		return false, err
+	}
 	ms, err := mountinfo.Read()
 	if err != nil {
 		return false, err
@@ -300,4 +355,44 @@ func isEROFSMount(target string) (bool, error) {
 		}
 	}
 	return false, nil
+}
+
+// Detach unmounts whatever image mount is on target (daxfs module, erofs,
+// or FUSE served from fo.StateDir) without starting or probing anything:
+// the operator's umount. Like every Unmount it detaches lazily.
+func Detach(ctx context.Context, target string, fo FUSEOptions) error {
+	abs, err := resolve(target)
+	if err != nil {
+		return err
+	}
+	ms, err := mountinfo.Read()
+	if err != nil {
+		return err
+	}
+	for i := len(ms) - 1; i >= 0; i-- {
+		m := ms[i]
+		if m.MountPoint != abs {
+			continue
+		}
+		switch m.FSType {
+		case KernelFSType, EROFSFSType:
+		case FSTypeFUSE:
+			st := fo.StateDir
+			if st == "" {
+				st = fusesrv.DefaultStateDir
+			}
+			// The serving process forgets the connection too; without
+			// one (it died), a plain detach still frees the path.
+			if err := fusesrv.NewClient(st, nil).Unmount(ctx, abs); err == nil {
+				return nil
+			}
+		default:
+			return fmt.Errorf("%s: %w: a %s mount, not an image mount", abs, errdefs.ErrInvalidArgument, m.FSType)
+		}
+		if err := unix.Unmount(abs, unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("unmount %s: %w", abs, err)
+		}
+		return nil
+	}
+	return fmt.Errorf("%s: %w: not mounted", abs, errdefs.ErrNotFound)
 }

@@ -189,7 +189,9 @@ func (a *autoMounter) Unmount(ctx context.Context, target string) error {
 		// A FUSE mount, if any, is served by a running server: do not
 		// start one to hear that nothing is mounted.
 		running := fusesrv.NewClient(a.fuse.c.StateDir(), nil)
-		if _, err := running.Ensure(ctx); err != nil {
+		if _, err := running.List(ctx); err != nil {
+			// One attempt (Ensure would retry a refused connection
+			// for seconds): no server, no FUSE mount.
 			return fmt.Errorf("%s: %w: not mounted", abs, errdefs.ErrNotFound)
 		}
 		return running.Unmount(ctx, abs)

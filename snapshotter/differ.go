@@ -204,7 +204,9 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 		}
 		if err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, 0, err
+			// A region (or tmpfs) too full to back the image is
+			// ResourceExhausted, not the layer's fault.
+			return ocispec.Descriptor{}, 0, regionErr(err)
 		}
 		if res.DiffID != st.DiffID {
 			_ = c.Abort(ctx)

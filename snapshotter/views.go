@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
+	"golang.org/x/sys/unix"
 	"os"
 	"path/filepath"
 	"sync"
@@ -306,6 +308,10 @@ func (t *viewTable) mount(ctx context.Context, key, chain digest.Digest, layers 
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	if err := detachStale(ctx, dir); err != nil {
+		_ = t.s.region.Unref(daxmem.KindView, e.Key)
+		return err
+	}
 	src := mounter.Source{Path: t.s.region.Path(), Offset: e.Offset, Length: window}
 	if base, ok := t.s.region.PhysAddr(); ok {
 		src.PhysAddr, src.HasPhys = base+uint64(e.Offset), true
@@ -317,6 +323,31 @@ func (t *viewTable) mount(ctx context.Context, key, chain digest.Digest, layers 
 	t.s.metrics.ViewsMounted.Add(1)
 	log.G(ctx).WithField("chain", chain).WithField("view", key).WithField("layers", len(layers)).
 		WithField("build", built).WithField("total", time.Since(start)).Debug("view mounted")
+	return nil
+}
+
+// detachStale lazily detaches whatever is mounted on dir: a view mount
+// the mounter did not list at start (made in another mount mode, or before
+// the root moved behind a symlink). Stacking a new mount on it would leak
+// the old one; overlays that still use it keep it until they go.
+func detachStale(ctx context.Context, dir string) error {
+	ms, err := mountinfo.Read()
+	if err != nil {
+		return err
+	}
+	real := dir
+	if r, err := filepath.EvalSymlinks(dir); err == nil {
+		real = r
+	}
+	for _, m := range ms {
+		if m.MountPoint != real {
+			continue
+		}
+		log.G(ctx).WithField("dir", dir).WithField("fstype", m.FSType).Warn("detaching a view mount the mounter did not adopt")
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+			return fmt.Errorf("detaching the stale mount on %s: %w", dir, err)
+		}
+	}
 	return nil
 }
 

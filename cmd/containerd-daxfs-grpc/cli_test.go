@@ -2,12 +2,18 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
 	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
+	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 )
 
 // fixtures is the project's shared material beside the repository.
@@ -104,5 +110,61 @@ func TestMkfsMatchesFixture(t *testing.T) {
 	run(t, bin, "mkfs", tree, fromDir)
 	if got := withoutExtension(t, run(t, bin, "inspect", "--json", fromDir)); !reflect.DeepEqual(got, want) {
 		t.Fatalf("mkfs DIR: tree differs from expected.json:\n%v", got)
+	}
+}
+
+// TestMountUmount: `mount IMAGE DIR` puts an image on a directory with
+// each mounter that works here, and `umount DIR` takes it off (a second
+// umount says it is not mounted).
+func TestMountUmount(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("mounting needs root")
+	}
+	bin := buildCLI(t)
+	dir := t.TempDir()
+	tree := filepath.Join(dir, "tree")
+	if err := os.MkdirAll(filepath.Join(tree, "etc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(tree, "etc", "greeting"), []byte("hello from the image\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(dir, "image.daxfs")
+	run(t, bin, "mkfs", tree, img)
+	state := filepath.Join(dir, "state")
+	t.Cleanup(func() { _ = mounter.StopFUSE(context.Background(), state) })
+	for _, tc := range []struct{ mode, fstype string }{{"auto", "erofs"}, {"erofs", "erofs"}, {"fuse", "fuse.daxfs"}} {
+		t.Run(tc.mode, func(t *testing.T) {
+			mnt := filepath.Join(dir, "mnt-"+tc.mode)
+			if err := os.Mkdir(mnt, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			run(t, bin, "mount", "--mode", tc.mode, "--fuse-state", state, img, mnt)
+			t.Cleanup(func() { _ = unix.Unmount(mnt, unix.MNT_DETACH) })
+			if b, err := os.ReadFile(filepath.Join(mnt, "etc", "greeting")); err != nil || string(b) != "hello from the image\n" {
+				t.Fatalf("read through the mount: %q %v", b, err)
+			}
+			ms, err := mountinfo.Read()
+			if err != nil {
+				t.Fatal(err)
+			}
+			found := false
+			for _, m := range ms {
+				if m.MountPoint == mnt {
+					found = m.FSType == tc.fstype
+				}
+			}
+			if !found {
+				t.Fatalf("%s is not a %s mount", mnt, tc.fstype)
+			}
+			run(t, bin, "umount", "--fuse-state", state, mnt)
+			if _, err := os.Stat(filepath.Join(mnt, "etc")); !os.IsNotExist(err) {
+				t.Fatalf("after umount %s/etc: %v, want it gone", mnt, err)
+			}
+			out, err := exec.Command(bin, "umount", "--fuse-state", state, mnt).CombinedOutput()
+			if err == nil || !bytes.Contains(out, []byte("not mounted")) {
+				t.Fatalf("second umount: %v %s, want a not-mounted error", err, out)
+			}
+		})
 	}
 }

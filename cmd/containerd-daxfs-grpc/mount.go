@@ -60,11 +60,7 @@ func runUmount(ctx context.Context, args []string) error {
 	if fl.NArg() != 1 {
 		return fmt.Errorf("%w: want DIR", errUsage)
 	}
-	m, err := mounter.New(ctx, mounter.ModeAuto, mounter.FUSEOptions{StateDir: *state})
-	if err != nil {
-		return err
-	}
-	return m.Unmount(ctx, fl.Arg(0))
+	return mounter.Detach(ctx, fl.Arg(0), mounter.FUSEOptions{StateDir: *state})
 }
 
 // runFuseServe runs the FUSE serving process (or, with --holder, its

@@ -22,14 +22,29 @@ func newReader(r io.Reader) (io.ReadCloser, error) {
 	if err != nil {
 		return nil, corrupt(err)
 	}
-	return &goReader{zr}, nil
+	return &goReader{Reader: zr}, nil
 }
 
-type goReader struct{ *pgzip.Reader }
+type goReader struct {
+	*pgzip.Reader
+	closed bool
+}
+
+var errClosed = errors.New("gzip: read after Close")
 
 func (g *goReader) Read(p []byte) (int, error) {
+	if g.closed {
+		// pgzip would block.
+		return 0, errClosed
+	}
 	n, err := g.Reader.Read(p)
 	return n, corrupt(err)
+}
+
+// Close stops the decompressor. It does not close the underlying reader.
+func (g *goReader) Close() error {
+	g.closed = true
+	return g.Reader.Close()
 }
 
 // corrupt marks errors about the data with ErrCorrupt.

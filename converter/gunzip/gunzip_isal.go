@@ -60,6 +60,8 @@ import (
 
 const implementation = "isa-l"
 
+var errClosed = errors.New("gzip: read after Close")
+
 // ErrCorrupt is wrapped by errors about the compressed data itself.
 var ErrCorrupt = errors.New("gzip: corrupt stream")
 
@@ -249,11 +251,12 @@ func (z *isalReader) Read(p []byte) (int, error) {
 		if len(p) == 0 {
 			return 0, nil
 		}
-		b, ok := <-z.blocks
-		if !ok {
-			return 0, io.ErrClosedPipe
+		select {
+		case b := <-z.blocks:
+			z.cur, z.off = b, 0
+		case <-z.done:
+			return 0, errClosed
 		}
-		z.cur, z.off = b, 0
 	}
 }
 

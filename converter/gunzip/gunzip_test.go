@@ -141,6 +141,24 @@ func TestEarlyClose(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close did not return")
 	}
+	// Reading after Close fails instead of blocking.
+	readDone := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := zr.Read(buf); err != nil {
+				readDone <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-readDone:
+		if err == nil {
+			t.Fatal("read after Close succeeded")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Read after Close blocked")
+	}
 }
 
 // FuzzReader: whatever compress/gzip decodes, we decode the same; nothing

@@ -365,6 +365,12 @@ func (b *builder) placeData(n *node) error {
 	if end := addr + int64(size); end > b.opts.DataSize {
 		return fmt.Errorf("%w: data (%d bytes at byte %d) ends past the data device's %d bytes", ErrInvalid, size, addr, b.opts.DataSize)
 	}
+	// Nor past the image's own bytes (a view's window, which includes
+	// its layers): a corrupt image must not expose other images of the
+	// region, which FUSE, reading through the window, cannot either.
+	if end := int64(n.in.DataOffset) + daxfs.BaseOffset + int64(size); end > int64(len(b.img.Bytes())) {
+		return fmt.Errorf("%w: data (%d bytes at byte %d of the image) ends past the image's %d bytes", ErrInvalid, size, int64(n.in.DataOffset)+daxfs.BaseOffset, len(b.img.Bytes()))
+	}
 	bits := uint(blkszBits)
 	for uint64(1)<<bits < size {
 		bits++
