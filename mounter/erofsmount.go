@@ -340,7 +340,11 @@ func resolve(p string) (string, error) {
 }
 
 // isEROFSMount reports whether target is an erofs mount point.
-func isEROFSMount(target string) (bool, error) {
+func isEROFSMount(target string) (bool, error) { return mountedAs(target, EROFSFSType) }
+
+// mountedAs reports whether target (symlinks resolved) is a mount point
+// of file system type fstype.
+func mountedAs(target, fstype string) (bool, error) {
 	target, err := resolve(target)
 	if err != nil {
 		return false, err
@@ -350,7 +354,7 @@ func isEROFSMount(target string) (bool, error) {
 		return false, err
 	}
 	for _, e := range ms {
-		if e.MountPoint == target && e.FSType == EROFSFSType {
+		if e.MountPoint == target && e.FSType == fstype {
 			return true, nil
 		}
 	}

@@ -149,19 +149,4 @@ func (kernelMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
 	return out, nil
 }
 
-func isKernelMount(target string) (bool, error) {
-	target, err := absTarget(target)
-	if err != nil {
-		return false, err
-	}
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return false, err
-	}
-	for _, m := range ms {
-		if m.MountPoint == target && m.FSType == KernelFSType {
-			return true, nil
-		}
-	}
-	return false, nil
-}
+func isKernelMount(target string) (bool, error) { return mountedAs(target, KernelFSType) }

@@ -59,11 +59,11 @@ func placeImage(t testing.TB, dir string, img []byte, off, size int64) region {
 	return region{path: p, off: off, size: size}
 }
 
-// writeMeta writes the EROFS image of the region's DAXFS image to a file.
-func writeMeta(t testing.TB, dir string, r region) string {
+// openRegion opens the region's DAXFS image over a mapping of the region
+// from the image on, as the mounter maps a window (a view's image needs
+// the layer images after it); the mapping goes at the end of the test.
+func openRegion(t testing.TB, r region) *daxfs.Image {
 	t.Helper()
-	// Map the region from the image on, as the mounter maps a window:
-	// a view's image needs the layer images after it.
 	rf, err := os.Open(r.path)
 	if err != nil {
 		t.Fatal(err)
@@ -73,11 +73,18 @@ func writeMeta(t testing.TB, dir string, r region) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Munmap(win)
+	t.Cleanup(func() { unix.Munmap(win) })
 	im, err := daxfs.Open(win)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return im
+}
+
+// writeMeta writes the EROFS image of the region's DAXFS image to a file.
+func writeMeta(t testing.TB, dir string, r region) string {
+	t.Helper()
+	im := openRegion(t, r)
 	p := filepath.Join(dir, "meta.erofs")
 	f, err := os.Create(p)
 	if err != nil {

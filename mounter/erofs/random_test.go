@@ -12,7 +12,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 )
 
@@ -198,20 +197,7 @@ func TestRandomTrees(t *testing.T) {
 // builder, for tests to look at the placement.
 func layoutOf(t *testing.T, r region) *builder {
 	t.Helper()
-	rf, err := os.Open(r.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rf.Close()
-	win, err := unix.Mmap(int(rf.Fd()), r.off, int(r.size-r.off), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(win)
-	im, err := daxfs.Open(win)
-	if err != nil {
-		t.Fatal(err)
-	}
+	im := openRegion(t, r)
 	b := newBuilder(im, Options{DataOffset: r.off, DataSize: r.size})
 	if err := b.walk(); err != nil {
 		t.Fatal(err)
