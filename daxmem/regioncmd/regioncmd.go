@@ -250,7 +250,7 @@ func statusJSON(st daxmem.Stats) statusOut {
 
 func printStatus(out io.Writer, st daxmem.Stats) {
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	phys := "unknown (FUSE mounter only)"
+	phys := "unknown (views mount with erofs or FUSE, not the daxfs module)"
 	if st.PhysKnown {
 		phys = fmt.Sprintf("%#x", st.PhysAddr)
 	}
