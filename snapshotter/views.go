@@ -84,6 +84,10 @@ func (t *viewTable) adopt(ctx context.Context) error {
 		return fmt.Errorf("listing existing view mounts: %w", err)
 	}
 	mnt := filepath.Join(t.s.root, "mnt")
+	infos, err = withKernelViewMounts(infos, mnt)
+	if err != nil {
+		return fmt.Errorf("listing existing view mounts: %w", err)
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, mi := range infos {
@@ -130,6 +134,57 @@ func (t *viewTable) adopt(ctx context.Context) error {
 	})
 	if errdefs.IsNotFound(err) {
 		// A new metadata store has no buckets yet: nothing to adopt.
+		return nil
+	}
+	return err
+}
+
+// withKernelViewMounts adds to infos the kernel mounts (erofs, the daxfs
+// module) under mnt that the mounter did not list: views a run in another
+// mount mode left, which keep working without any process and are adopted
+// like the mounter's own. (FUSE mounts are listed only by their serving
+// process, which knows they are alive.)
+func withKernelViewMounts(infos []mounter.MountInfo, mnt string) ([]mounter.MountInfo, error) {
+	real := mnt
+	if r, err := filepath.EvalSymlinks(mnt); err == nil {
+		real = r
+	}
+	listed := map[string]bool{}
+	for _, mi := range infos {
+		listed[filepath.Base(mi.Target)] = true
+	}
+	ms, err := mountinfo.Read()
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range ms {
+		if filepath.Dir(m.MountPoint) != real || listed[filepath.Base(m.MountPoint)] {
+			continue
+		}
+		kind := ""
+		switch m.FSType {
+		case mounter.EROFSFSType:
+			kind = mounter.KindEROFS
+		case mounter.KernelFSType:
+			kind = mounter.KindKernel
+		default:
+			continue
+		}
+		listed[filepath.Base(m.MountPoint)] = true
+		infos = append(infos, mounter.MountInfo{Target: filepath.Join(mnt, filepath.Base(m.MountPoint)), Kind: kind, State: "mounted"})
+	}
+	return infos, nil
+}
+
+// unmount takes a view off dir: through the mounter, or, for a kernel
+// mount the mounter does not know (adopted from a run in another mode),
+// with a lazy detach.
+func (t *viewTable) unmount(ctx context.Context, dir string) error {
+	err := t.s.mounter.Unmount(ctx, dir)
+	if err == nil || !errdefs.IsNotFound(err) {
+		return err
+	}
+	if derr := unix.Unmount(dir, unix.MNT_DETACH); derr == nil {
 		return nil
 	}
 	return err
@@ -240,7 +295,7 @@ func (t *viewTable) cleanup(ctx context.Context) error {
 		if vm.users > 0 {
 			continue
 		}
-		if err := t.s.mounter.Unmount(ctx, vm.dir); err != nil {
+		if err := t.unmount(ctx, vm.dir); err != nil {
 			errs = append(errs, fmt.Errorf("unmounting view %s: %w", key, err))
 			continue
 		}
