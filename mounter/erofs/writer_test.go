@@ -85,6 +85,7 @@ func TestWriteErrors(t *testing.T) {
 		{name: "empty xattr suffix", entries: withXattr("user.", []byte("v")), want: ErrUnsupported, mention: []string{"/dir/x"}},
 		{name: "xattr value too big", entries: withXattr("user.big", make([]byte, 65536)), want: ErrUnsupported, mention: []string{"/dir/x", "user.big"}},
 		{name: "device number too big", entries: append(base, entry{h: daxfs.Header{Path: "dev", Mode: daxfs.ModeChar | 0o600, Rdev: unix.Mkdev(4096, 1)}}), want: ErrUnsupported, mention: []string{"/dev", "4096:1"}},
+		{name: "data past the image", entries: base, mutate: shift("b", 1<<20), opts: func(size int64) Options { return Options{DataOffset: 8192, DataSize: 8192 + size + 2<<20} }, want: ErrInvalid, mention: []string{"/b", "past the image"}},
 		{name: "data past the device", entries: base, opts: func(size int64) Options { return Options{DataOffset: 0, DataSize: 4096} }, want: ErrInvalid, mention: []string{"past the data device"}},
 		{name: "unaligned image offset", entries: base, opts: func(size int64) Options { return Options{DataOffset: 100, DataSize: 1 << 20} }, want: ErrInvalid},
 		{name: "negative image offset", entries: base, opts: func(size int64) Options { return Options{DataOffset: -4096, DataSize: 1 << 20} }, want: ErrInvalid},
