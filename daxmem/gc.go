@@ -107,6 +107,13 @@ type GCOptions struct {
 	MinAge time.Duration
 	// DryRun counts what would be freed without freeing it.
 	DryRun bool
+	// ReapAfter, when set, keeps the reference bits of a participant whose
+	// lease ran out until its last heartbeat is ReapAfter old. Its WRITING
+	// claims are reclaimed at lease expiry regardless. A daemon's mounts
+	// outlive it (kernel erofs mounts, the FUSE serving process) and keep
+	// reading the images it referenced; a restart within ReapAfter re-joins
+	// the same slot and finds its references where it left them.
+	ReapAfter time.Duration
 }
 
 // GCStats reports what a collection did.
@@ -144,7 +151,13 @@ func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 		inc := pIncOf(w)
 		switch pStateOf(w) {
 		case pAlive, pJoining:
-			if r.alive(p, nil, now) || !cas(r.mem, off+pState, w, pWord(pReclaiming, inc)) {
+			if r.alive(p, nil, now) {
+				continue
+			}
+			if hb := int64(load(r.mem, off+pHeartbeat)); opts.ReapAfter > 0 && hb <= now.UnixNano() && now.UnixNano()-hb < int64(opts.ReapAfter) {
+				continue // silent, but not for long enough to drop its references
+			}
+			if !cas(r.mem, off+pState, w, pWord(pReclaiming, inc)) {
 				continue
 			}
 		case pReclaiming:

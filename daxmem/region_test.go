@@ -700,3 +700,41 @@ func TestDeferredClaim(t *testing.T) {
 		t.Fatalf("an eager claim of 8 MiB allocated only %d bytes", got)
 	}
 }
+
+// TestReapAfter: a participant past its lease keeps its reference bits
+// (and so its images) until it has been silent for ReapAfter; its WRITING
+// claim is reclaimed at lease expiry all the same.
+func TestReapAfter(t *testing.T) {
+	ctx := context.Background()
+	o := testOpts(t, 8<<20)
+	a := mustCreate(t, o)
+	mustJoin(t, a)
+	b := mustOpen(t, Options{Path: o.Path, HeartbeatInterval: o.HeartbeatInterval, LeaseTimeout: o.LeaseTimeout})
+	bid := mustJoin(t, b)
+	held := key("held-by-b")
+	publish(t, b, KindLayer, held, 4096, 4096, ClaimOptions{})
+	if _, err := b.Claim(ctx, KindLayer, key("half"), 4096, ClaimOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	time.Sleep(2 * o.LeaseTimeout)
+
+	st, err := a.GC(ctx, GCOptions{ReapAfter: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.DeadParticipants) != 0 || st.EntriesFreed != 0 || st.ClaimsReclaimed != 1 {
+		t.Fatalf("GC within ReapAfter: %+v; want no participant reaped, nothing freed, the claim reclaimed", st)
+	}
+	if e, ok := a.Lookup(KindLayer, held); !ok || e.Refs != 1<<uint(bid) {
+		t.Fatalf("entry after GC within ReapAfter: %+v %v", e, ok)
+	}
+
+	st, err = a.GC(ctx, GCOptions{ReapAfter: o.LeaseTimeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.DeadParticipants) != 1 || st.DeadParticipants[0] != bid || st.EntriesFreed != 1 {
+		t.Fatalf("GC after ReapAfter: %+v; want participant %d reaped and its entry freed", st, bid)
+	}
+}

@@ -54,6 +54,10 @@ type MountConfig struct {
 // GCConfig schedules region garbage collection.
 type GCConfig struct {
 	Interval Duration `toml:"interval"`
+	// ReapAfter keeps a silent participant's references (and so the
+	// images its host's mounts may still read) this long after its last
+	// heartbeat.
+	ReapAfter Duration `toml:"reap_after"`
 }
 
 // DefaultConfig is what the daemon runs with when nothing is configured:
@@ -74,7 +78,7 @@ func DefaultConfig() Config {
 			Participants: 64,
 		},
 		Mount: MountConfig{Mode: "auto", Validate: &t},
-		GC:    GCConfig{Interval: Duration(10 * time.Minute)},
+		GC:    GCConfig{Interval: Duration(10 * time.Minute), ReapAfter: Duration(time.Hour)},
 	}
 }
 

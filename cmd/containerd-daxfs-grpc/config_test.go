@@ -59,12 +59,13 @@ entries = 128
 mode = "fuse"
 [gc]
 interval = "30s"
+reap_after = "2h"
 `), true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.Root != "/tmp/r" || cfg.Region.Size != 1<<30 || cfg.Region.Entries != 128 || cfg.Mount.Mode != "fuse" ||
-		time.Duration(cfg.GC.Interval) != 30*time.Second || cfg.Region.Backend != "file" {
+		time.Duration(cfg.GC.Interval) != 30*time.Second || time.Duration(cfg.GC.ReapAfter) != 2*time.Hour || cfg.Region.Backend != "file" {
 		t.Fatalf("parsed config: %+v", cfg)
 	}
 	if cfg, err = LoadConfig(write("[region]\nsize = 1048576\n"), true); err != nil || cfg.Region.Size != 1<<20 {

@@ -165,7 +165,7 @@ func serve(ctx context.Context, cfg Config) error {
 
 	gcCtx, stopGC := context.WithCancel(ctx)
 	defer stopGC()
-	go collectGarbage(gcCtx, region, time.Duration(cfg.GC.Interval))
+	go collectGarbage(gcCtx, region, time.Duration(cfg.GC.Interval), time.Duration(cfg.GC.ReapAfter))
 	if cfg.MetricsAddress != "" {
 		if err := serveMetrics(gcCtx, cfg.MetricsAddress, sn, region); err != nil {
 			return err
@@ -193,7 +193,7 @@ func serve(ctx context.Context, cfg Config) error {
 
 // collectGarbage reclaims unreferenced images and dead participants' claims
 // every interval.
-func collectGarbage(ctx context.Context, region *daxmem.Region, interval time.Duration) {
+func collectGarbage(ctx context.Context, region *daxmem.Region, interval, reapAfter time.Duration) {
 	if interval <= 0 {
 		return
 	}
@@ -205,7 +205,7 @@ func collectGarbage(ctx context.Context, region *daxmem.Region, interval time.Du
 			return
 		case <-t.C:
 		}
-		st, err := region.GC(ctx, daxmem.GCOptions{MinAge: interval})
+		st, err := region.GC(ctx, daxmem.GCOptions{MinAge: interval, ReapAfter: reapAfter})
 		if err != nil {
 			log.G(ctx).WithError(err).Warn("region garbage collection")
 			continue
