@@ -29,6 +29,8 @@ type Metrics struct {
 	ViewsBuilt     atomic.Int64
 	ViewsMounted   atomic.Int64
 	ViewsUnmounted atomic.Int64
+	// ViewsWarmed counts views mounted ahead of their first container.
+	ViewsWarmed atomic.Int64
 	// BlobsLocal counts layer blobs the differ read from containerd's
 	// content store files; BlobsRemote those read through its API.
 	BlobsLocal  atomic.Int64
@@ -64,6 +66,7 @@ func (m *Metrics) WritePrometheus(w io.Writer) error {
 		{"daxfs_views_mounted_total", "View mounts made by this participant.", float64(m.ViewsMounted.Load())},
 		{"daxfs_blobs_local_total", "Layer blobs read from the files of containerd's content store.", float64(m.BlobsLocal.Load())},
 		{"daxfs_blobs_remote_total", "Layer blobs read through containerd's content API.", float64(m.BlobsRemote.Load())},
+		{"daxfs_views_warmed_total", "Views mounted ahead of their first container, after an unpack.", float64(m.ViewsWarmed.Load())},
 		{"daxfs_views_unmounted_total", "Views unmounted by Cleanup once no snapshot used them.", float64(m.ViewsUnmounted.Load())},
 	} {
 		if _, err := fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %g\n", c.name, c.help, c.name, c.name, c.v); err != nil {

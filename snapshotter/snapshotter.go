@@ -54,6 +54,10 @@ type Config struct {
 	Overlay overlay.Options
 	// MaxLayerSize bounds one layer image (0: no bound but the region's).
 	MaxLayerSize int64
+	// WarmViews, when set, mounts the view of a freshly unpacked image
+	// (the top of a chain of commits) ahead of its first container and
+	// keeps it mounted this long without users.
+	WarmViews time.Duration
 }
 
 // Snapshotter implements snapshots.Snapshotter over the shared region.
@@ -111,7 +115,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		ovl:     cfg.Overlay,
 		maxSize: cfg.MaxLayerSize,
 	}
-	s.views = newViewTable(s)
+	s.views = newViewTable(s, cfg.WarmViews)
 	if err := s.views.adopt(ctx); err != nil {
 		ms.Close()
 		return nil, err
@@ -346,6 +350,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 				return nil, fmt.Errorf("label %s=%q of %s: %w", labelDiffID, d, key, errdefs.ErrInvalidArgument)
 			}
 			st = &stage{DiffID: diffID}
+			// The unpacker builds the next layer on parent: parent is
+			// not the top of the image and needs no warm view.
+			s.views.built(parent)
 			if e, ok, err := s.lookupLayer(diffID); err != nil {
 				return nil, err
 			} else if ok {
@@ -561,6 +568,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the committed snapshot's directory")
 	}
+	s.views.committed(name, parent)
 	return nil
 }
 
@@ -604,6 +612,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		return fmt.Errorf("removing snapshot %s: %w", key, err)
 	}
 	s.views.release(ctx, id)
+	s.views.built(key)
 	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the snapshot's directory")
 	}
@@ -699,6 +708,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 // containers keep using them, and a restarted daemon adopts them.
 func (s *Snapshotter) Close() error {
 	var err error
-	s.closeOnce.Do(func() { err = s.ms.Close() })
+	s.closeOnce.Do(func() {
+		s.views.stopWarming()
+		err = s.ms.Close()
+	})
 	return err
 }

@@ -49,6 +49,9 @@ type RegionConfig struct {
 type MountConfig struct {
 	Mode     string `toml:"mode"`     // auto, kernel, erofs, fuse
 	Validate *bool  `toml:"validate"` // validate images before mounting them
+	// WarmViews mounts the view of a freshly unpacked image ahead of its
+	// first container and keeps it mounted this long unused ("0": off).
+	WarmViews Duration `toml:"warm_views"`
 }
 
 // GCConfig schedules region garbage collection.
@@ -77,7 +80,7 @@ func DefaultConfig() Config {
 			Entries:      4096,
 			Participants: 64,
 		},
-		Mount: MountConfig{Mode: "auto", Validate: &t},
+		Mount: MountConfig{Mode: "auto", Validate: &t, WarmViews: Duration(10 * time.Minute)},
 		GC:    GCConfig{Interval: Duration(10 * time.Minute), ReapAfter: Duration(time.Hour)},
 	}
 }

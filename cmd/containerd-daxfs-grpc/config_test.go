@@ -57,6 +57,7 @@ size = "1GiB"
 entries = 128
 [mount]
 mode = "fuse"
+warm_views = "0"
 [gc]
 interval = "30s"
 reap_after = "2h"
@@ -65,7 +66,7 @@ reap_after = "2h"
 		t.Fatal(err)
 	}
 	if cfg.Root != "/tmp/r" || cfg.Region.Size != 1<<30 || cfg.Region.Entries != 128 || cfg.Mount.Mode != "fuse" ||
-		time.Duration(cfg.GC.Interval) != 30*time.Second || time.Duration(cfg.GC.ReapAfter) != 2*time.Hour || cfg.Region.Backend != "file" {
+		time.Duration(cfg.GC.Interval) != 30*time.Second || time.Duration(cfg.GC.ReapAfter) != 2*time.Hour || cfg.Mount.WarmViews != 0 || cfg.Region.Backend != "file" {
 		t.Fatalf("parsed config: %+v", cfg)
 	}
 	if cfg, err = LoadConfig(write("[region]\nsize = 1048576\n"), true); err != nil || cfg.Region.Size != 1<<20 {

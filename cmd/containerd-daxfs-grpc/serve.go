@@ -133,6 +133,7 @@ func serve(ctx context.Context, cfg Config) error {
 		Mounter:      mnt,
 		Overlay:      overlay.DefaultOptions(),
 		MaxLayerSize: int64(cfg.Region.MaxLayerSize),
+		WarmViews:    time.Duration(cfg.Mount.WarmViews),
 	})
 	if err != nil {
 		return err
