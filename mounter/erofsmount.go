@@ -277,19 +277,9 @@ func blockDevSize(f *os.File) (int64, error) {
 	return int64(n), nil
 }
 
-func (m *erofsMounter) Unmount(ctx context.Context, target string) error {
-	target, err := absTarget(target)
-	if err != nil {
-		return err
-	}
-	if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
-		if err == unix.EINVAL || err == unix.ENOENT {
-			return fmt.Errorf("%s: %w: not mounted", target, errdefs.ErrNotFound)
-		}
-		return fmt.Errorf("unmount %s: %w", target, err)
-	}
-	return nil
-}
+// Unmount detaches lazily: the loop devices go with the last user of the
+// mount (an overlay may still hold it).
+func (m *erofsMounter) Unmount(ctx context.Context, target string) error { return detachKernel(target) }
 
 // Mounted lists the erofs mounts whose metadata device is backed by a file
 // of ours (deleted after attaching, so the kernel shows it "(deleted)").

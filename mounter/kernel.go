@@ -106,7 +106,11 @@ func (kernelMounter) Mount(ctx context.Context, src Source, target string) error
 	return nil
 }
 
-func (kernelMounter) Unmount(ctx context.Context, target string) error {
+func (kernelMounter) Unmount(ctx context.Context, target string) error { return detachKernel(target) }
+
+// detachKernel lazily detaches the kernel mount (daxfs module, erofs) on
+// target; NotFound when nothing is mounted there.
+func detachKernel(target string) error {
 	target, err := absTarget(target)
 	if err != nil {
 		return err
