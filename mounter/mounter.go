@@ -120,16 +120,16 @@ func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
 		} else {
 			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable")
 		}
-		if e, err := NewEROFS(ctx, fo.erofsDir(), fo.Validate); err == nil {
+		e, err := NewEROFS(ctx, fo.erofsDir(), fo.Validate)
+		if err == nil {
 			a.erofs = e.(*erofsMounter)
 			// FUSE is only the fallback now: its serving process starts
 			// when a mount first needs it.
 			a.fuse = newFUSEClient(fo)
 			log.G(ctx).Debug("mounting images with erofs over loop devices (no daxfs kernel module)")
 			return a, nil
-		} else {
-			log.G(ctx).WithError(err).Info("erofs not usable; mounting images with FUSE")
 		}
+		log.G(ctx).WithError(err).Info("erofs not usable; mounting images with FUSE")
 		f, err := NewFUSE(ctx, fo)
 		if err != nil {
 			return nil, err

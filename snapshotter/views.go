@@ -5,8 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
-	"golang.org/x/sys/unix"
 	"os"
 	"path/filepath"
 	"sync"
@@ -17,10 +15,12 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 )
 
