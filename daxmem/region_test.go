@@ -285,11 +285,7 @@ func TestBusyAndWait(t *testing.T) {
 
 func TestDeadWriterIsReclaimed(t *testing.T) {
 	ctx := context.Background()
-	o := testOpts(t, 8<<20)
-	a := mustCreate(t, o)
-	mustJoin(t, a)
-	b := mustOpen(t, Options{Path: o.Path, HeartbeatInterval: o.HeartbeatInterval, LeaseTimeout: o.LeaseTimeout})
-	bid := mustJoin(t, b)
+	_, a, b, bid := twoParticipants(t)
 	k := key("dies")
 	if _, err := b.Claim(ctx, KindLayer, k, 8192, ClaimOptions{}); err != nil {
 		t.Fatal(err)
@@ -706,11 +702,7 @@ func TestDeferredClaim(t *testing.T) {
 // claim is reclaimed at lease expiry all the same.
 func TestReapAfter(t *testing.T) {
 	ctx := context.Background()
-	o := testOpts(t, 8<<20)
-	a := mustCreate(t, o)
-	mustJoin(t, a)
-	b := mustOpen(t, Options{Path: o.Path, HeartbeatInterval: o.HeartbeatInterval, LeaseTimeout: o.LeaseTimeout})
-	bid := mustJoin(t, b)
+	o, a, b, bid := twoParticipants(t)
 	held := key("held-by-b")
 	publish(t, b, KindLayer, held, 4096, 4096, ClaimOptions{})
 	if _, err := b.Claim(ctx, KindLayer, key("half"), 4096, ClaimOptions{}); err != nil {
@@ -737,4 +729,15 @@ func TestReapAfter(t *testing.T) {
 	if len(st.DeadParticipants) != 1 || st.DeadParticipants[0] != bid || st.EntriesFreed != 1 {
 		t.Fatalf("GC after ReapAfter: %+v; want participant %d reaped and its entry freed", st, bid)
 	}
+}
+
+// twoParticipants creates an 8 MiB region joined by a, and opens and joins
+// it again as b (another process would), with the test's short lease.
+func twoParticipants(t *testing.T) (Options, *Region, *Region, ParticipantID) {
+	t.Helper()
+	o := testOpts(t, 8<<20)
+	a := mustCreate(t, o)
+	mustJoin(t, a)
+	b := mustOpen(t, Options{Path: o.Path, HeartbeatInterval: o.HeartbeatInterval, LeaseTimeout: o.LeaseTimeout})
+	return o, a, b, mustJoin(t, b)
 }

@@ -489,17 +489,7 @@ func TestPosixACL(t *testing.T) {
 			tb.Fatalf("setting a default ACL on the source: %v", err)
 		}
 	})
-	want, err := testenv.Snapshot(s.src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := testenv.Snapshot(s.mnt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d := testenv.Diff(want, got); len(d) > 0 {
-		t.Errorf("mounted tree differs from the source:\n%s", strings.Join(d, "\n"))
-	}
+	got := requireSameTree(t, s.src, s.mnt)
 	if _, ok := got["/d/secret"].Xattrs["system.posix_acl_access"]; !ok {
 		t.Errorf("no ACL on the mounted file: %v", got["/d/secret"].Xattrs)
 	}
@@ -518,4 +508,22 @@ func TestPosixACL(t *testing.T) {
 			t.Errorf("uid %d reading the file: %q, %v; want allowed=%v", uid, out, err, ok)
 		}
 	}
+}
+
+// requireSameTree fails unless the tree at mnt equals the one at src, path
+// for path (showing at most 30 differences), and returns mnt's tree.
+func requireSameTree(t *testing.T, src, mnt string) map[string]testenv.FileInfo {
+	t.Helper()
+	want, err := testenv.Snapshot(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := testenv.Snapshot(mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := testenv.Diff(want, got); len(d) > 0 {
+		t.Errorf("mounted tree differs from the source (%d paths):\n%s", len(want), strings.Join(d[:min(len(d), 30)], "\n"))
+	}
+	return got
 }

@@ -160,17 +160,7 @@ func TestRandomTrees(t *testing.T) {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
 			rnd := rand.New(rand.NewSource(seed))
 			s := mountTree(t, func(tb testing.TB, root string) { writeRandomTree(tb, root, rnd) })
-			want, err := testenv.Snapshot(s.src)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := testenv.Snapshot(s.mnt)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if d := testenv.Diff(want, got); len(d) > 0 {
-				t.Errorf("mounted tree differs from the source (%d paths):\n%s", len(want), strings.Join(d[:min(len(d), 30)], "\n"))
-			}
+			requireSameTree(t, s.src, s.mnt)
 			b := layoutOf(t, s.r)
 			for _, n := range b.order {
 				seen.nodes++
