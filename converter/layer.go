@@ -9,7 +9,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"strings"
 
@@ -155,7 +154,9 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 		stream = br
 	}
 
-	cr := &countingReader{r: stream, h: sha256.New(), limit: maxTarSize(opts.MaxSize)}
+	ah := newHashAhead(stream)
+	defer ah.Close()
+	cr := &countingReader{r: ah, limit: maxTarSize(opts.MaxSize)}
 	w := daxfs.NewWriter(&outputWriter{w: out}, opts.Writer)
 	b := newLayerBuilder(w, opts.MaxSize)
 	if err := addTar(ctx, cr, b, format); err != nil {
@@ -179,15 +180,14 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	res.Size = n
 	res.TarSize = cr.n
 	res.Entries = b.entries
-	res.DiffID = digest.NewDigestFromBytes(digest.SHA256, cr.h.Sum(nil))
+	res.DiffID = digest.NewDigestFromBytes(digest.SHA256, ah.Sum())
 	return res, nil
 }
 
-// countingReader hashes and counts the uncompressed stream and enforces
-// the bounds on it.
+// countingReader counts the uncompressed stream and enforces the bounds on
+// it (hashAhead below it hashes it).
 type countingReader struct {
 	r        io.Reader
-	h        hash.Hash
 	n        int64
 	limit    int64 // 0: none
 	trailing bool  // past the end-of-archive marker
@@ -202,7 +202,6 @@ type countingReader struct {
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	if n > 0 {
-		c.h.Write(p[:n])
 		c.n += int64(n)
 		i := n
 		for i > 0 && p[i-1] == 0 {
