@@ -58,8 +58,9 @@ var (
 	ErrNameTooLong  = errors.New("daxfs: name longer than 255 bytes")
 	ErrTooManyNodes = errors.New("daxfs: more than 2^32-1 inodes")
 	ErrNoSpace      = errors.New("daxfs: image does not fit its output")
-	// ErrBacking: a reserving Window could not back its output with
-	// memory (a full tmpfs or region): not the image's fault.
+	// ErrBacking: a reserving or file Window could not back its output
+	// with memory or write it there (a full tmpfs or region): not the
+	// image's fault.
 	ErrBacking = errors.New("daxfs: backing the output with memory failed")
 	// ErrInvalidHeader: a Header the image cannot represent (unknown file
 	// type, bad symlink target, bad xattr, negative size, ...).

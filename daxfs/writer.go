@@ -527,7 +527,7 @@ func (w *Writer) copyData(path string, size int64, r io.Reader) (uint64, error) 
 		return 0, fmt.Errorf("daxfs: %s: %w: file of %d bytes", path, ErrNoSpace, size)
 	}
 	start := w.pos
-	if win, ok := w.out.(*Window); ok {
+	if win, ok := w.out.(*Window); ok && win.file == nil {
 		return start, w.copyToWindow(win, path, size, padded, r)
 	}
 	if w.buf == nil {
@@ -1048,6 +1048,9 @@ func (w *Writer) writeMeta() error {
 // write nothing.
 type Window struct {
 	b []byte
+	// file, when set, writes b's bytes at the same offsets through the
+	// file b maps (pwrite) instead of storing to b.
+	file io.WriterAt
 	// reserve, when set, backs a range of b with memory before it is
 	// written; ready is how much of b (a prefix) it has backed.
 	reserve func(off, n int64) error
@@ -1074,6 +1077,16 @@ func NewReservingWindow(b []byte, reserve func(off, n int64) error) *Window {
 	return &Window{b: b, reserve: reserve}
 }
 
+// NewFileWindow returns a Window over b, a shared mapping of a file that
+// f writes at the same offsets (a region claim's WriterAt): WriteAt goes
+// through f, with no reservation, and so does the Writer's file data.
+// Stores through Bytes still work (the file's page cache is the mapping)
+// and still call reserve first through Ensure. f's errors wrap
+// ErrBacking.
+func NewFileWindow(b []byte, f io.WriterAt, reserve func(off, n int64) error) *Window {
+	return &Window{b: b, file: f, reserve: reserve}
+}
+
 // Ensure backs b[:end] (clipped to the Window) with memory. Writes through
 // WriteAt and the Writer do this themselves; code that fills Bytes()
 // directly calls it first.
@@ -1097,6 +1110,13 @@ func (w *Window) Ensure(end int64) error {
 func (w *Window) WriteAt(p []byte, off int64) (int, error) {
 	if off < 0 || off > int64(len(w.b)) || int64(len(p)) > int64(len(w.b))-off {
 		return 0, ErrNoSpace
+	}
+	if w.file != nil {
+		n, err := w.file.WriteAt(p, off)
+		if err != nil {
+			return n, fmt.Errorf("%w: bytes [%d,%d) of the output: %w", ErrBacking, off, off+int64(len(p)), err)
+		}
+		return n, nil
 	}
 	if err := w.Ensure(off + int64(len(p))); err != nil {
 		return 0, err

@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/crc32"
-	"runtime/debug"
+	"io"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containerd/log"
@@ -223,18 +223,41 @@ func (r *Region) conflicts(slot int, k Kind, key Key, start, end int64) bool {
 	return false
 }
 
-// checksum is CRC-32C (hardware accelerated on amd64 and arm64, >10 GB/s):
-// it detects corruption, not tampering. A fault while reading the mapping
-// becomes an error instead of killing the process.
-func checksum(b []byte) (sum uint64, err error) {
-	old := debug.SetPanicOnFault(true)
-	defer func() {
-		debug.SetPanicOnFault(old)
-		if p := recover(); p != nil {
-			err = fmt.Errorf("fault reading the region: %v", p)
+// WriterAt returns a writer of the claim's bytes through the backing
+// file (pwrite at the claim's offsets), or nil when the backend has no
+// write(2) (device DAX, hugetlbfs): then write through Bytes.
+//
+// For a file on tmpfs this is the cheaper way to fill a new extent: the
+// kernel copies into freshly allocated pages without zeroing them first
+// and without a page fault per page, where stores through the mapping pay
+// both (about half the time for a layer's file data on this kind of
+// virtual machine). The page cache is the mapping's, so Bytes sees what
+// was written at once. Writes need no Reserve: a full tmpfs fails the
+// write itself with ENOSPC instead of raising SIGBUS.
+func (c *Claim) WriterAt() io.WriterAt {
+	if c.r.be.f == nil || c.r.be.name != BackendFile {
+		return nil
+	}
+	return &claimFile{c: c}
+}
+
+type claimFile struct{ c *Claim }
+
+func (w *claimFile) WriteAt(p []byte, off int64) (int, error) {
+	c := w.c
+	if off < 0 || off > c.extent || int64(len(p)) > c.extent-off {
+		return 0, c.r.keyErr("write", c.kind, c.key, nil, ErrInvalidSize, fmt.Sprintf("range [%d,%d) outside the claimed %d bytes", off, off+int64(len(p)), c.extent))
+	}
+	n, err := c.r.be.f.WriteAt(p, c.off+off)
+	if err != nil {
+		detail := fmt.Sprintf("writing %d bytes at %d of %s", len(p), c.off+off, c.r.be.path)
+		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+			// As Reserve says it: the backing store is full.
+			return n, c.r.keyErr("write", c.kind, c.key, nil, ErrFull, detail+": "+err.Error())
 		}
-	}()
-	return uint64(crc32.Checksum(b, castagnoli)), nil
+		return n, c.r.keyErr("write", c.kind, c.key, nil, err, detail)
+	}
+	return n, nil
 }
 
 // Reserve backs bytes [off, off+n) of the claim with memory, so that

@@ -189,7 +189,7 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 		}
 		start := time.Now()
 		blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
-		res, err := converter.ConvertLayer(ctx, blob, daxfs.NewReservingWindow(c.Bytes(), c.Reserve), converter.LayerOptions{MaxSize: s.maxSize})
+		res, err := converter.ConvertLayer(ctx, blob, layerWindow(c), converter.LayerOptions{MaxSize: s.maxSize})
 		blob.Close()
 		ra.Close()
 		log.G(ctx).WithField("blob", desc.Digest).WithField("took", time.Since(start)).WithField("fetching", blob.waited).Debug("converted blob")
@@ -224,6 +224,16 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 		log.G(ctx).WithField("diffID", st.DiffID).WithField("size", res.Size).Debug("layer converted into the region")
 		return done, res.Size, nil
 	}
+}
+
+// layerWindow is where a layer image is written in claim c: through the
+// region file where the backend has one (the cheapest way to fill new
+// tmpfs pages), else through the mapping, backed as the image grows.
+func layerWindow(c *daxmem.Claim) *daxfs.Window {
+	if f := c.WriterAt(); f != nil {
+		return daxfs.NewFileWindow(c.Bytes(), f, c.Reserve)
+	}
+	return daxfs.NewReservingWindow(c.Bytes(), c.Reserve)
 }
 
 func isLayerType(mt string) bool {
