@@ -220,8 +220,6 @@ func parseHeader(path string, b []byte, mapped int64) (geometry, error) {
 	return want, nil
 }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // word returns the uint64 at off in mem for atomic access. off must be 8
 // aligned; mem is a page aligned mapping, so the word is 8 aligned too.
 func word(mem []byte, off int64) *uint64 {

@@ -1,0 +1,44 @@
+package daxmem
+
+import (
+	"hash/crc32"
+	"math/rand/v2"
+	"testing"
+)
+
+// TestCRC32Combine: the combination of two parts' CRCs is the CRC of the
+// whole, for split points around byte, word and power-of-two boundaries.
+func TestCRC32Combine(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	b := make([]byte, 1<<16+37)
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	for _, split := range []int{0, 1, 2, 3, 7, 8, 63, 64, 65, 4095, 4096, 1 << 15, len(b) - 1, len(b)} {
+		want := crc32.Checksum(b, castagnoli)
+		got := crc32Combine(crc32.Checksum(b[:split], castagnoli), crc32.Checksum(b[split:], castagnoli), int64(len(b)-split))
+		if got != want {
+			t.Errorf("split at %d: combined %08x, whole %08x", split, got, want)
+		}
+	}
+}
+
+// TestChecksumParallel: a buffer large enough to be checksummed in parts
+// gives the CRC-32C of the whole, whatever the CPU count.
+func TestChecksumParallel(t *testing.T) {
+	b := make([]byte, 3*parallelCRCMin+12345)
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := 0; i < len(b); i += 997 {
+		b[i] = byte(rng.Uint32())
+	}
+	for _, n := range []int{len(b), 2*parallelCRCMin - 1, parallelCRCMin} {
+		want := uint64(crc32.Checksum(b[:n], castagnoli))
+		got, err := checksum(b[:n])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Errorf("%d bytes: checksum %08x, want %08x", n, got, want)
+		}
+	}
+}
