@@ -26,6 +26,9 @@ const (
 const (
 	labelSnapshotRef = snapshots.LabelSnapshotRef    // containerd.io/snapshot.ref: the chain ID being unpacked
 	labelDiffID      = snapshots.LabelSnapshotDiffID // containerd.io/snapshot/diff-id
+	// labelParentChain is the chain ID the layer will be committed over
+	// (above the first layer; containerd's unpacker does not export it).
+	labelParentChain = "containerd.io/snapshot/parent-chain-id"
 )
 
 // withoutPrivate returns labels without keys under our prefix.

@@ -350,9 +350,17 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 				return nil, fmt.Errorf("label %s=%q of %s: %w", labelDiffID, d, key, errdefs.ErrInvalidArgument)
 			}
 			st = &stage{DiffID: diffID}
-			// The unpacker builds the next layer on parent: parent is
-			// not the top of the image and needs no warm view.
+			// The unpacker builds the next layer on parent (or, in a
+			// parallel unpack, on the chain it names): that is not the
+			// top of the image and needs no warm view.
 			s.views.built(parent)
+			if s.views.extraction(key, info.Labels[labelParentChain]) {
+				defer func() {
+					if retErr != nil {
+						s.views.extractionDone(key)
+					}
+				}()
+			}
 			if e, ok, err := s.lookupLayer(diffID); err != nil {
 				return nil, err
 			} else if ok {
@@ -568,6 +576,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the committed snapshot's directory")
 	}
+	s.views.extractionDone(key)
 	s.views.committed(name, parent)
 	return nil
 }
@@ -613,6 +622,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	}
 	s.views.release(ctx, id)
 	s.views.built(key)
+	s.views.extractionDone(key)
 	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the snapshot's directory")
 	}

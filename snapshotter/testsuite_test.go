@@ -43,8 +43,9 @@ func TestMain(m *testing.M) {
 }
 
 // newTestSnapshotter builds a snapshotter on real parts: a file-backed
-// region under root, the FUSE serving process, overlayfs.
-func newTestSnapshotter(ctx context.Context, root string) (*Snapshotter, func() error, error) {
+// region under root, the FUSE serving process, overlayfs. configure, when
+// given, adjusts its Config.
+func newTestSnapshotter(ctx context.Context, root string, configure ...func(*Config)) (*Snapshotter, func() error, error) {
 	region, err := daxmem.Create(ctx, daxmem.Options{
 		Path:         filepath.Join(root, "region"),
 		Size:         512 << 20,
@@ -64,7 +65,11 @@ func newTestSnapshotter(ctx context.Context, root string) (*Snapshotter, func() 
 		region.Close()
 		return nil, nil, err
 	}
-	sn, err := New(ctx, Config{Root: root, Region: region, Mounter: mnt, Overlay: overlay.DefaultOptions()})
+	cfg := Config{Root: root, Region: region, Mounter: mnt, Overlay: overlay.DefaultOptions()}
+	for _, c := range configure {
+		c(&cfg)
+	}
+	sn, err := New(ctx, cfg)
 	if err != nil {
 		region.Close()
 		return nil, nil, err

@@ -62,7 +62,12 @@ type viewTable struct {
 	warmFor time.Duration
 	warmMu  sync.Mutex
 	pending map[string]*time.Timer // committed snapshot name -> its warming
-	closed  bool
+	// awaited counts, by chain ID, the extraction snapshots in flight
+	// that will be committed over it (their parent-chain-id label);
+	// extracting maps such an extraction's key to that chain ID.
+	awaited    map[string]int
+	extracting map[string]string
+	closed     bool
 }
 
 type viewMount struct {
@@ -79,20 +84,60 @@ type viewMount struct {
 
 func newViewTable(s *Snapshotter, warmFor time.Duration) *viewTable {
 	return &viewTable{s: s, mounted: map[digest.Digest]*viewMount{}, users: map[string]digest.Digest{},
-		warmFor: warmFor, pending: map[string]*time.Timer{}}
+		warmFor: warmFor, pending: map[string]*time.Timer{},
+		awaited: map[string]int{}, extracting: map[string]string{}}
 }
 
 // warmDelay is how long a freshly committed snapshot waits before its view
-// is warmed: during an unpack the next layer's snapshot names it as parent
-// within milliseconds, which cancels the warming; the image's top layer is
-// the one nothing follows.
-const warmDelay = 200 * time.Millisecond
+// is warmed when no layer is known to follow it. A sequential unpack
+// prepares the next layer's snapshot over it a few milliseconds after the
+// commit, which cancels the warming; the image's top layer is the one
+// nothing follows. Short, because the first container often follows the
+// unpack at once (ctr image pull && ctr run): the warming must be under
+// way, if not done, when its Prepare comes.
+const warmDelay = 50 * time.Millisecond
+
+// extraction is told that extraction snapshot key was prepared to be
+// committed over chain ID parentChain (the unpacker's parent-chain-id
+// label; empty for a first layer). A parallel unpack prepares every layer
+// before it commits the first, so a commit that some extraction awaits is
+// not the image's top and needs no warm view.
+// It reports whether it recorded the extraction.
+func (t *viewTable) extraction(key, parentChain string) bool {
+	if parentChain == "" || t.warmFor <= 0 {
+		return false
+	}
+	t.warmMu.Lock()
+	defer t.warmMu.Unlock()
+	if _, ok := t.extracting[key]; ok {
+		return false // a Prepare of a key in use: it fails
+	}
+	t.extracting[key] = parentChain
+	t.awaited[parentChain]++
+	t.cancelLocked(parentChain)
+	return true
+}
+
+// extractionDone is told that snapshot key was committed or removed.
+func (t *viewTable) extractionDone(key string) {
+	t.warmMu.Lock()
+	defer t.warmMu.Unlock()
+	parentChain, ok := t.extracting[key]
+	if !ok {
+		return
+	}
+	delete(t.extracting, key)
+	if t.awaited[parentChain]--; t.awaited[parentChain] <= 0 {
+		delete(t.awaited, parentChain)
+	}
+}
 
 // committed is told that snapshot name was committed over parent: the
 // parent is an intermediate layer (no warming for it), and name's view is
-// warmed after warmDelay unless something builds on it first. Mounting the
-// view ahead of the first container takes building the view and mounting
-// it (tens of milliseconds for a Debian image) off the container's start.
+// warmed after warmDelay unless a layer is to follow it (see extraction)
+// or something builds on it first. Mounting the view ahead of the first
+// container takes building the view and mounting it (tens of milliseconds
+// for a Debian image) off the container's start.
 func (t *viewTable) committed(name, parent string) {
 	if t.warmFor <= 0 {
 		return
@@ -102,7 +147,7 @@ func (t *viewTable) committed(name, parent string) {
 	if parent != "" {
 		t.cancelLocked(parent)
 	}
-	if t.closed {
+	if t.closed || t.awaited[name] > 0 {
 		return
 	}
 	t.cancelLocked(name)
