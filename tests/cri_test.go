@@ -21,7 +21,7 @@ import (
 // pushImage builds img, imports it into a scratch containerd and pushes it
 // to the registry as reg/library/NAME:TAG. It returns the remote ref and
 // the built image.
-func pushImage(t *testing.T, src *testenv.Containerd, reg string, img testimage.Image, nameTag string) (string, *testimage.Built) {
+func pushImage(t testing.TB, src *testenv.Containerd, reg string, img testimage.Image, nameTag string) (string, *testimage.Built) {
 	t.Helper()
 	local := "docker.io/library/" + nameTag
 	archive, built := testenv.WriteImageArchive(t, img, local)
