@@ -64,8 +64,14 @@ type daxfsDaemon struct {
 }
 
 // containerdConfig is the containerd configuration of DESIGN section 1 for
-// a daemon serving on socket with state in root.
-func containerdConfig(socket, root string) string {
+// a daemon serving on socket with state in root. unpacks > 1 sets the
+// transfer service's max_concurrent_unpacks: with our rebase capability,
+// its pulls then unpack layers in parallel.
+func containerdConfig(socket, root string, unpacks int) string {
+	parallel := ""
+	if unpacks > 1 {
+		parallel = fmt.Sprintf("\n  max_concurrent_unpacks = %d", unpacks)
+	}
 	return fmt.Sprintf(`
 [proxy_plugins.daxfs]
   type = "snapshot"
@@ -78,7 +84,7 @@ func containerdConfig(socket, root string) string {
   address = %q
 [plugins."io.containerd.service.v1.diff-service"]
   default = ["daxfs-diff", "walking"]
-[plugins."io.containerd.transfer.v1.local"]
+[plugins."io.containerd.transfer.v1.local"]%s
   [[plugins."io.containerd.transfer.v1.local".unpack_config]]
     platform = "linux/amd64"
     snapshotter = "overlayfs"
@@ -88,7 +94,7 @@ func containerdConfig(socket, root string) string {
     snapshotter = "daxfs"
     differ = "daxfs-diff"
     layer_types = [%q]
-`, socket, root, socket, converter.MediaTypeLayer)
+`, socket, root, socket, parallel, converter.MediaTypeLayer)
 }
 
 // daxfsOptions tune startWithDaxfs.
@@ -102,6 +108,9 @@ type daxfsOptions struct {
 	ContentAPI bool
 	// Mode is mount.mode; default "auto" (erofs here).
 	Mode string
+	// MaxConcurrentUnpacks is containerd's transfer service setting
+	// (default 1: sequential unpacks).
+	MaxConcurrentUnpacks int
 }
 
 // startWithDaxfs starts a containerd wired to a fresh daxfs daemon and the
@@ -130,7 +139,11 @@ func startWithDaxfs(t testing.TB, opts testenv.ContainerdOptions, dopts ...daxfs
 			d.Region, d.ownRegion = o.Region, false
 		}
 	}
-	opts.ExtraConfig = containerdConfig(d.Socket, d.Root) + opts.ExtraConfig
+	unpacks := 0
+	for _, o := range dopts {
+		unpacks = max(unpacks, o.MaxConcurrentUnpacks)
+	}
+	opts.ExtraConfig = containerdConfig(d.Socket, d.Root, unpacks) + opts.ExtraConfig
 	ctrd := testenv.StartContainerd(t, opts)
 	d.ctrd = ctrd
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -15,11 +15,13 @@ import (
 )
 
 // pullRows are the rows of BenchmarkPull: containerd's overlayfs
-// snapshotter, daxfs on a fresh region, daxfs pulling an image whose
+// snapshotter, daxfs on a fresh region (unpacking layers one after the
+// other, containerd's default, and in parallel with the transfer
+// service's max_concurrent_unpacks = 3), daxfs pulling an image whose
 // layers were pre-converted to DAXFS, and daxfs as a second participant
 // of a region another daemon (another kernel or host on the same memory)
 // already pulled the image into.
-var pullRows = []string{"overlayfs", "daxfs", "daxfs-preconverted", "daxfs-shared"}
+var pullRows = []string{"overlayfs", "daxfs", "daxfs-parallel", "daxfs-preconverted", "daxfs-shared"}
 
 // BenchmarkPull measures `ctr image pull` (fetch and unpack) from a
 // registry on loopback, cold (fresh daemons, writeback done and caches
@@ -117,6 +119,8 @@ func pullRow(tb testing.TB, row, remote, pre, id string) (time.Duration, int64, 
 		ctrd = testenv.StartContainerd(tb, testenv.ContainerdOptions{})
 	case "daxfs":
 		ctrd, _ = startWithDaxfs(tb, testenv.ContainerdOptions{})
+	case "daxfs-parallel":
+		ctrd, _ = startWithDaxfs(tb, testenv.ContainerdOptions{}, daxfsOptions{MaxConcurrentUnpacks: 3})
 	case "daxfs-preconverted":
 		ref = pre
 		ctrd, _ = startWithDaxfs(tb, testenv.ContainerdOptions{})
