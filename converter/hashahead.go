@@ -15,8 +15,9 @@ import (
 // in a third goroutine, a conversion's critical path loses the hashing
 // (about a fifth of it for a gzip layer).
 //
-// Read is for one goroutine. Close stops the goroutine and waits for it, so
-// the source is not read after Close returns.
+// Read is for one goroutine. Close stops the goroutine and waits for it
+// (at most until the source's Read in progress returns), so the source is
+// not read after Close returns.
 type hashAhead struct {
 	h    hash.Hash
 	full chan *aheadChunk // filled and hashed, in stream order
@@ -56,7 +57,9 @@ func newHashAhead(src io.Reader) *hashAhead {
 }
 
 // fill reads src into free chunks, hashes them and queues them, until the
-// source ends or fails (that chunk carries the error) or Close.
+// source ends or fails (that chunk carries its error unchanged: a
+// decompressor's io.ErrUnexpectedEOF is a truncated stream, not an end) or
+// Close.
 func (a *hashAhead) fill(src io.Reader) {
 	defer close(a.done)
 	for {
@@ -66,9 +69,17 @@ func (a *hashAhead) fill(src io.Reader) {
 		case <-a.stop:
 			return
 		}
-		n, err := io.ReadFull(src, c.b)
-		if errors.Is(err, io.ErrUnexpectedEOF) {
-			err = io.EOF // a short last chunk: the source ended
+		n := 0
+		var err error
+		for n < len(c.b) && err == nil {
+			var k int
+			k, err = src.Read(c.b[n:])
+			n += k
+			select {
+			case <-a.stop:
+				return
+			default:
+			}
 		}
 		a.h.Write(c.b[:n])
 		c.r, c.n, c.err = 0, n, err
@@ -117,10 +128,11 @@ func (a *hashAhead) Read(p []byte) (int, error) {
 	}
 }
 
-var errAheadClosed = errors.New("read after close")
+var errAheadClosed = errors.New("converter: read of the layer stream after close")
 
-// Sum returns the sha256 of everything read from the source. It is the
-// hash of the whole stream once Read has returned io.EOF.
+// Sum returns the sha256 of the stream once Read has returned io.EOF.
+// Called earlier, it stops reading and hashes what was read ahead, which
+// is of no use but to release the goroutine.
 func (a *hashAhead) Sum() []byte {
 	if a.err == nil {
 		a.Close() // not at the end: stop the goroutine before using h

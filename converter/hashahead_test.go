@@ -69,3 +69,16 @@ func TestHashAheadClose(t *testing.T) {
 		}
 	}
 }
+
+// TestHashAheadKeepsSourceErrors: a source's io.ErrUnexpectedEOF (a
+// decompressor's word for a truncated stream) reaches the reader as it
+// is, after the data before it, not as a clean end.
+func TestHashAheadKeepsSourceErrors(t *testing.T) {
+	data := bytes.Repeat([]byte("x"), 3000)
+	a := newHashAhead(io.MultiReader(bytes.NewReader(data), iotest.ErrReader(io.ErrUnexpectedEOF)))
+	defer a.Close()
+	got, err := io.ReadAll(a)
+	if !errors.Is(err, io.ErrUnexpectedEOF) || len(got) != len(data) {
+		t.Fatalf("read %d bytes and %v, want %d and io.ErrUnexpectedEOF", len(got), err, len(data))
+	}
+}
