@@ -577,7 +577,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the committed snapshot's directory")
 	}
 	s.views.extractionDone(key)
-	s.views.committed(name, parent)
+	s.views.committed(name, parent, info.Labels[labelSnapshotRef])
 	return nil
 }
 

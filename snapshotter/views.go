@@ -61,13 +61,21 @@ type viewTable struct {
 	// stays mounted without users (0: views are not warmed).
 	warmFor time.Duration
 	warmMu  sync.Mutex
-	pending map[string]*time.Timer // committed snapshot name -> its warming
+	pending map[string]*pendingWarm // committed snapshot name -> its warming
 	// awaited counts, by chain ID, the extraction snapshots in flight
 	// that will be committed over it (their parent-chain-id label);
-	// extracting maps such an extraction's key to that chain ID.
+	// extracting maps such an extraction's key to that chain ID. Chain
+	// IDs, not snapshot names: the names we see are containerd's
+	// namespaced ones ("ns/12/sha256:..."), the labels hold bare chain
+	// IDs.
 	awaited    map[string]int
 	extracting map[string]string
 	closed     bool
+}
+
+type pendingWarm struct {
+	timer *time.Timer
+	chain string // the chain ID the unpacker committed, if known
 }
 
 type viewMount struct {
@@ -84,7 +92,7 @@ type viewMount struct {
 
 func newViewTable(s *Snapshotter, warmFor time.Duration) *viewTable {
 	return &viewTable{s: s, mounted: map[digest.Digest]*viewMount{}, users: map[string]digest.Digest{},
-		warmFor: warmFor, pending: map[string]*time.Timer{},
+		warmFor: warmFor, pending: map[string]*pendingWarm{},
 		awaited: map[string]int{}, extracting: map[string]string{}}
 }
 
@@ -114,7 +122,11 @@ func (t *viewTable) extraction(key, parentChain string) bool {
 	}
 	t.extracting[key] = parentChain
 	t.awaited[parentChain]++
-	t.cancelLocked(parentChain)
+	for name, p := range t.pending {
+		if p.chain == parentChain {
+			t.cancelLocked(name)
+		}
+	}
 	return true
 }
 
@@ -132,13 +144,14 @@ func (t *viewTable) extractionDone(key string) {
 	}
 }
 
-// committed is told that snapshot name was committed over parent: the
-// parent is an intermediate layer (no warming for it), and name's view is
-// warmed after warmDelay unless a layer is to follow it (see extraction)
-// or something builds on it first. Mounting the view ahead of the first
-// container takes building the view and mounting it (tens of milliseconds
-// for a Debian image) off the container's start.
-func (t *viewTable) committed(name, parent string) {
+// committed is told that snapshot name, chain ID chain for the unpacker
+// (its snapshot.ref label; empty if it has none), was committed over
+// parent: the parent is an intermediate layer (no warming for it), and
+// name's view is warmed after warmDelay unless a layer is to follow it
+// (see extraction) or something builds on it first. Mounting the view
+// ahead of the first container takes building the view and mounting it
+// (tens of milliseconds for a Debian image) off the container's start.
+func (t *viewTable) committed(name, parent, chain string) {
 	if t.warmFor <= 0 {
 		return
 	}
@@ -147,11 +160,13 @@ func (t *viewTable) committed(name, parent string) {
 	if parent != "" {
 		t.cancelLocked(parent)
 	}
-	if t.closed || t.awaited[name] > 0 {
+	if t.closed || (chain != "" && t.awaited[chain] > 0) {
 		return
 	}
 	t.cancelLocked(name)
-	t.pending[name] = time.AfterFunc(warmDelay, func() {
+	p := &pendingWarm{chain: chain}
+	t.pending[name] = p
+	p.timer = time.AfterFunc(warmDelay, func() {
 		t.warmMu.Lock()
 		delete(t.pending, name)
 		closed := t.closed
@@ -174,8 +189,8 @@ func (t *viewTable) built(parent string) {
 }
 
 func (t *viewTable) cancelLocked(name string) {
-	if tm, ok := t.pending[name]; ok {
-		tm.Stop()
+	if p, ok := t.pending[name]; ok {
+		p.timer.Stop()
 		delete(t.pending, name)
 	}
 }

@@ -23,7 +23,9 @@ import (
 // it commits the first, then commits them in order over their parents.
 // Only the top layer's view is warmed, even when each commit comes long
 // after the one below (a slow layer): the commit of a chain that a
-// prepared extraction awaits is not the image's top.
+// prepared extraction awaits is not the image's top. Names are what
+// containerd's metadata store hands a proxy snapshotter (namespaced, with
+// a sequence number), the labels bare chain IDs.
 func TestWarmTopOfParallelUnpack(t *testing.T) {
 	testenv.RequireRoot(t)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
@@ -44,7 +46,9 @@ func TestWarmTopOfParallelUnpack(t *testing.T) {
 	}
 	chains := identity.ChainIDs(append([]digest.Digest(nil), diffIDs...))
 	keys := make([]string, layers)
+	names := make([]string, layers)
 	for i := range layers {
+		names[i] = fmt.Sprintf("test/%d/%s", 10+i, chains[i])
 		labels := map[string]string{
 			labelSnapshotRef: chains[i].String(),
 			labelDiffID:      diffIDs[i].String(),
@@ -52,7 +56,7 @@ func TestWarmTopOfParallelUnpack(t *testing.T) {
 		if i > 0 {
 			labels[labelParentChain] = chains[i-1].String()
 		}
-		keys[i] = fmt.Sprintf("extract-%d %s", i, chains[i])
+		keys[i] = fmt.Sprintf("test/%d/extract-%d %s", i+1, i, chains[i])
 		mounts, err := sn.Prepare(ctx, keys[i], "", snapshots.WithLabels(labels))
 		if err != nil {
 			t.Fatalf("prepare layer %d: %v", i, err)
@@ -73,9 +77,9 @@ func TestWarmTopOfParallelUnpack(t *testing.T) {
 		}
 		var opts []snapshots.Opt
 		if i > 0 {
-			opts = append(opts, snapshots.WithParent(chains[i-1].String()))
+			opts = append(opts, snapshots.WithParent(names[i-1]))
 		}
-		if err := sn.Commit(ctx, chains[i].String(), keys[i], opts...); err != nil {
+		if err := sn.Commit(ctx, names[i], keys[i], opts...); err != nil {
 			t.Fatalf("commit layer %d: %v", i, err)
 		}
 	}
@@ -91,7 +95,7 @@ func TestWarmTopOfParallelUnpack(t *testing.T) {
 		t.Fatalf("%d views warmed and %d built after a %d-layer parallel unpack; want 1 and 1 (the top's)", w, b, layers)
 	}
 	// The warm view is the top's: the first container uses it.
-	if _, err := sn.Prepare(ctx, "container", chains[layers-1].String()); err != nil {
+	if _, err := sn.Prepare(ctx, "test/20/container", names[layers-1]); err != nil {
 		t.Fatal(err)
 	}
 	if b, mo := m.ViewsBuilt.Load(), m.ViewsMounted.Load(); b != 1 || mo != 1 {

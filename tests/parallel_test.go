@@ -1,12 +1,14 @@
 package tests
 
 import (
+	"math/rand/v2"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
+	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
 
 // TestDaxfsParallelUnpack pulls a multi-layer image with whiteouts and
@@ -15,11 +17,18 @@ import (
 // every layer is prepared without a parent, applied by our differ
 // concurrently, and committed in order over its parent. The root must be
 // what overlayfs gives for the same pull, and only the top layer's view is
-// warmed.
+// warmed. The top layer is large, so the layer below it is committed well
+// before it: a warming that only waited for a following commit would
+// warm that lower layer too.
 func TestDaxfsParallelUnpack(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
-	remote, built := pushImage(t, src, reg, layeredImage(t), "layered:parallel")
+	img := layeredImage(t)
+	big := make([]byte, 128<<20)
+	rand.NewChaCha8([32]byte{1}).Read(big)
+	img.Layers = append(img.Layers, testimage.Layer{Compression: testimage.Uncompressed,
+		Entries: []testimage.Entry{testimage.File("big", big, 0o644)}})
+	remote, built := pushImage(t, src, reg, img, "layered:parallel")
 	if len(built.DiffIDs) < 3 {
 		t.Fatalf("the test image has %d layers, want several", len(built.DiffIDs))
 	}
