@@ -245,8 +245,16 @@ type claimFile struct{ c *Claim }
 
 func (w *claimFile) WriteAt(p []byte, off int64) (int, error) {
 	c := w.c
-	if off < 0 || off > c.extent || int64(len(p)) > c.extent-off {
-		return 0, c.r.keyErr("write", c.kind, c.key, nil, ErrInvalidSize, fmt.Sprintf("range [%d,%d) outside the claimed %d bytes", off, off+int64(len(p)), c.extent))
+	if off < 0 || off > c.size || int64(len(p)) > c.size-off {
+		return 0, c.r.keyErr("write", c.kind, c.key, nil, ErrInvalidSize, fmt.Sprintf("range [%d,%d) outside the claimed %d bytes", off, off+int64(len(p)), c.size))
+	}
+	// Once published (checksummed, READY) or aborted (freed), the extent
+	// is not the writer's any more.
+	c.mu.Lock()
+	done := c.done
+	c.mu.Unlock()
+	if done {
+		return 0, c.r.keyErr("write", c.kind, c.key, nil, errors.New("claim already published or aborted"), "")
 	}
 	n, err := c.r.be.f.WriteAt(p, c.off+off)
 	if err != nil {

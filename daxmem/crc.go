@@ -24,7 +24,13 @@ const parallelCRCMin = 32 << 20
 // layer's publish time on two cores. A fault while reading the mapping
 // becomes an error instead of killing the process.
 func checksum(b []byte) (uint64, error) {
-	parts := min(runtime.GOMAXPROCS(0), len(b)/parallelCRCMin)
+	return checksumParts(b, min(runtime.GOMAXPROCS(0), len(b)/parallelCRCMin))
+}
+
+// checksumParts is checksum over parts goroutines, each taking an equal
+// share of b (the last one the rest).
+func checksumParts(b []byte, parts int) (uint64, error) {
+	parts = min(parts, len(b))
 	if parts <= 1 {
 		sum, err := crcPart(b)
 		return uint64(sum), err

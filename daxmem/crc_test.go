@@ -23,23 +23,28 @@ func TestCRC32Combine(t *testing.T) {
 	}
 }
 
-// TestChecksumParallel: a buffer large enough to be checksummed in parts
-// gives the CRC-32C of the whole, whatever the CPU count.
+// TestChecksumParallel: split into any number of parts, the last one
+// uneven, a buffer checksums to the CRC-32C of the whole.
 func TestChecksumParallel(t *testing.T) {
-	b := make([]byte, 3*parallelCRCMin+12345)
+	b := make([]byte, 1<<20+12345)
 	rng := rand.New(rand.NewPCG(3, 4))
-	for i := 0; i < len(b); i += 997 {
+	for i := range b {
 		b[i] = byte(rng.Uint32())
 	}
-	for _, n := range []int{len(b), 2*parallelCRCMin - 1, parallelCRCMin} {
+	for _, n := range []int{len(b), 1 << 20, 4099, 5, 1} {
 		want := uint64(crc32.Checksum(b[:n], castagnoli))
-		got, err := checksum(b[:n])
-		if err != nil {
-			t.Fatal(err)
+		for parts := 1; parts <= 5; parts++ {
+			got, err := checksumParts(b[:n], parts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != want {
+				t.Errorf("%d bytes in %d parts: checksum %08x, want %08x", n, parts, got, want)
+			}
 		}
-		if got != want {
-			t.Errorf("%d bytes: checksum %08x, want %08x", n, got, want)
-		}
+	}
+	if got, err := checksum(b); err != nil || got != uint64(crc32.Checksum(b, castagnoli)) {
+		t.Errorf("checksum of %d bytes: %08x, %v", len(b), got, err)
 	}
 }
 

@@ -51,6 +51,13 @@ func TestClaimWriterAt(t *testing.T) {
 	if err := r.Verify(e.Kind, e.Key); err != nil {
 		t.Fatal(err)
 	}
+	// A published image is immutable: a writer kept past Publish fails.
+	if _, err := w.WriteAt([]byte("late"), 0); err == nil || !strings.Contains(err.Error(), k.Short()) {
+		t.Fatalf("a write after Publish: %v, want an error naming the key", err)
+	}
+	if err := r.Verify(e.Kind, e.Key); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestClaimWriterAtFull: on a full tmpfs, a write through the file fails
