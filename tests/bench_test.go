@@ -147,8 +147,10 @@ func benchRow(tb testing.TB, row, ref, archive, id string) (importT, runT time.D
 		// the snapshot and Commit converts the directory with
 		// mkfs.erofs, as the snapshotter documents for other differs.
 		ctrd = testenv.StartContainerd(tb, testenv.ContainerdOptions{ExtraConfig: erofsUnpackConfig})
-	default:
+	case "overlayfs":
 		ctrd = testenv.StartContainerd(tb, testenv.ContainerdOptions{})
+	default:
+		return 0, 0, fmt.Errorf("unknown row %q", row)
 	}
 	// Every import starts from the same state: nothing dirty waiting for
 	// writeback from the previous one (which would slow whoever comes

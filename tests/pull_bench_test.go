@@ -130,6 +130,8 @@ func pullRow(tb testing.TB, row, remote, pre, id string) (time.Duration, int64, 
 		first, d := startWithDaxfs(tb, testenv.ContainerdOptions{})
 		first.CtrOK(tb, "image", "pull", "--plain-http", "--snapshotter", "daxfs", ref)
 		ctrd, _ = startWithDaxfs(tb, testenv.ContainerdOptions{}, daxfsOptions{Region: d.Region})
+	default:
+		return 0, 0, fmt.Errorf("unknown row %q", row)
 	}
 	settle(tb)
 	start := time.Now()
