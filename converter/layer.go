@@ -103,8 +103,9 @@ func maxTarSize(maxSize int64) int64 {
 // ConvertLayer reads one layer blob from r and writes its DAXFS layer image
 // to out (from offset 0), in one pass and without holding file data in
 // memory. The encoding is detected from the bytes: tar, gzip or zstd
-// compressed tar, or a DAXFS layer image, which is validated and copied
-// verbatim. On error nothing useful is in out and the caller discards it;
+// compressed tar, or a DAXFS layer image, bare or gzip or zstd compressed,
+// which is validated and copied verbatim (its diffID is the digest of the
+// uncompressed image). On error nothing useful is in out and the caller discards it;
 // the error names the entry at fault.
 //
 // Errors are classified for the caller: a layer that is malformed or
@@ -154,6 +155,20 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 		stream = br
 	}
 
+	if format != FormatTar {
+		// A compressed DAXFS layer image (a pre-converted layer of
+		// MediaTypeLayerZstd, or gzip): validated and copied as the
+		// uncompressed one is, its diffID the image's digest.
+		zb := bufio.NewReaderSize(stream, 64<<10)
+		if head, _ := zb.Peek(4); DetectFormat(head) == FormatDAXFS {
+			res, err := copyImage(ctx, zb, out, opts)
+			if err != nil {
+				return res, fmt.Errorf("%s compressed %w", format, err)
+			}
+			return res, nil
+		}
+		stream = zb
+	}
 	ah := newHashAhead(stream)
 	defer ah.Close()
 	cr := &countingReader{r: ah, limit: maxTarSize(opts.MaxSize)}

@@ -94,6 +94,52 @@ func TestConvertLayerFormatsAndDiffID(t *testing.T) {
 			}
 		}
 	})
+	t.Run("truncated compressed tar", func(t *testing.T) {
+		// A trailer cut short: containerd's applier refuses the layer,
+		// and so do we, whatever the tar in it.
+		for name, blob := range map[string][]byte{"gzip": gz(t, plain), "zstd": zst(t, plain)} {
+			for _, cut := range []int{1, 4, 7} {
+				_, err := ConvertLayer(t.Context(), bytes.NewReader(blob[:len(blob)-cut]), &memOut{}, LayerOptions{})
+				if err == nil || !errors.Is(err, ErrInvalidLayer) {
+					t.Errorf("%s layer without its last %d bytes: %v, want an invalid layer", name, cut, err)
+				}
+			}
+		}
+	})
+	t.Run("compressed daxfs image", func(t *testing.T) {
+		// A pre-converted layer of MediaTypeLayerZstd (or gzip): the
+		// image itself, its diffID the uncompressed image's digest.
+		for name, blob := range map[string][]byte{"zstd": zst(t, ref), "gzip": gz(t, ref)} {
+			for _, out := range []io.WriterAt{&memOut{}, daxfs.NewWindow(make([]byte, len(ref)+8192))} {
+				res, err := ConvertLayer(t.Context(), bytes.NewReader(blob), out, LayerOptions{})
+				if err != nil {
+					t.Fatalf("%s, %T: %v", name, out, err)
+				}
+				var got []byte
+				switch o := out.(type) {
+				case *memOut:
+					got = o.b
+				case *daxfs.Window:
+					got = o.Bytes()[:res.Size]
+				}
+				if !bytes.Equal(got, ref) || res.Format != FormatDAXFS || res.DiffID != digest.FromBytes(ref) || res.Size != int64(len(ref)) {
+					t.Errorf("%s, %T: result %+v; bytes equal %v", name, out, res, bytes.Equal(got, ref))
+				}
+			}
+		}
+		// A damaged stream is refused however valid the image in it.
+		for name, blob := range map[string][]byte{"zstd": zst(t, ref), "gzip": gz(t, ref)} {
+			cut := blob[:len(blob)-6]
+			if _, err := ConvertLayer(t.Context(), bytes.NewReader(cut), &memOut{}, LayerOptions{}); err == nil || !strings.Contains(err.Error(), name) {
+				t.Errorf("truncated %s image: %v, want an error naming %s", name, err, name)
+			}
+		}
+		bad := gz(t, ref)
+		bad[len(bad)-5] ^= 0xff // the trailer's length
+		if _, err := ConvertLayer(t.Context(), bytes.NewReader(bad), &memOut{}, LayerOptions{}); err == nil {
+			t.Error("gzip image with a wrong trailer accepted")
+		}
+	})
 	t.Run("corrupt daxfs image", func(t *testing.T) {
 		bad := bytes.Clone(ref)
 		// Point the root inode's data somewhere absurd.

@@ -32,6 +32,13 @@ import (
 // diffID is the digest of the blob itself.
 const MediaTypeLayer = "application/vnd.containerd.daxfs.layer.v1"
 
+// MediaTypeLayerZstd is a zstd compressed DAXFS layer image: its diffID is
+// the digest of the image once decompressed. Registries store and send
+// about half the bytes of the uncompressed form (much of an image is
+// file data, and padding to pages, that compresses like the tar it came
+// from).
+const MediaTypeLayerZstd = MediaTypeLayer + "+zstd"
+
 // OCI whiteout names (image-spec layer.md).
 const (
 	whiteoutPrefix = ".wh."

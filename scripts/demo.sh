@@ -86,7 +86,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri"]
     platform = "linux/amd64"
     snapshotter = "daxfs"
     differ = "daxfs-diff"
-    layer_types = ["application/vnd.containerd.daxfs.layer.v1"]
+    layer_types = ["application/vnd.containerd.daxfs.layer.v1", "application/vnd.containerd.daxfs.layer.v1+zstd"]
 EOF
 	echo "demo: starting containerd (log: $demo/containerd.log)"
 	PATH="$bin:$PATH" setsid "$bin/containerd" --config "$demo/config.toml" \

@@ -93,8 +93,8 @@ func containerdConfig(socket, root string, unpacks int) string {
     platform = "linux/amd64"
     snapshotter = "daxfs"
     differ = "daxfs-diff"
-    layer_types = [%q]
-`, socket, root, socket, parallel, converter.MediaTypeLayer)
+    layer_types = [%q, %q]
+`, socket, root, socket, parallel, converter.MediaTypeLayer, converter.MediaTypeLayerZstd)
 }
 
 // daxfsOptions tune startWithDaxfs.

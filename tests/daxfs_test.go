@@ -11,11 +11,14 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
 	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
+	"github.com/containerd/platforms"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/converter/imageconv"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 
@@ -357,29 +360,50 @@ func tail(path string) string {
 }
 
 // TestDaxfsPreconverted converts an image to DAXFS layers with our
-// containerd image converter, pushes it to a registry, and pulls and runs
-// it on daxfs: the layers are validated and copied into the region as they
-// are, with nothing to decompress or convert.
+// containerd image converter (zstd compressed, the default, and bare),
+// pushes both to a registry, pulls them with --snapshotter daxfs and runs
+// them: our differ validates each layer and copies it into the region.
 func TestDaxfsPreconverted(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
 	local := "docker.io/library/greeting:orig"
 	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), local)
 	src.CtrOK(t, "image", "import", archive)
-	remote := reg + "/library/greeting:daxfs-layers"
 	ctx := src.Context(context.Background())
-	img, err := ctrconverter.Convert(ctx, src.Client(t), remote, local, ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc()))
-	if err != nil {
-		t.Fatalf("converting %s to DAXFS layers: %v", local, err)
-	}
-	t.Logf("converted to %s", img.Target.Digest)
-	src.CtrOK(t, "image", "push", "--plain-http", remote)
 
-	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
-	ctrd.CtrOK(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", remote)
-	m := d.metrics(t)
-	if m["daxfs_layers_applied_total"] != float64(len(built.DiffIDs)) {
-		t.Fatalf("our differ took %v pre-converted layers, want %d", m["daxfs_layers_applied_total"], len(built.DiffIDs))
+	for _, tc := range []struct {
+		tag       string
+		opts      []imageconv.Option
+		mediaType string
+	}{
+		{"daxfs-zstd", nil, converter.MediaTypeLayerZstd},
+		{"daxfs-bare", []imageconv.Option{imageconv.WithCompression(imageconv.None)}, converter.MediaTypeLayer},
+	} {
+		remote := reg + "/library/greeting:" + tc.tag
+		img, err := ctrconverter.Convert(ctx, src.Client(t), remote, local, ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc(tc.opts...)))
+		if err != nil {
+			t.Fatalf("converting %s to DAXFS layers: %v", local, err)
+		}
+		t.Logf("converted to %s", img.Target.Digest)
+		src.CtrOK(t, "image", "push", "--plain-http", remote)
+
+		mf, err := images.Manifest(ctx, src.Client(t).ContentStore(), img.Target, platforms.All)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range mf.Layers {
+			if l.MediaType != tc.mediaType {
+				t.Fatalf("converted layer %s is %s, want %s", l.Digest, l.MediaType, tc.mediaType)
+			}
+		}
+
+		// A daemon of its own: both forms have the same diffIDs, so a
+		// region holding one form's layers already holds the other's.
+		ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+		ctrd.CtrOK(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", remote)
+		if m := d.metrics(t); m["daxfs_layers_applied_total"] != float64(len(built.DiffIDs)) {
+			t.Fatalf("our differ took %v pre-converted layers, want %d", m["daxfs_layers_applied_total"], len(built.DiffIDs))
+		}
+		runGreetingOn(t, ctrd, "daxfs", remote, "preconverted-"+tc.tag)
 	}
-	runGreetingOn(t, ctrd, "daxfs", remote, "preconverted")
 }

@@ -1,18 +1,19 @@
 // Package imageconv converts whole OCI images into pre-converted DAXFS
 // images with containerd's image converter framework: every layer blob
-// (tar, gzip or zstd) is replaced by its DAXFS layer image, of media type
-// converter.MediaTypeLayer, and the config's rootfs.diff_ids are updated
-// to the new blobs' digests (a layer image is not compressed, so its
-// diffID is its digest). The result can be pushed to a registry like any
-// image; the daxfs differ copies such layers into the region verbatim.
+// (tar, gzip or zstd) is replaced by its DAXFS layer image, zstd
+// compressed (converter.MediaTypeLayerZstd) unless WithCompression(None)
+// asks for the bare image (converter.MediaTypeLayer), and the config's
+// rootfs.diff_ids are updated to the digests of the uncompressed images.
+// The result can be pushed to a registry like any image; the daxfs differ
+// validates such layers and copies them into the region as they are.
 //
 //	newImg, err := ctrconverter.Convert(ctx, client, dstRef, srcRef,
 //		ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc()),
 //		ctrconverter.WithDockerToOCI(true))
 //
 // Snapshotters other than daxfs cannot unpack such images, and containerd
-// only unpacks them when the transfer service's unpack_config lists the
-// media type in layer_types.
+// only unpacks them when the transfer service's unpack_config lists both
+// media types in layer_types.
 package imageconv
 
 import (
@@ -27,18 +28,43 @@ import (
 	"github.com/containerd/containerd/v2/pkg/labels"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
 )
 
+// Compression is how a converted layer image is stored in the blob.
+type Compression int
+
+const (
+	// Zstd compresses the image (MediaTypeLayerZstd): the default.
+	Zstd Compression = iota
+	// None stores the bare image (MediaTypeLayer).
+	None
+)
+
+// Option configures LayerConvertFunc.
+type Option func(*options)
+
+type options struct{ compression Compression }
+
+// WithCompression sets how converted layer images are stored.
+func WithCompression(c Compression) Option { return func(o *options) { o.compression = c } }
+
 // LayerConvertFunc returns a ConvertFunc that converts OCI and Docker layer
 // blobs to DAXFS layer images. Other descriptors, non-distributable layers
-// and layers that already are DAXFS images are left alone (nil, nil).
-func LayerConvertFunc() ctrconverter.ConvertFunc {
+// and layers that already are DAXFS images (of either media type) are left
+// alone (nil, nil).
+func LayerConvertFunc(opts ...Option) ctrconverter.ConvertFunc {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	return func(ctx context.Context, cs content.Store, desc ocispec.Descriptor) (*ocispec.Descriptor, error) {
-		if desc.MediaType == converter.MediaTypeLayer || !images.IsLayerType(desc.MediaType) || images.IsNonDistributable(desc.MediaType) {
+		if desc.MediaType == converter.MediaTypeLayer || desc.MediaType == converter.MediaTypeLayerZstd ||
+			!images.IsLayerType(desc.MediaType) || images.IsNonDistributable(desc.MediaType) {
 			return nil, nil
 		}
 		ra, err := cs.ReaderAt(ctx, desc)
@@ -63,9 +89,17 @@ func LayerConvertFunc() ctrconverter.ConvertFunc {
 			return nil, fmt.Errorf("layer %s: diffID %s does not match its annotation %s: %w", desc.Digest, res.DiffID, want, errdefs.ErrFailedPrecondition)
 		}
 
-		dgst, err := digestOf(tmp, res.Size)
+		// res.DiffID is the digest of the uncompressed image (copyImage
+		// or the writer did not produce it: hash what was written).
+		diffID, err := digestOf(tmp, res.Size)
 		if err != nil {
 			return nil, err
+		}
+		blob, mediaType := io.Reader(io.NewSectionReader(tmp, 0, res.Size)), converter.MediaTypeLayer
+		if o.compression == Zstd {
+			zr := compressed(blob)
+			defer zr.Close() // stops the compressor if storing fails
+			blob, mediaType = zr, converter.MediaTypeLayerZstd
 		}
 		ref := "convert-daxfs-from-" + desc.Digest.String()
 		w, err := content.OpenWriter(ctx, cs, content.WithRef(ref))
@@ -76,21 +110,23 @@ func LayerConvertFunc() ctrconverter.ConvertFunc {
 		if err := w.Truncate(0); err != nil {
 			return nil, err
 		}
-		if _, err := io.Copy(w, io.NewSectionReader(tmp, 0, res.Size)); err != nil {
+		n, err := io.Copy(w, blob)
+		if err != nil {
 			return nil, fmt.Errorf("layer %s: storing image: %w", desc.Digest, err)
 		}
-		// The blob is its own uncompressed form: GetDiffID reads this
-		// label for media types it does not know.
-		lbl := map[string]string{labels.LabelUncompressed: dgst.String()}
-		if err := w.Commit(ctx, res.Size, dgst, content.WithLabels(lbl)); err != nil && !errdefs.IsAlreadyExists(err) {
+		dgst := w.Digest()
+		// GetDiffID reads this label for media types it does not know:
+		// the config's diff_ids become the uncompressed images' digests.
+		lbl := map[string]string{labels.LabelUncompressed: diffID.String()}
+		if err := w.Commit(ctx, n, dgst, content.WithLabels(lbl)); err != nil && !errdefs.IsAlreadyExists(err) {
 			return nil, fmt.Errorf("layer %s: committing image: %w", desc.Digest, err)
 		}
-		log.G(ctx).WithField("layer", desc.Digest).WithField("image", dgst).Debug("converted layer to a DAXFS layer image")
+		log.G(ctx).WithField("layer", desc.Digest).WithField("image", dgst).WithField("mediaType", mediaType).Debug("converted layer to a DAXFS layer image")
 
 		out := desc
-		out.MediaType = converter.MediaTypeLayer
+		out.MediaType = mediaType
 		out.Digest = dgst
-		out.Size = res.Size
+		out.Size = n
 		if len(desc.Annotations) > 0 {
 			out.Annotations = make(map[string]string, len(desc.Annotations))
 			for k, v := range desc.Annotations {
@@ -101,6 +137,26 @@ func LayerConvertFunc() ctrconverter.ConvertFunc {
 		}
 		return &out, nil
 	}
+}
+
+// compressed returns a zstd compression of r, made as it is read; Close
+// stops it.
+func compressed(r io.Reader) io.ReadCloser {
+	pr, pw := io.Pipe()
+	go func() {
+		zw, err := zstd.NewWriter(pw, zstd.WithEncoderLevel(zstd.SpeedDefault))
+		if err != nil {
+			pw.CloseWithError(err)
+			return
+		}
+		if _, err := io.Copy(zw, r); err != nil {
+			zw.Close()
+			pw.CloseWithError(fmt.Errorf("compressing: %w", err))
+			return
+		}
+		pw.CloseWithError(zw.Close())
+	}()
+	return pr
 }
 
 func digestOf(f *os.File, size int64) (digest.Digest, error) {
