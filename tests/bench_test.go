@@ -75,35 +75,17 @@ func BenchmarkImportRun(b *testing.B) {
 	testenv.RequireRoot(b)
 	images := benchImages(b)
 	type row struct{ importT, runT time.Duration }
-	results := map[string]map[string]row{}
-	var failures []string
-	for i := 0; i < b.N; i++ {
-		for name, img := range images {
-			ref := "docker.io/library/bench-" + name + ":latest"
-			archive, _ := testenv.WriteImageArchive(b, img, ref)
-			if results[name] == nil {
-				results[name] = map[string]row{}
-			}
-			for _, row := range benchRows {
-				// Each row's daemons stop before the next row starts:
-				// idle daemons of earlier rows (and their mounts) would
-				// slow the later ones.
-				importT, runT, err := func() (time.Duration, time.Duration, error) {
-					scope := &cleanupScope{TB: b}
-					defer scope.done()
-					return benchRow(scope, row, ref, archive, fmt.Sprintf("bench-%d", i))
-				}()
-				if err != nil {
-					failures = append(failures, fmt.Sprintf("%s on %s: %v", name, row, err))
-					continue
-				}
-				r := results[name][row]
-				r.importT += importT
-				r.runT += runT
-				results[name][row] = r
-			}
-		}
+	refs, archives := map[string]string{}, map[string]string{}
+	for name, img := range images {
+		refs[name] = "docker.io/library/bench-" + name + ":latest"
+		archives[name], _ = testenv.WriteImageArchive(b, img, refs[name])
 	}
+	results, failures := measureRows(b, []string{"debian", "multilayer"}, benchRows,
+		func(tb testing.TB, name, r string, i int) (row, error) {
+			importT, runT, err := benchRow(tb, r, refs[name], archives[name], fmt.Sprintf("bench-%d", i))
+			return row{importT, runT}, err
+		},
+		func(a, b row) row { return row{a.importT + b.importT, a.runT + b.runT} })
 	var tab strings.Builder
 	fmt.Fprintf(&tab, "\n%-11s %-10s %12s %9s %12s %9s\n", "image", "snapshotter", "import+unpack", "ratio", "first run", "ratio")
 	for _, name := range []string{"debian", "multilayer"} {
@@ -127,6 +109,36 @@ func BenchmarkImportRun(b *testing.B) {
 		fmt.Fprintf(&tab, "failure: %s\n", f)
 	}
 	b.Log(tab.String())
+}
+
+// measureRows runs measure for every image and row, b.N times over, each
+// row in a cleanup scope of its own: its daemons stop before the next row
+// starts (idle daemons of earlier rows, and their mounts, would slow the
+// later ones). It sums what measure returns by image and row, and lists
+// the rows that failed instead.
+func measureRows[T any](b *testing.B, images, rows []string, measure func(tb testing.TB, image, row string, i int) (T, error), add func(T, T) T) (map[string]map[string]T, []string) {
+	sums := map[string]map[string]T{}
+	var failures []string
+	for i := 0; i < b.N; i++ {
+		for _, image := range images {
+			if sums[image] == nil {
+				sums[image] = map[string]T{}
+			}
+			for _, row := range rows {
+				v, err := func() (T, error) {
+					scope := &cleanupScope{TB: b}
+					defer scope.done()
+					return measure(scope, image, row, i)
+				}()
+				if err != nil {
+					failures = append(failures, fmt.Sprintf("%s on %s: %v", image, row, err))
+					continue
+				}
+				sums[image][row] = add(sums[image][row], v)
+			}
+		}
+	}
+	return sums, failures
 }
 
 // benchRow starts the daemons of one row of BenchmarkImportRun and times

@@ -54,30 +54,12 @@ func BenchmarkPull(b *testing.B) {
 		pullT  time.Duration
 		stored int64
 	}
-	results := map[string]map[string]row{}
-	var failures []string
-	for i := 0; i < b.N; i++ {
-		for _, name := range []string{"debian", "multilayer"} {
-			if results[name] == nil {
-				results[name] = map[string]row{}
-			}
-			for _, r := range pullRows {
-				pullT, stored, err := func() (time.Duration, int64, error) {
-					scope := &cleanupScope{TB: b}
-					defer scope.done()
-					return pullRow(scope, r, remotes[name], remotes[name+"-preconverted"], fmt.Sprintf("pull-%d", i))
-				}()
-				if err != nil {
-					failures = append(failures, fmt.Sprintf("%s on %s: %v", name, r, err))
-					continue
-				}
-				res := results[name][r]
-				res.pullT += pullT
-				res.stored += stored
-				results[name][r] = res
-			}
-		}
-	}
+	results, failures := measureRows(b, []string{"debian", "multilayer"}, pullRows,
+		func(tb testing.TB, name, r string, i int) (row, error) {
+			pullT, stored, err := pullRow(tb, r, remotes[name], remotes[name+"-preconverted"], fmt.Sprintf("pull-%d", i))
+			return row{pullT, stored}, err
+		},
+		func(a, b row) row { return row{a.pullT + b.pullT, a.stored + b.stored} })
 	var tab strings.Builder
 	fmt.Fprintf(&tab, "\n%-11s %-19s %10s %8s %14s %8s\n", "image", "snapshotter", "pull", "ratio", "content stored", "ratio")
 	for _, name := range []string{"debian", "multilayer"} {
