@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -359,10 +360,11 @@ func tail(path string) string {
 	return s
 }
 
-// TestDaxfsPreconverted converts an image to DAXFS layers with our
-// containerd image converter (zstd compressed, the default, and bare),
-// pushes both to a registry, pulls them with --snapshotter daxfs and runs
-// them: our differ validates each layer and copies it into the region.
+// TestDaxfsPreconverted makes pre-converted images of an image, zstd
+// compressed with the daemon's convert command and bare with our
+// containerd image converter, pushes both to a registry, pulls them with
+// --snapshotter daxfs and runs them: our differ validates each layer and
+// copies it into the region.
 func TestDaxfsPreconverted(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
@@ -373,21 +375,31 @@ func TestDaxfsPreconverted(t *testing.T) {
 
 	for _, tc := range []struct {
 		tag       string
-		opts      []imageconv.Option
+		convert   func(remote string) error
 		mediaType string
 	}{
-		{"daxfs-zstd", nil, converter.MediaTypeLayerZstd},
-		{"daxfs-bare", []imageconv.Option{imageconv.WithCompression(imageconv.None)}, converter.MediaTypeLayer},
+		{"daxfs-zstd", func(remote string) error {
+			out, err := exec.Command(daemonBinary(t), "convert", "--address", src.Address(), "--namespace", src.Namespace, local, remote).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		}, converter.MediaTypeLayerZstd},
+		{"daxfs-bare", func(remote string) error {
+			_, err := ctrconverter.Convert(ctx, src.Client(t), remote, local,
+				ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc(imageconv.WithCompression(imageconv.None))))
+			return err
+		}, converter.MediaTypeLayer},
 	} {
 		remote := reg + "/library/greeting:" + tc.tag
-		img, err := ctrconverter.Convert(ctx, src.Client(t), remote, local, ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc(tc.opts...)))
-		if err != nil {
-			t.Fatalf("converting %s to DAXFS layers: %v", local, err)
+		if err := tc.convert(remote); err != nil {
+			t.Fatalf("converting %s to DAXFS layers as %s: %v", local, remote, err)
 		}
-		t.Logf("converted to %s", img.Target.Digest)
-		src.CtrOK(t, "image", "push", "--plain-http", remote)
-
-		mf, err := images.Manifest(ctx, src.Client(t).ContentStore(), img.Target, platforms.All)
+		img, err := src.Client(t).GetImage(ctx, remote)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mf, err := images.Manifest(ctx, src.Client(t).ContentStore(), img.Target(), platforms.All)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -396,6 +408,7 @@ func TestDaxfsPreconverted(t *testing.T) {
 				t.Fatalf("converted layer %s is %s, want %s", l.Digest, l.MediaType, tc.mediaType)
 			}
 		}
+		src.CtrOK(t, "image", "push", "--plain-http", remote)
 
 		// A daemon of its own: both forms have the same diffIDs, so a
 		// region holding one form's layers already holds the other's.

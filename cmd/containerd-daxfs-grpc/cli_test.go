@@ -168,3 +168,30 @@ func TestMountUmount(t *testing.T) {
 		})
 	}
 }
+
+// TestConvertErrors: convert says what is wrong with its arguments (exit
+// 2) and names the containerd it cannot reach or the image it cannot
+// find (exit 1).
+func TestConvertErrors(t *testing.T) {
+	bin := buildCLI(t)
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"convert", "only-src"}, 2, "want SRC and DST"},
+		{[]string{"convert", "--platform", "linux/amd64", "--all-platforms", "a", "b"}, 2, "--platform and --all-platforms"},
+		{[]string{"convert", "--platform", "no/such/platform/at/all", "a", "b"}, 2, "--platform"},
+		{[]string{"convert", "--address", filepath.Join(t.TempDir(), "none.sock"), "docker.io/library/src:1", "docker.io/library/dst:1"}, 1, "docker.io/library/src:1"},
+	} {
+		cmd := exec.Command(bin, tc.args...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		if code != tc.code || !bytes.Contains(out, []byte(tc.want)) {
+			t.Errorf("%v: exit %d, output %q; want exit %d mentioning %q", tc.args, code, out, tc.code, tc.want)
+		}
+	}
+}

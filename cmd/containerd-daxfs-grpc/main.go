@@ -23,6 +23,7 @@ func commands() map[string]command {
 	return map[string]command{
 		"serve":   {"run the snapshotter daemon (the default)", runServe},
 		"mkfs":    {"mkfs SRC OUT: make a DAXFS image from a directory or a layer tar", runMkfs},
+		"convert": {"convert [--address A] [--namespace N] [--uncompressed] [--platform P | --all-platforms] SRC DST: make a pre-converted image in containerd", runConvert},
 		"inspect": {"inspect [--json] IMAGE: validate an image and list its tree", runInspect},
 		"view":    {"view OUT LAYER...: write a merged view followed by its layers", runView},
 		"region":  {"region init|status|ls|gc|verify: operate the shared memory region", runRegion},
