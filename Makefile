@@ -8,7 +8,7 @@ BIN       := bin/containerd-daxfs-grpc
 TAGS      ?= isal
 export GOFLAGS := $(strip $(GOFLAGS) -tags=$(TAGS))
 # Packages with goroutines or cross-process state run under the race detector.
-RACE_PKGS := ./daxmem/... ./mounter/... ./snapshotter/...
+RACE_PKGS := ./converter/... ./daxmem/... ./mounter/... ./snapshotter/...
 
 .PHONY: all build deps check test unit fuzz bench demo clean
 
@@ -31,7 +31,7 @@ test: deps check build unit fuzz
 
 unit:
 	$(GO) test -count=1 -race -timeout 15m $(RACE_PKGS)
-	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v -e /daxmem -e /mounter -e /snapshotter)
+	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v -e /converter -e /daxmem -e /mounter -e /snapshotter)
 	# The gzip reader in both builds: ISA-L above, pure Go here.
 	GOFLAGS= $(GO) test -count=1 -race ./converter/gunzip/
 
