@@ -71,8 +71,9 @@ type LayerOptions struct {
 
 // LayerResult describes a converted layer.
 type LayerResult struct {
-	// DiffID is the sha256 of the uncompressed tar (of the blob itself for
-	// a DAXFS layer image): what the image config's rootfs.diff_ids hold.
+	// DiffID is the sha256 of the uncompressed tar (of the uncompressed
+	// image for a DAXFS layer image): what the image config's
+	// rootfs.diff_ids hold.
 	DiffID digest.Digest
 	// Size is the number of image bytes written to out.
 	Size int64
@@ -160,10 +161,14 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 		// MediaTypeLayerZstd, or gzip): validated and copied as the
 		// uncompressed one is, its diffID the image's digest.
 		zb := bufio.NewReaderSize(stream, 64<<10)
-		if head, _ := zb.Peek(4); DetectFormat(head) == FormatDAXFS {
+		head, err := zb.Peek(4)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return res, fmt.Errorf("%s layer: %w", format, err)
+		}
+		if DetectFormat(head) == FormatDAXFS {
 			res, err := copyImage(ctx, zb, out, opts)
 			if err != nil {
-				return res, fmt.Errorf("%s compressed %w", format, err)
+				return res, fmt.Errorf("%s compressed image: %w", format, err)
 			}
 			return res, nil
 		}
@@ -395,8 +400,10 @@ func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
 	return fmt.Errorf("entry %q: unsupported tar entry type %q", hdr.Name, hdr.Typeflag)
 }
 
-// readIntoWindow fills buf (the start of win's bytes) from r like
-// io.ReadFull, backing the window's memory as it goes.
+// readIntoWindow fills buf (the start of win's bytes) from r, backing the
+// window's memory as it goes, until buf is full (nil error) or r ends
+// (io.EOF) or fails. A source's own io.ErrUnexpectedEOF (a decompressor's
+// truncated stream) comes back as it is, never as an end.
 func readIntoWindow(r io.Reader, win *daxfs.Window, buf []byte) (int, error) {
 	const step = 16 << 20
 	n := 0
@@ -405,14 +412,12 @@ func readIntoWindow(r io.Reader, win *daxfs.Window, buf []byte) (int, error) {
 		if err := win.Ensure(int64(end)); err != nil {
 			return n, err
 		}
-		k, err := io.ReadFull(r, buf[n:end])
-		n += k
-		if err != nil {
-			if err == io.EOF && n > 0 {
-				// Short, but not empty: as io.ReadFull says it.
-				err = io.ErrUnexpectedEOF
+		for n < end {
+			k, err := r.Read(buf[n:end])
+			n += k
+			if err != nil {
+				return n, err
 			}
-			return n, err
 		}
 	}
 	return n, nil
@@ -433,18 +438,28 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 		}
 		n, err := readIntoWindow(r, win, buf)
 		switch {
-		case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+		case errors.Is(err, io.EOF):
 		case err != nil:
 			return res, fmt.Errorf("daxfs layer: %w", err)
 		default:
+			// The image fills the output: it must end here, cleanly.
 			var one [1]byte
-			if m, _ := io.ReadFull(r, one[:]); m > 0 {
-				if opts.MaxSize > 0 && int64(len(buf)) == opts.MaxSize {
-					return res, fmt.Errorf("daxfs layer: %w: longer than %d bytes", ErrTooLarge, len(buf))
+			for {
+				m, err := r.Read(one[:])
+				if m > 0 {
+					if opts.MaxSize > 0 && int64(len(buf)) == opts.MaxSize {
+						return res, fmt.Errorf("daxfs layer: %w: longer than %d bytes", ErrTooLarge, len(buf))
+					}
+					// The output is the bound: the caller may retry with
+					// a larger one.
+					return res, fmt.Errorf("daxfs layer: %w: longer than its output of %d bytes: %w", ErrTooLarge, len(buf), daxfs.ErrNoSpace)
 				}
-				// The output is the bound: the caller may retry with a
-				// larger one.
-				return res, fmt.Errorf("daxfs layer: %w: longer than its output of %d bytes: %w", ErrTooLarge, len(buf), daxfs.ErrNoSpace)
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					return res, fmt.Errorf("daxfs layer: %w", err)
+				}
 			}
 		}
 		img = buf[:n]

@@ -89,8 +89,8 @@ func LayerConvertFunc(opts ...Option) ctrconverter.ConvertFunc {
 			return nil, fmt.Errorf("layer %s: diffID %s does not match its annotation %s: %w", desc.Digest, res.DiffID, want, errdefs.ErrFailedPrecondition)
 		}
 
-		// res.DiffID is the digest of the uncompressed image (copyImage
-		// or the writer did not produce it: hash what was written).
+		// The new layer's diffID is the digest of the image itself
+		// (res.DiffID is the source tar's).
 		diffID, err := digestOf(tmp, res.Size)
 		if err != nil {
 			return nil, err
@@ -144,7 +144,10 @@ func LayerConvertFunc(opts ...Option) ctrconverter.ConvertFunc {
 func compressed(r io.Reader) io.ReadCloser {
 	pr, pw := io.Pipe()
 	go func() {
-		zw, err := zstd.NewWriter(pw, zstd.WithEncoderLevel(zstd.SpeedDefault))
+		// One encoder goroutine: containerd's converter converts all of
+		// an image's layers at once, and an encoder per CPU for each
+		// would multiply the memory by the layer count.
+		zw, err := zstd.NewWriter(pw, zstd.WithEncoderLevel(zstd.SpeedDefault), zstd.WithEncoderConcurrency(1))
 		if err != nil {
 			pw.CloseWithError(err)
 			return
