@@ -249,12 +249,12 @@ func (w *claimFile) WriteAt(p []byte, off int64) (int, error) {
 		return 0, c.r.keyErr("write", c.kind, c.key, nil, ErrInvalidSize, fmt.Sprintf("range [%d,%d) outside the claimed %d bytes", off, off+int64(len(p)), c.size))
 	}
 	// Once published (checksummed, READY) or aborted (freed), the extent
-	// is not the writer's any more.
+	// is not the writer's any more; holding the lock keeps a write from
+	// landing after Publish's checksum.
 	c.mu.Lock()
-	done := c.done
-	c.mu.Unlock()
-	if done {
-		return 0, c.r.keyErr("write", c.kind, c.key, nil, errors.New("claim already published or aborted"), "")
+	defer c.mu.Unlock()
+	if c.done {
+		return 0, c.r.keyErr("write", c.kind, c.key, nil, ErrClaimDone, "")
 	}
 	n, err := c.r.be.f.WriteAt(p, c.off+off)
 	if err != nil {
@@ -292,7 +292,7 @@ func (c *Claim) Publish(ctx context.Context, finalSize int64) (Entry, error) {
 	defer c.mu.Unlock()
 	r := c.r
 	if c.done {
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, errors.New("claim already published or aborted"), "")
+		return Entry{}, r.keyErr(op, c.kind, c.key, nil, ErrClaimDone, "")
 	}
 	id, _, err := r.me()
 	if err != nil {

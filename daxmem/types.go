@@ -143,6 +143,7 @@ var (
 	ErrNotJoined   = errors.New("region not joined: call Join first")
 	ErrEvicted     = errors.New("this participant was declared dead and evicted from the region")
 	ErrClaimLost   = errors.New("claim lost: reclaimed after our lease expired")
+	ErrClaimDone   = errors.New("claim already published or aborted")
 	ErrNoSlot      = errors.New("participant table full")
 	ErrInUse       = errors.New("participant slot in use by a live process")
 	ErrClosed      = errors.New("region closed")

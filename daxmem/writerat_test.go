@@ -20,7 +20,10 @@ func TestClaimWriterAt(t *testing.T) {
 	r := mustCreate(t, testOpts(t, 64<<20))
 	mustJoin(t, r)
 	k := key("written")
-	c, err := r.Claim(ctx, KindLayer, k, 8<<20, ClaimOptions{Deferred: true})
+	// Not a page multiple: writes are bounded by the claimed size, not
+	// by the page-rounded extent.
+	const claimed = 8<<20 - 100
+	c, err := r.Claim(ctx, KindLayer, k, claimed, ClaimOptions{Deferred: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,7 +42,7 @@ func TestClaimWriterAt(t *testing.T) {
 	if !bytes.Equal(c.Bytes()[:len(want)], want) {
 		t.Fatal("the mapping does not show what was written through the file")
 	}
-	for _, bad := range [][2]int64{{-1, 1}, {8 << 20, 1}, {8<<20 - 10, 11}} {
+	for _, bad := range [][2]int64{{-1, 1}, {claimed, 1}, {claimed - 10, 11}} {
 		if _, err := w.WriteAt(make([]byte, bad[1]), bad[0]); !errors.Is(err, ErrInvalidSize) || !strings.Contains(err.Error(), k.Short()) {
 			t.Errorf("WriteAt(%d bytes at %d) = %v, want ErrInvalidSize naming the key", bad[1], bad[0], err)
 		}
@@ -52,11 +55,23 @@ func TestClaimWriterAt(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A published image is immutable: a writer kept past Publish fails.
-	if _, err := w.WriteAt([]byte("late"), 0); err == nil || !strings.Contains(err.Error(), k.Short()) {
-		t.Fatalf("a write after Publish: %v, want an error naming the key", err)
+	if _, err := w.WriteAt([]byte("late"), 0); !errors.Is(err, ErrClaimDone) || !strings.Contains(err.Error(), k.Short()) {
+		t.Fatalf("a write after Publish: %v, want ErrClaimDone naming the key", err)
 	}
 	if err := r.Verify(e.Kind, e.Key); err != nil {
 		t.Fatal(err)
+	}
+	// Nor may one write into an aborted (freed) extent.
+	c, err = r.Claim(ctx, KindLayer, key("aborted"), 1<<20, ClaimOptions{Deferred: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w = c.WriterAt()
+	if err := c.Abort(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.WriteAt([]byte("late"), 0); !errors.Is(err, ErrClaimDone) {
+		t.Fatalf("a write after Abort: %v, want ErrClaimDone", err)
 	}
 }
 
