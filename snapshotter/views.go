@@ -168,6 +168,12 @@ func (t *viewTable) committed(name, parent, chain string) {
 	t.pending[name] = p
 	p.timer = time.AfterFunc(warmDelay, func() {
 		t.warmMu.Lock()
+		if t.pending[name] != p {
+			// Cancelled (or replaced) after the timer fired but
+			// before we got the lock.
+			t.warmMu.Unlock()
+			return
+		}
 		delete(t.pending, name)
 		closed := t.closed
 		t.warmMu.Unlock()
