@@ -373,6 +373,13 @@ func TestDaxfsPreconverted(t *testing.T) {
 	src.CtrOK(t, "image", "import", archive)
 	ctx := src.Context(context.Background())
 
+	// A platform the image does not have is an error, not an empty image.
+	out, err := exec.Command(daemonBinary(t), "convert", "--address", src.Address(), "--namespace", src.Namespace,
+		"--platform", "linux/s390x", local, reg+"/library/greeting:s390x").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "no manifest for the platform asked for (linux/s390x)") || !strings.Contains(string(out), local) {
+		t.Fatalf("convert for a platform the image lacks: %v, %s", err, out)
+	}
+
 	for _, tc := range []struct {
 		tag       string
 		convert   func(remote string) error

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
 	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/platforms"
@@ -51,20 +53,21 @@ func runConvert(ctx context.Context, args []string) error {
 		// Docker counterpart.
 		ctrconverter.WithDockerToOCI(true),
 	}
+	var match platforms.MatchComparer
 	if !*all {
-		p := platforms.DefaultStrict()
+		match = platforms.DefaultStrict()
 		if *platform != "" {
 			spec, err := platforms.Parse(*platform)
 			if err != nil {
 				return fmt.Errorf("%w: --platform: %v", errUsage, err)
 			}
-			p = platforms.OnlyStrict(spec)
+			match = platforms.OnlyStrict(spec)
 		}
-		opts = append(opts, ctrconverter.WithPlatform(p))
+		opts = append(opts, ctrconverter.WithPlatform(match))
 	}
 
 	// Without a socket the client would retry for its whole timeout.
-	if _, err := os.Stat(*address); err != nil {
+	if _, err := os.Stat(strings.TrimPrefix(*address, "unix://")); err != nil {
 		return fmt.Errorf("converting %s: containerd's socket: %w", src, err)
 	}
 	cl, err := client.New(*address, client.WithDefaultNamespace(*namespace))
@@ -73,10 +76,56 @@ func runConvert(ctx context.Context, args []string) error {
 	}
 	defer cl.Close()
 	ctx = namespaces.WithNamespace(ctx, *namespace)
+	if match != nil {
+		if err := checkPlatform(ctx, cl, src, match, *platform); err != nil {
+			return fmt.Errorf("converting %s: %w", src, err)
+		}
+	}
 	img, err := ctrconverter.Convert(ctx, cl, dst, src, opts...)
 	if err != nil {
 		return fmt.Errorf("converting %s to %s: %w", src, dst, err)
 	}
 	fmt.Printf("%s: %s\n", img.Name, img.Target.Digest)
 	return nil
+}
+
+// checkPlatform fails unless image src has a manifest for match: the
+// converter drops the manifests of an index that do not match and would
+// write an empty one. A single-manifest image is converted whatever its
+// platform (pre-converting for other machines is common), unless a
+// platform was asked for by name.
+func checkPlatform(ctx context.Context, cl *client.Client, src string, match platforms.MatchComparer, asked string) error {
+	img, err := cl.GetImage(ctx, src)
+	if err != nil {
+		return err
+	}
+	cs := cl.ContentStore()
+	if images.IsIndexType(img.Target().MediaType) {
+		if _, err := images.Manifest(ctx, cs, img.Target(), match); err != nil {
+			return fmt.Errorf("no manifest for the platform asked for (%s): %w", platformName(asked), err)
+		}
+		return nil
+	}
+	if asked == "" {
+		return nil
+	}
+	mf, err := images.Manifest(ctx, cs, img.Target(), nil)
+	if err != nil {
+		return err
+	}
+	p, err := images.ConfigPlatform(ctx, cs, mf.Config)
+	if err != nil {
+		return err
+	}
+	if !match.Match(p) {
+		return fmt.Errorf("no manifest for the platform asked for (%s): the image is for %s", asked, platforms.Format(p))
+	}
+	return nil
+}
+
+func platformName(p string) string {
+	if p == "" {
+		return "the host's, " + platforms.DefaultString()
+	}
+	return p
 }
