@@ -28,8 +28,14 @@ func FuzzConvertLayer(f *testing.F) {
 	f.Add(zst(f, seed))
 	f.Add(makeTar(f, []tarEnt{file("a", "x"), hardlink("b", "a"), {name: ".wh.c", typ: '0'}, dir("d"), file("d/.wh..wh..opq", "")}))
 	f.Add(makeTar(f, []tarEnt{file("../x", "x")}))
-	// No DAXFS image seed: the smallest is three pages, and the image
-	// reader has its own fuzz targets in package daxfs.
+	// No bare DAXFS image seed: the smallest is three pages, and the
+	// image reader has its own fuzz targets in package daxfs. Compressed
+	// (as pre-converted layers of MediaTypeLayerZstd are) it is small.
+	img := &memOut{}
+	if _, err := ConvertLayer(context.Background(), bytes.NewReader(seed), img, LayerOptions{}); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(zst(f, img.b))
 	f.Add([]byte{})
 	f.Add([]byte(strings.Repeat("\x00", 1024)))
 
