@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"path/filepath"
 	"strings"
 	"time"
@@ -157,11 +158,27 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 		return ocispec.Descriptor{}, 0, err
 	}
 	done := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID}
+	ra, err := d.openBlob(ctx, desc)
+	if err != nil {
+		return ocispec.Descriptor{}, 0, fmt.Errorf("opening blob: %w", err)
+	}
+	defer ra.Close()
 	// A layer image is larger than its blob: the blob is compressed and
 	// every file's data starts on a page. Claim a generous bound (Publish
 	// gives the unused tail back) and, when the image still does not fit,
-	// convert again with a larger one, up to the largest free extent.
+	// convert again with a larger one, up to the largest free extent. A
+	// pre-converted layer states its size: a compressed image of small
+	// files can be dozens of times its blob, past any guess.
 	bound := max(desc.Size*8, 64<<20)
+	if desc.MediaType == converter.MediaTypeLayer || desc.MediaType == converter.MediaTypeLayerZstd {
+		n, ok, err := converter.ImageSize(io.NewSectionReader(ra, 0, ra.Size()))
+		switch {
+		case err != nil:
+			log.G(ctx).WithError(err).WithField("blob", desc.Digest).Debug("pre-converted layer states no usable size: guessing")
+		case ok:
+			bound = (n + 4095) &^ 4095
+		}
+	}
 	for {
 		limit := s.region.Stats().LargestFree
 		if s.maxSize > 0 {
@@ -182,16 +199,10 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 			// same layer. Nothing to download.
 			return done, 0, nil
 		}
-		ra, err := d.openBlob(ctx, desc)
-		if err != nil {
-			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, 0, fmt.Errorf("opening blob: %w", err)
-		}
 		start := time.Now()
 		blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
 		res, err := converter.ConvertLayer(ctx, blob, layerWindow(c), converter.LayerOptions{MaxSize: s.maxSize})
 		blob.Close()
-		ra.Close()
 		log.G(ctx).WithField("blob", desc.Digest).WithField("took", time.Since(start)).WithField("fetching", blob.waited).Debug("converted blob")
 		if errors.Is(err, daxfs.ErrNoSpace) {
 			_ = c.Abort(ctx)

@@ -427,3 +427,46 @@ func TestDaxfsPreconverted(t *testing.T) {
 		runGreetingOn(t, ctrd, "daxfs", remote, "preconverted-"+tc.tag)
 	}
 }
+
+// TestDaxfsPreconvertedManyFiles pulls a pre-converted image of 20,000
+// small files: every file takes a page of the image, which zstd
+// compresses to almost nothing, so the image is over 60 times its blob.
+// The differ sizes the region extent from the image's superblock and
+// converts it in one go, with no second attempt on a larger guess.
+func TestDaxfsPreconvertedManyFiles(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
+	img := testenv.BusyboxImage(t)
+	var files []testimage.Entry
+	for d := range 100 {
+		files = append(files, testimage.Dir(fmt.Sprintf("many/%02d", d), 0o755))
+		for f := range 200 {
+			files = append(files, testimage.File(fmt.Sprintf("many/%02d/%03d", d, f), []byte(fmt.Sprintf("file %d/%d\n", d, f)), 0o644))
+		}
+	}
+	img.Layers = append(img.Layers, testimage.Layer{Compression: testimage.Gzip, Entries: append([]testimage.Entry{testimage.Dir("many", 0o755)}, files...)})
+	local := "docker.io/library/many:orig"
+	archive, built := testenv.WriteImageArchive(t, img, local)
+	src.CtrOK(t, "image", "import", archive)
+	remote := reg + "/library/many:daxfs"
+	ctx := src.Context(context.Background())
+	if _, err := ctrconverter.Convert(ctx, src.Client(t), remote, local, ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc())); err != nil {
+		t.Fatal(err)
+	}
+	src.CtrOK(t, "image", "push", "--plain-http", remote)
+
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ctrd.CtrOK(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", remote)
+	if m := d.metrics(t); m["daxfs_layers_applied_total"] != float64(len(built.DiffIDs)) || m["daxfs_convert_failures_total"] != 0 {
+		t.Fatalf("applied %v layers with %v failures, want %d and none", m["daxfs_layers_applied_total"], m["daxfs_convert_failures_total"], len(built.DiffIDs))
+	}
+	if log, err := os.ReadFile(d.LogPath); err != nil {
+		t.Fatal(err)
+	} else if strings.Contains(string(log), "converting again with more") {
+		t.Fatal("the pre-converted layer was converted twice: its size was guessed, not read")
+	}
+	out := ctrd.CtrOK(t, "run", "--rm", "--snapshotter", "daxfs", remote, "many", "sh", "-c", "cat /many/42/199; ls /many/07 | wc -l")
+	if out != "file 42/199\n200\n" {
+		t.Fatalf("container output %q", out)
+	}
+}
