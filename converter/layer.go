@@ -106,8 +106,8 @@ func maxTarSize(maxSize int64) int64 {
 // memory. The encoding is detected from the bytes: tar, gzip or zstd
 // compressed tar, or a DAXFS layer image, bare or gzip or zstd compressed,
 // which is validated and copied verbatim (its diffID is the digest of the
-// uncompressed image). On error nothing useful is in out and the caller discards it;
-// the error names the entry at fault.
+// uncompressed image). On error nothing useful is in out and the caller
+// discards it; the error names the entry at fault.
 //
 // Errors are classified for the caller: a layer that is malformed or
 // hostile wraps ErrInvalidLayer (and errdefs.ErrInvalidArgument), one that
