@@ -7,9 +7,6 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/klauspost/compress/zstd"
-
-	"github.com/containerd-daxfs/containerd-daxfs/converter/gunzip"
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
@@ -27,26 +24,15 @@ func ImageSize(r io.Reader) (size int64, ok bool, err error) {
 	if err != nil && !errors.Is(err, io.EOF) {
 		return 0, false, fmt.Errorf("reading layer: %w", err)
 	}
-	var stream io.Reader = br
-	switch format := DetectFormat(head); format {
-	case FormatDAXFS:
-	case FormatGzip:
-		zr, err := gunzip.NewReader(br)
-		if err != nil {
-			return 0, false, fmt.Errorf("gzip layer: %w", err)
-		}
-		defer zr.Close()
-		stream = zr
-	case FormatZstd:
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
-		if err != nil {
-			return 0, false, fmt.Errorf("zstd layer: %w", err)
-		}
-		defer zr.Close()
-		stream = zr
-	default:
+	format := DetectFormat(head)
+	if format == FormatTar {
 		return 0, false, nil
 	}
+	stream, closeStream, err := decompressed(br, format, 1)
+	if err != nil {
+		return 0, false, err
+	}
+	defer closeStream()
 	var sb [24]byte
 	if _, err := io.ReadFull(stream, sb[:]); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {

@@ -128,33 +128,14 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	format := DetectFormat(head)
 	res := LayerResult{Format: format}
 
-	var stream io.Reader
-	switch format {
-	case FormatDAXFS:
+	if format == FormatDAXFS {
 		return copyImage(ctx, br, out, opts)
-	case FormatGzip:
-		// gunzip decompresses in its own goroutine, ahead of the reader
-		// (with ISA-L where built with it): inflating overlaps parsing,
-		// hashing and copying the tar, and is most of a layer's
-		// conversion time.
-		zr, err := gunzip.NewReader(br)
-		if err != nil {
-			return res, fmt.Errorf("gzip layer: %w", err)
-		}
-		defer zr.Close()
-		stream = zr
-	case FormatZstd:
-		// Two: the decoder decodes blocks in the background, ahead of
-		// the tar parser, as pgzip does for gzip.
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(2))
-		if err != nil {
-			return res, fmt.Errorf("zstd layer: %w", err)
-		}
-		defer zr.Close()
-		stream = zr
-	default:
-		stream = br
 	}
+	stream, closeStream, err := decompressed(br, format, 2)
+	if err != nil {
+		return res, err
+	}
+	defer closeStream()
 
 	if format != FormatTar {
 		// A compressed DAXFS layer image (a pre-converted layer of
@@ -202,6 +183,30 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	res.Entries = b.entries
 	res.DiffID = digest.NewDigestFromBytes(digest.SHA256, ah.Sum())
 	return res, nil
+}
+
+// decompressed returns the uncompressed stream of a blob of format (br
+// itself for a tar or an image) and a function that releases the
+// decompressor. gunzip inflates in its own goroutine, ahead of the reader
+// (with ISA-L where built with it), so inflating overlaps parsing, hashing
+// and copying, and is most of a layer's conversion time; zstd decodes
+// blocks ahead with zstdThreads goroutines.
+func decompressed(br *bufio.Reader, format Format, zstdThreads int) (io.Reader, func(), error) {
+	switch format {
+	case FormatGzip:
+		zr, err := gunzip.NewReader(br)
+		if err != nil {
+			return nil, nil, fmt.Errorf("gzip layer: %w", err)
+		}
+		return zr, func() { zr.Close() }, nil
+	case FormatZstd:
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(zstdThreads))
+		if err != nil {
+			return nil, nil, fmt.Errorf("zstd layer: %w", err)
+		}
+		return zr, zr.Close, nil
+	}
+	return br, func() {}, nil
 }
 
 // countingReader counts the uncompressed stream and enforces the bounds on

@@ -39,6 +39,10 @@ const MediaTypeLayer = "application/vnd.containerd.daxfs.layer.v1"
 // tar, and padding to pages, which vanishes).
 const MediaTypeLayerZstd = MediaTypeLayer + "+zstd"
 
+// IsPreconverted reports whether mt is a media type of a pre-converted
+// layer: a DAXFS layer image, bare or zstd compressed.
+func IsPreconverted(mt string) bool { return mt == MediaTypeLayer || mt == MediaTypeLayerZstd }
+
 // OCI whiteout names (image-spec layer.md).
 const (
 	whiteoutPrefix = ".wh."

@@ -170,13 +170,13 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 	// pre-converted layer states its size: a compressed image of small
 	// files can be dozens of times its blob, past any guess.
 	bound := max(desc.Size*8, 64<<20)
-	if desc.MediaType == converter.MediaTypeLayer || desc.MediaType == converter.MediaTypeLayerZstd {
+	if converter.IsPreconverted(desc.MediaType) {
 		n, ok, err := converter.ImageSize(io.NewSectionReader(ra, 0, ra.Size()))
 		switch {
 		case err != nil:
 			log.G(ctx).WithError(err).WithField("blob", desc.Digest).Debug("pre-converted layer states no usable size: guessing")
 		case ok:
-			bound = (n + 4095) &^ 4095
+			bound = (n + daxfs.BlockSize - 1) / daxfs.BlockSize * daxfs.BlockSize
 		}
 	}
 	for {

@@ -63,8 +63,7 @@ func LayerConvertFunc(opts ...Option) ctrconverter.ConvertFunc {
 		opt(&o)
 	}
 	return func(ctx context.Context, cs content.Store, desc ocispec.Descriptor) (*ocispec.Descriptor, error) {
-		if desc.MediaType == converter.MediaTypeLayer || desc.MediaType == converter.MediaTypeLayerZstd ||
-			!images.IsLayerType(desc.MediaType) || images.IsNonDistributable(desc.MediaType) {
+		if converter.IsPreconverted(desc.MediaType) || !images.IsLayerType(desc.MediaType) || images.IsNonDistributable(desc.MediaType) {
 			return nil, nil
 		}
 		ra, err := cs.ReaderAt(ctx, desc)
