@@ -151,6 +151,23 @@ func openFileBackend(name, path string, size int64, create bool, align int64) (*
 	return b, size, nil
 }
 
+// raiseAlign makes a new region's alignment want (0: keep the backend's)
+// and returns its size n rounded down to it. want must be a multiple of
+// the backend's own alignment.
+func (b *backend) raiseAlign(n, want int64) (int64, error) {
+	if want == 0 || want == b.align {
+		return n, nil
+	}
+	if want%b.align != 0 {
+		return 0, fmt.Errorf("%w: alignment %d is not a multiple of the %s backend's %d", ErrInvalidSize, want, b.name, b.align)
+	}
+	b.align = want
+	if n = n / want * want; n == 0 {
+		return 0, fmt.Errorf("%w: less than one %d-byte aligned unit", ErrInvalidSize, want)
+	}
+	return n, nil
+}
+
 // devDAXInfo is what sysfs says about a device DAX instance.
 type devDAXInfo struct {
 	size      int64

@@ -269,6 +269,7 @@ type Stats struct {
 	PhysAddr     uint64
 	PhysKnown    bool
 	Size         int64
+	Align        int64 // the alignment the region records (see Options.Align)
 	DataOffset   int64
 	DataSize     int64
 	Used         int64 // bytes in non-FREE extents
@@ -294,7 +295,7 @@ func (r *Region) Stats() Stats {
 	s := Stats{
 		Path: r.be.path, Backend: r.be.name, Durability: r.be.Durability(),
 		PhysAddr: r.be.phys, PhysKnown: r.be.physKnown,
-		Size: r.g.size, DataOffset: r.g.dataOff, DataSize: r.g.dataSize,
+		Size: r.g.size, Align: r.g.align, DataOffset: r.g.dataOff, DataSize: r.g.dataSize,
 		Free: free, Used: r.g.dataSize - free, LargestFree: largest(gaps),
 		EntrySlots: r.g.entries, Participants: r.Participants(),
 		MaxProbe: int(load(r.mem, hMaxProbe)), Generation: r.Generation(),

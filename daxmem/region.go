@@ -29,6 +29,13 @@ type Options struct {
 	// Participants is the number of participant slots of a new region
 	// (default and maximum 64).
 	Participants int
+	// Align is the alignment a new region records (a power of two from
+	// 4 KiB to 1 GiB; 0: the backend's own). Its size is rounded up to it.
+	// A region made on a file that device DAX will map later (the file
+	// shared as guest memory, or copied to the device) needs the device's
+	// alignment, 2 MiB by default: Open refuses a region whose alignment
+	// is not a multiple of the backend's.
+	Align int64
 	// HeartbeatInterval is how often a joined participant stamps its slot
 	// (default 1s). LeaseTimeout is how old a heartbeat may get before the
 	// participant counts as dead (default 10s, at least 3 heartbeats).
@@ -65,6 +72,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.Size < 0 {
 		return o, fmt.Errorf("region size %d: %w", o.Size, ErrInvalidSize)
+	}
+	if o.Align != 0 && (o.Align < pageSize || o.Align&(o.Align-1) != 0 || o.Align > 1<<30) {
+		return o, fmt.Errorf("region alignment %d: %w: want a power of two from 4 KiB to 1 GiB", o.Align, ErrInvalidSize)
 	}
 	if o.Entries == 0 {
 		o.Entries = DefaultEntries
@@ -186,11 +196,18 @@ func Create(ctx context.Context, opts Options) (*Region, error) {
 	var nonce [6]byte
 	_, _ = rand.Read(nonce[:])
 	tmp := fmt.Sprintf("%s.tmp-%d-%x", o.Path, os.Getpid(), nonce)
+	if o.Align > 0 {
+		o.Size = alignUp(o.Size, o.Align)
+	}
 	be, n, err := openBackend(o.Backend, tmp, o.Size, true, o.SysRoot)
 	if err != nil {
 		return nil, fmt.Errorf("create region %s: %w", o.Path, err)
 	}
 	defer os.Remove(tmp)
+	if n, err = be.raiseAlign(n, o.Align); err != nil {
+		be.close()
+		return nil, fmt.Errorf("create region %s: %w", o.Path, err)
+	}
 	r, err := initRegion(be, n, o)
 	if err != nil {
 		be.close()
@@ -210,6 +227,10 @@ func Create(ctx context.Context, opts Options) (*Region, error) {
 func createDevDAX(o Options) (*Region, error) {
 	be, n, err := openBackend(o.Backend, o.Path, o.Size, false, o.SysRoot)
 	if err != nil {
+		return nil, fmt.Errorf("create region %s: %w", o.Path, err)
+	}
+	if n, err = be.raiseAlign(n, o.Align); err != nil {
+		be.close()
 		return nil, fmt.Errorf("create region %s: %w", o.Path, err)
 	}
 	mem, err := be.mapRegion(n)
@@ -303,8 +324,8 @@ func openExisting(o Options) (*Region, error) {
 		return nil, fmt.Errorf("open region %s: %w", o.Path, err)
 	}
 	g, err := parseHeader(o.Path, mem[:headerSize], n)
-	if err == nil && g.align%be.align != 0 {
-		err = &HeaderError{Path: o.Path, Reason: fmt.Sprintf("region alignment %d does not suit the %s backend (%d)", g.align, be.name, be.align)}
+	if err == nil {
+		err = checkAlign(o.Path, g.align, be)
 	}
 	if err != nil {
 		be.unmap(mem)
@@ -312,6 +333,47 @@ func openExisting(o Options) (*Region, error) {
 		return nil, err
 	}
 	return &Region{opts: o, be: be, full: mem, mem: mem[:g.size], g: g, self: selfIdentity(), id: NoParticipant}, nil
+}
+
+// AlignError reports a region whose recorded alignment the backend
+// mapping it cannot honour: a region made on a file with 4 KiB alignment
+// and opened as device DAX, which maps whole 2 MiB pages.
+type AlignError struct {
+	Path           string
+	Region, Needed int64
+	Backend        string
+}
+
+func (e *AlignError) Error() string {
+	return fmt.Sprintf("region %s was made with %s alignment but the %s backend maps it in %s units: "+
+		"make regions meant for device DAX with `containerd-daxfs-grpc region init --align %s` "+
+		"(or region.align = %q in the daemon's config when it creates the region), "+
+		"or set the device's alignment to %d while it is unbound (daxctl reconfigure-device --align)",
+		e.Path, sizeName(e.Region), e.Backend, sizeName(e.Needed), sizeName(e.Needed), sizeName(e.Needed)+"iB", e.Region)
+}
+
+func (e *AlignError) Unwrap() error { return ErrInvalidSize }
+
+// checkAlign refuses a region whose alignment is not a multiple of the
+// backend's.
+func checkAlign(path string, regionAlign int64, be *backend) error {
+	if regionAlign%be.align != 0 {
+		return &AlignError{Path: path, Region: regionAlign, Needed: be.align, Backend: be.name}
+	}
+	return nil
+}
+
+// sizeName writes a power-of-two size as 4K, 2M or 1G.
+func sizeName(n int64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return strconv.FormatInt(n>>30, 10) + "G"
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return strconv.FormatInt(n>>20, 10) + "M"
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return strconv.FormatInt(n>>10, 10) + "K"
+	}
+	return strconv.FormatInt(n, 10)
 }
 
 // Close stops the heartbeat and unmaps the region. It does not give up the

@@ -40,6 +40,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 		entries  int
 		parts    int
 		backendF string
+		align    string
 	)
 	fs.StringVar(&o.Path, "path", "", "region file or device (default "+daxmem.DefaultPath+")")
 	fs.StringVar(&backendF, "backend", "file", "file, hugetlbfs, devdax or fsdax")
@@ -49,6 +50,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 		fs.StringVar(&size, "size", "1G", "region size (K, M, G, T suffixes)")
 		fs.IntVar(&entries, "entries", daxmem.DefaultEntries, "index slots")
 		fs.IntVar(&parts, "participants", daxmem.DefaultParticipants, "participant slots (at most 64)")
+		fs.StringVar(&align, "align", "", "alignment to record (e.g. 2M for a file that device DAX will map; default: the backend's)")
 	case "gc":
 		fs.BoolVar(&dryRun, "dry-run", false, "report what would be freed")
 		fs.DurationVar(&minAge, "min-age", 0, "keep unreferenced images published less than this long ago")
@@ -67,6 +69,13 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 			return fmt.Errorf("%w: --size: %v", ErrUsage, err)
 		}
 		o.Size = n
+	}
+	if align != "" {
+		n, err := parseSize(align)
+		if err != nil {
+			return fmt.Errorf("%w: --align: %v", ErrUsage, err)
+		}
+		o.Align = n
 	}
 	o.Entries, o.Participants = entries, parts
 	if lease > 0 {
@@ -221,6 +230,7 @@ type statusOut struct {
 	Durability   string            `json:"durability"`
 	PhysAddr     *uint64           `json:"phys_addr,omitempty"`
 	Size         int64             `json:"size"`
+	Align        int64             `json:"align"`
 	DataOffset   int64             `json:"data_offset"`
 	DataSize     int64             `json:"data_size"`
 	Used         int64             `json:"used"`
@@ -235,7 +245,7 @@ type statusOut struct {
 }
 
 func statusJSON(st daxmem.Stats) statusOut {
-	s := statusOut{Path: st.Path, Backend: st.Backend, Durability: st.Durability, Size: st.Size, DataOffset: st.DataOffset,
+	s := statusOut{Path: st.Path, Backend: st.Backend, Durability: st.Durability, Size: st.Size, Align: st.Align, DataOffset: st.DataOffset,
 		DataSize: st.DataSize, Used: st.Used, Free: st.Free, LargestFree: st.LargestFree, EntrySlots: st.EntrySlots,
 		Ready: st.Ready, Writing: st.Writing, Dying: st.Dying, Created: st.Created, Participants: []participantJSON{}}
 	if st.PhysKnown {
@@ -258,6 +268,7 @@ func printStatus(out io.Writer, st daxmem.Stats) {
 	fmt.Fprintf(tw, "backend:\t%s (%s)\n", st.Backend, st.Durability)
 	fmt.Fprintf(tw, "physical address:\t%s\n", phys)
 	fmt.Fprintf(tw, "size:\t%s (data area %s at offset %d)\n", human(st.Size), human(st.DataSize), st.DataOffset)
+	fmt.Fprintf(tw, "alignment:\t%s\n", human(st.Align))
 	fmt.Fprintf(tw, "used / free:\t%s / %s (largest free extent %s)\n", human(st.Used), human(st.Free), human(st.LargestFree))
 	fmt.Fprintf(tw, "images:\t%d ready, %d being written, %d dying (%d index slots)\n", st.Ready, st.Writing, st.Dying, st.EntrySlots)
 	fmt.Fprintf(tw, "created:\t%s\n", st.Created.UTC().Format(time.RFC3339))

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -121,5 +122,32 @@ func TestRegionCommand(t *testing.T) {
 	out, err = run(t, "verify", "--path", path)
 	if err == nil || !strings.Contains(out, keys[0].String()) || !strings.Contains(out, "checksum mismatch") {
 		t.Fatalf("verify of a corrupt image: %v\n%s", err, out)
+	}
+}
+
+// TestRegionInitAlign: `region init --align 2M` records 2 MiB (shown by
+// status), rounds the size up to it; a bad value is a usage error.
+func TestRegionInitAlign(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "region")
+	out, err := run(t, "init", "--path", path, "--size", "5M", "--entries", "64", "--align", "2M", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st statusOut
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("%v:\n%s", err, out)
+	}
+	if st.Align != 2<<20 || st.Size != 6<<20 {
+		t.Fatalf("align %d size %d, want 2 MiB and 6 MiB", st.Align, st.Size)
+	}
+	out, err = run(t, "status", "--path", path)
+	if err != nil || !regexp.MustCompile(`alignment: +2.0 MiB`).MatchString(out) {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	if _, err := run(t, "init", "--path", path+"2", "--align", "lots"); !errors.Is(err, ErrUsage) {
+		t.Fatalf("--align lots: %v", err)
+	}
+	if _, err := run(t, "init", "--path", path+"3", "--align", "3M"); !errors.Is(err, daxmem.ErrInvalidSize) {
+		t.Fatalf("--align 3M: %v", err)
 	}
 }
