@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestAlignOption: a region made on a file for device DAX records the
@@ -88,5 +90,24 @@ func TestCheckAlign(t *testing.T) {
 				t.Errorf("error %q lacks %q", err, want)
 			}
 		}
+	}
+}
+
+// TestDevDAXOpenIgnoresCreateSize: opening a device DAX region maps the
+// whole device whatever size is configured for creating regions (the
+// daemon's default is 8 GiB): a smaller device gets as far as reading its
+// header (here all zero: /dev/zero stands in for the device).
+func TestDevDAXOpenIgnoresCreateSize(t *testing.T) {
+	var st unix.Stat_t
+	if err := unix.Stat("/dev/zero", &st); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	writeSysfs(t, root, int(unix.Major(st.Rdev)), int(unix.Minor(st.Rdev)), map[string]string{
+		"size": "16777216\n", "align": "2097152\n", "resource": "0x240000000\n",
+	})
+	_, err := Open(context.Background(), Options{Backend: BackendDevDAX, Path: "/dev/zero", SysRoot: root, Size: 8 << 30})
+	if !errors.Is(err, ErrBadHeader) || !strings.Contains(err.Error(), "not initialised") {
+		t.Fatalf("Open of an uninitialised 16 MiB device with an 8 GiB size: %v, want the all-zero header refused", err)
 	}
 }

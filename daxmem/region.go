@@ -310,7 +310,15 @@ func Open(ctx context.Context, opts Options) (*Region, error) {
 }
 
 func openExisting(o Options) (*Region, error) {
-	be, n, err := openBackend(o.Backend, o.Path, o.Size, false, o.SysRoot)
+	// An existing region's size is in its header: map the whole device
+	// (file backends take the file's size anyway). A size meant for
+	// creating a region, such as the daemon's configured default, must
+	// not make a smaller device unusable.
+	size := o.Size
+	if o.Backend == BackendDevDAX {
+		size = 0
+	}
+	be, n, err := openBackend(o.Backend, o.Path, size, false, o.SysRoot)
 	if err != nil {
 		return nil, fmt.Errorf("open region %s: %w", o.Path, err)
 	}
