@@ -43,6 +43,10 @@ type RegionConfig struct {
 	Participants int `toml:"participants"`
 	// MaxLayerSize bounds one layer image.
 	MaxLayerSize Size `toml:"max_layer_size"`
+	// Align is the alignment a region this daemon creates records ("0":
+	// the backend's). A region on a file that device DAX maps too (a file
+	// shared as guest memory) needs the device's, "2MiB".
+	Align Size `toml:"align"`
 }
 
 // MountConfig selects how views are mounted.
@@ -132,6 +136,9 @@ func (c Config) check() error {
 	}
 	if c.Region.Size < 0 || c.Region.MaxLayerSize < 0 {
 		return errors.New("config: region.size and region.max_layer_size must not be negative")
+	}
+	if a := int64(c.Region.Align); a != 0 && (a < 4096 || a&(a-1) != 0 || a > 1<<30) {
+		return fmt.Errorf("config: region.align %d: want 0 or a power of two from 4KiB to 1GiB", a)
 	}
 	return nil
 }

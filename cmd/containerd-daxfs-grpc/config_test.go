@@ -72,6 +72,9 @@ reap_after = "2h"
 	if cfg, err = LoadConfig(write("[region]\nsize = 1048576\n"), true); err != nil || cfg.Region.Size != 1<<20 {
 		t.Fatalf("integer size: %+v %v", cfg.Region, err)
 	}
+	if cfg, err = LoadConfig(write("[region]\nalign = \"2MiB\"\n"), true); err != nil || cfg.Region.Align != 2<<20 {
+		t.Fatalf("region.align: %+v %v", cfg.Region, err)
+	}
 
 	for _, tc := range []struct{ body, want string }{
 		{"rooot = 1\n", "rooot"},
@@ -81,6 +84,8 @@ reap_after = "2h"
 		{"[gc]\ninterval = \"soon\"\n", "soon"},
 		{"root = \n", "config"},
 		{"[region]\nmax_layer_size = -5\n", "negative"},
+		{"[region]\nalign = \"3MiB\"\n", "region.align"},
+		{"[region]\nalign = 512\n", "region.align"},
 	} {
 		_, err := LoadConfig(write(tc.body), true)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

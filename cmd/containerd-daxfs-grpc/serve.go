@@ -99,6 +99,7 @@ func serve(ctx context.Context, cfg Config) error {
 		Size:         int64(cfg.Region.Size),
 		Entries:      cfg.Region.Entries,
 		Participants: cfg.Region.Participants,
+		Align:        int64(cfg.Region.Align),
 	})
 	if err != nil {
 		return fmt.Errorf("opening region %s: %w", cfg.Region.Path, err)
