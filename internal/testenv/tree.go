@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 )
 
 // FileInfo is what Snapshot records about one path. Paths are keys of the
@@ -48,11 +50,54 @@ func (fi FileInfo) String() string {
 // records every path (see FileInfo). File contents are hashed, so it reads
 // every byte: it is also a read test of a mounted filesystem. Errors name
 // the path.
-func Snapshot(root string) (map[string]FileInfo, error) {
+func Snapshot(root string) (map[string]FileInfo, error) { return snapshot(root, false) }
+
+// SnapshotOneFS is Snapshot restricted to the file system mounted on root:
+// mount points below it (per /proc/self/mountinfo: a container's /proc,
+// /sys, /dev, bind-mounted files) and what is below them are left out. (Not
+// by device number: overlayfs reports a lower file's own device when its
+// layers are on different file systems.) A name its directory lists but
+// lstat does not find (overlayfs lists a lower's whiteout-like entries in
+// a directory it does not merge) is recorded with Type "vanished".
+func SnapshotOneFS(root string) (map[string]FileInfo, error) { return snapshot(root, true) }
+
+func snapshot(root string, oneFS bool) (map[string]FileInfo, error) {
 	out := map[string]FileInfo{}
+	skip := map[string]bool{}
+	if oneFS {
+		real, err := filepath.EvalSymlinks(root)
+		if err != nil {
+			return nil, err
+		}
+		real, err = filepath.Abs(real)
+		if err != nil {
+			return nil, err
+		}
+		ms, err := mountinfo.Read()
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range ms {
+			rel, err := filepath.Rel(real, m.MountPoint)
+			if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+				continue
+			}
+			skip["/"+filepath.ToSlash(rel)] = true
+		}
+	}
 	var walk func(rel string) error
 	walk = func(rel string) error {
 		full := filepath.Join(root, filepath.FromSlash(rel))
+		if skip[rel] {
+			return nil
+		}
+		if oneFS && rel != "/" {
+			var st unix.Stat_t
+			if err := unix.Lstat(full, &st); errors.Is(err, unix.ENOENT) {
+				out[rel] = FileInfo{Type: "vanished"}
+				return nil
+			}
+		}
 		fi, err := statPath(full)
 		if err != nil {
 			return err

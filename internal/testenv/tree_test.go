@@ -152,3 +152,53 @@ func TestSnapshotErrorNamesPath(t *testing.T) {
 		t.Fatalf("Snapshot of a missing root: %v", err)
 	}
 }
+
+// TestSnapshotOneFS: paths on other file systems are left out, and a name
+// overlayfs lists but hides (a lower's 0:0 character device, which it
+// takes for a whiteout, in a directory it does not merge) is recorded as
+// vanished.
+func TestSnapshotOneFS(t *testing.T) {
+	testenv.RequireRoot(t)
+	root := t.TempDir()
+	l1, l2, merged := filepath.Join(root, "l1"), filepath.Join(root, "l2"), filepath.Join(root, "merged")
+	for _, d := range []string{filepath.Join(l1, "d"), l2, merged} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(l1, "d", "f"), []byte("f\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mknod(filepath.Join(l1, "d", "w"), unix.S_IFCHR|0o600, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(l2, "mnt"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("overlay", merged, "overlay", unix.MS_RDONLY, "lowerdir="+l1+":"+l2); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(merged, unix.MNT_DETACH)
+	if err := unix.Mount("tmpfs", filepath.Join(merged, "mnt"), "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(filepath.Join(merged, "mnt"), unix.MNT_DETACH)
+	if err := os.WriteFile(filepath.Join(merged, "mnt", "other"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tree, err := testenv.SnapshotOneFS(merged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for p, fi := range tree {
+		paths = append(paths, p+":"+fi.Type)
+	}
+	slices.Sort(paths)
+	if want := []string{"/:dir", "/d/f:file", "/d/w:vanished", "/d:dir"}; !slices.Equal(paths, want) {
+		t.Fatalf("SnapshotOneFS recorded %v, want %v", paths, want)
+	}
+	if _, err := testenv.Snapshot(merged); err == nil {
+		t.Fatal("Snapshot walked a directory listing a name lstat cannot find without an error")
+	}
+}
