@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -96,9 +97,20 @@ func MapWindow(path string, offset, length int64) (*Window, error) {
 	if offset < 0 || length < 0 {
 		return nil, fmt.Errorf("image source %s: negative offset or length", path)
 	}
-	size := st.Size()
+	size, align := st.Size(), int64(os.Getpagesize())
 	if !st.Mode().IsRegular() {
-		size = offset + length // a device (devdax): trust the caller
+		// A device (device DAX): its size and the granule its mappings
+		// must be made of (2 MiB by default) come from sysfs; without
+		// sysfs, trust the caller and map whole pages.
+		size = offset + length
+		if dev, ok := charDevice(f); ok {
+			if a, ok := devDAXAttr(dev, "align"); ok && a > align && a&(a-1) == 0 {
+				align = a
+			}
+			if n, ok := devDAXAttr(dev, "size"); ok {
+				size = n
+			}
+		}
 	}
 	if length == 0 {
 		length = size - offset
@@ -106,13 +118,45 @@ func MapWindow(path string, offset, length int64) (*Window, error) {
 	if length <= 0 || offset+length > size {
 		return nil, fmt.Errorf("image source %s: window %d+%d outside the file (%d bytes)", path, offset, length, size)
 	}
-	page := int64(os.Getpagesize())
-	start := offset &^ (page - 1)
-	m, err := unix.Mmap(int(f.Fd()), start, int(offset-start+length), unix.PROT_READ, unix.MAP_SHARED)
+	start, end := mapBounds(offset, length, align, size, st.Mode().IsRegular())
+	m, err := unix.Mmap(int(f.Fd()), start, int(end-start), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
-		return nil, fmt.Errorf("map image source %s at %d+%d: %w", path, offset, length, err)
+		return nil, fmt.Errorf("map image source %s at %d+%d (mapping %d+%d): %w", path, offset, length, start, end-start, err)
 	}
-	return &Window{mapping: m, Bytes: m[offset-start:]}, nil
+	return &Window{mapping: m, Bytes: m[offset-start : offset-start+length]}, nil
+}
+
+// mapBounds returns the range to map for the window [offset,
+// offset+length): its start rounded down to align and, for a device,
+// whose mappings must be whole granules, its end rounded up to align
+// (never past the device's size).
+func mapBounds(offset, length, align, size int64, regular bool) (start, end int64) {
+	start = offset &^ (align - 1)
+	end = offset + length
+	if !regular {
+		end = min((end+align-1)&^(align-1), size)
+	}
+	return start, end
+}
+
+// charDevice returns the device number of the character device open as f.
+func charDevice(f *os.File) (uint64, bool) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFCHR {
+		return 0, false
+	}
+	return st.Rdev, true
+}
+
+// devDAXAttr reads a number from /sys/dev/char/MAJ:MIN/name (device
+// DAX's size and align).
+func devDAXAttr(dev uint64, name string) (int64, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/dev/char/%d:%d/%s", unix.Major(dev), unix.Minor(dev), name))
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	return n, err == nil && n > 0
 }
 
 // Close unmaps the window. Nothing may use Bytes afterwards.
