@@ -10,7 +10,7 @@ export GOFLAGS := $(strip $(GOFLAGS) -tags=$(TAGS))
 # Packages with goroutines or cross-process state run under the race detector.
 RACE_PKGS := ./converter/... ./daxmem/... ./mounter/... ./snapshotter/...
 
-.PHONY: all build deps check test unit fuzz bench demo clean
+.PHONY: all build deps check test unit guests fuzz bench demo clean
 
 all: build
 
@@ -27,13 +27,21 @@ check:
 	GOFLAGS= $(GO) vet ./converter/gunzip/
 
 # test is the whole suite: what CI runs (.ci/run) and what the README says.
-test: deps check build unit fuzz
+test: deps check build unit guests fuzz
 
 unit:
 	$(GO) test -count=1 -race -timeout 15m $(RACE_PKGS)
-	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v -e /converter -e /daxmem -e /mounter -e /snapshotter)
+	$(GO) test -count=1 -timeout 20m $$($(GO) list ./... | grep -v -e /converter -e /daxmem -e /mounter -e /snapshotter -e /tests/guests)
 	# The gzip reader in both builds: ISA-L above, pure Go here.
 	GOFLAGS= $(GO) test -count=1 -race ./converter/gunzip/
+
+# guests boots real kernels under QEMU, sharing one memory (tests/guests;
+# the kernel, module and guest root are built once by scripts/guest-kit.sh
+# and cached under /var/cache). Verbose: the figures they measure, or why
+# they skip where QEMU or the kernel packages are out of reach, are in the
+# output.
+guests:
+	$(GO) test -count=1 -v -timeout 40m ./tests/guests/
 
 # fuzz runs every fuzz target of the module for FUZZTIME each (see the
 # script for how it treats the fuzzing engine's deadline endings).

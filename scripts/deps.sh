@@ -5,6 +5,8 @@
 #     gcc and libisal-dev (the daemon is built with cgo and ISA-L, `-tags
 #     isal`, for its gzip inflater; the isal package with the igzip command
 #     is not installed, so containerd's own unpacking is as it ships);
+#     qemu-system-x86 and e2fsprogs for the guest tests (tests/guests boot
+#     Debian kernels built into a kit by scripts/guest-kit.sh);
 #   - containerd v2.4.2 (containerd, ctr, containerd-shim-runc-v2) and the
 #     distribution registry v3.1.2, built from the Go module proxy into
 #     .cache/bin (git-ignored, kept between runs).
@@ -23,7 +25,7 @@ mkdir -p "$bin"
 
 CONTAINERD_VERSION=v2.4.2
 REGISTRY_VERSION=v3.1.2
-pkgs=(runc fuse3 erofs-utils busybox-static debootstrap spin zstd kmod ca-certificates gcc libc6-dev libisal-dev)
+pkgs=(runc fuse3 erofs-utils busybox-static debootstrap spin zstd kmod ca-certificates gcc libc6-dev libisal-dev qemu-system-x86 e2fsprogs)
 
 log() { echo "deps: $*" >&2; }
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -105,7 +107,7 @@ if [ "$(id -u)" = 0 ]; then
 fi
 grep -qw overlay /proc/filesystems || die "the kernel has no overlayfs (modprobe overlay failed)"
 [ -e /dev/fuse ] || die "/dev/fuse is missing: FUSE is required"
-for t in runc fusermount3 mkfs.erofs debootstrap zstd; do
+for t in runc fusermount3 mkfs.erofs debootstrap zstd qemu-system-x86_64 mkfs.ext4; do
 	command -v "$t" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null 2>&1 ||
 		die "$t not found after installing the Debian packages"
 done

@@ -1,0 +1,94 @@
+package guests
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
+	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
+)
+
+// Big files of the guest image: incompressible, so that pulling the image
+// moves their bytes and reading a container's root reads them.
+const (
+	bigFiles   = 4
+	bigFileLen = 6 << 20
+)
+
+// bigData returns big file i's bytes (a fixed pseudo-random stream).
+func bigData(i int) []byte {
+	r := rand.New(rand.NewChaCha8([32]byte{byte(i), 'd', 'a', 'x'}))
+	b := make([]byte, bigFileLen)
+	for j := 0; j < len(b); j += 8 {
+		v := r.Uint64()
+		for k := 0; k < 8 && j+k < len(b); k++ {
+			b[j+k] = byte(v >> (8 * k))
+		}
+	}
+	return b
+}
+
+func sha(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+// guestImage is busybox plus two layers exercising what OCI layers carry:
+// whiteouts of a file and of a directory, an opaque directory, a replaced
+// file, a hard link, symlinks, a FIFO, a device node, an xattr, a setuid
+// file, and bigFiles large files.
+func guestImage(tb testing.TB) *testimage.Built {
+	tb.Helper()
+	base := testimage.Layer{Entries: []testimage.Entry{
+		testimage.Dir("data", 0o755),
+		testimage.File("data/keep", []byte("keep\n"), 0o644),
+		testimage.File("data/gone", []byte("gone\n"), 0o644),
+		testimage.File("data/replaced", []byte("old\n"), 0o600),
+		testimage.Dir("opaque", 0o755),
+		testimage.File("opaque/old1", []byte("old1\n"), 0o644),
+		testimage.Dir("opaque/sub", 0o755),
+		testimage.File("opaque/sub/old2", []byte("old2\n"), 0o644),
+		testimage.Dir("deleted-dir", 0o755),
+		testimage.File("deleted-dir/f", []byte("f\n"), 0o644),
+		testimage.Dir("links", 0o755),
+		testimage.Dir("big", 0o755),
+	}}
+	for i := 0; i < bigFiles; i++ {
+		base.Entries = append(base.Entries, testimage.File(fmt.Sprintf("big/%d", i), bigData(i), 0o644))
+	}
+	upper := testimage.Layer{Compression: testimage.Zstd, Entries: []testimage.Entry{
+		testimage.Whiteout("data/gone"),
+		testimage.File("data/replaced", []byte("new\n"), 0o644),
+		testimage.File("data/added", []byte("added\n"), 0o644).WithMtime(time.Date(2023, 5, 6, 7, 8, 9, 123456789, time.UTC)),
+		testimage.Dir("opaque", 0o750),
+		testimage.Opaque("opaque"),
+		testimage.File("opaque/new", []byte("new in opaque\n"), 0o644),
+		testimage.Whiteout("deleted-dir"),
+		testimage.File("links/target", []byte("shared bytes\n"), 0o640).WithOwner(1000, 1001),
+		testimage.Hardlink("links/hard", "links/target").WithMode(0o640).WithOwner(1000, 1001),
+		testimage.Symlink("links/soft", "target"),
+		testimage.Symlink("links/dangling", "/nonexistent/path"),
+		testimage.FIFO("links/fifo", 0o600),
+		testimage.CharDevice("links/null", 0o666, 1, 3),
+		testimage.File("links/xattrs", []byte("x\n"), 0o644).WithXattr("user.note", "hello"),
+		testimage.File("links/setuid", []byte("#!/bin/sh\n"), 0o4755),
+	}}
+	built, err := testenv.BusyboxImage(tb, base, upper).Build()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return built
+}
+
+// layerBytes is the size of the image's layer blobs.
+func layerBytes(built *testimage.Built) int64 {
+	var n int64
+	for _, l := range built.Layers {
+		n += l.Descriptor.Size
+	}
+	return n
+}
