@@ -74,10 +74,11 @@ type Mounter interface {
 
 // Modes accepted by New.
 const (
-	ModeAuto   = "auto"
-	ModeFUSE   = "fuse"
-	ModeKernel = "kernel"
-	ModeEROFS  = "erofs"
+	ModeAuto     = "auto"
+	ModeFUSE     = "fuse"
+	ModeKernel   = "kernel"
+	ModeEROFS    = "erofs"
+	ModeEROFSDAX = "erofs-dax"
 )
 
 // FUSEOptions configure the FUSE mounter, and where the erofs mounter
@@ -98,13 +99,20 @@ type FUSEOptions struct {
 	Args []string
 	// Validate runs a full daxfs.Validate before each mount.
 	Validate bool
+	// DAX, when set, configures the erofs-dax mounter (the kernel's erofs
+	// with dax=always over a DAX block device holding the region), which
+	// auto mode prefers to erofs over loop devices and FUSE where the
+	// daxfs module is not loaded.
+	DAX *DAXOptions
 }
 
-// New returns a Mounter for mode: "kernel" (the daxfs module), "erofs"
+// New returns a Mounter for mode: "kernel" (the daxfs module), "erofs-dax"
+// (the kernel's erofs with dax=always over fo.DAX's block device), "erofs"
 // (the kernel's erofs over loop devices, indexing the image in place),
 // "fuse", or "auto": the daxfs module for sources with a physical address
-// when /proc/filesystems lists daxfs, else erofs where it works, else
-// FUSE (also the fallback for an image erofs cannot index).
+// when /proc/filesystems lists daxfs, else erofs-dax when fo.DAX is set,
+// else erofs where it works, else FUSE (also the fallback for an image
+// erofs cannot index).
 func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
 	switch mode {
 	case ModeKernel:
@@ -113,12 +121,25 @@ func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
 		return NewFUSE(ctx, fo)
 	case ModeEROFS:
 		return NewEROFS(ctx, fo.erofsDir(), fo.Validate)
+	case ModeEROFSDAX:
+		if fo.DAX == nil {
+			return nil, fmt.Errorf("mount mode %s: %w: no DAX block device configured (mount.dax_device)", mode, errdefs.ErrInvalidArgument)
+		}
+		return NewEROFSDAX(ctx, *fo.DAX, fo.Validate)
 	case ModeAuto, "":
 		a := &autoMounter{fo: fo}
 		if k, err := NewKernel(ctx); err == nil {
 			a.kernel = k.(*kernelMounter)
 		} else {
 			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable")
+		}
+		if a.kernel == nil && fo.DAX != nil {
+			d, err := NewEROFSDAX(ctx, *fo.DAX, fo.Validate)
+			if err != nil {
+				return nil, fmt.Errorf("mount.dax_device is set but unusable: %w", err)
+			}
+			a.dax = d.(*erofsDAXMounter)
+			log.G(ctx).WithField("device", fo.DAX.Device).Info("mounting images with erofs dax=always (no daxfs kernel module)")
 		}
 		e, err := NewEROFS(ctx, fo.erofsDir(), fo.Validate)
 		if err == nil {
@@ -137,7 +158,7 @@ func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
 		a.fuse = f.(*fuseMounter)
 		return a, nil
 	}
-	return nil, fmt.Errorf("mount mode %q: %w (want auto, kernel, erofs or fuse)", mode, errdefs.ErrInvalidArgument)
+	return nil, fmt.Errorf("mount mode %q: %w (want auto, kernel, erofs-dax, erofs or fuse)", mode, errdefs.ErrInvalidArgument)
 }
 
 func (fo FUSEOptions) erofsDir() string {
@@ -154,13 +175,21 @@ func (fo FUSEOptions) erofsDir() string {
 type autoMounter struct {
 	fo     FUSEOptions
 	kernel *kernelMounter
-	erofs  *erofsMounter // nil where erofs does not work
+	dax    *erofsDAXMounter // nil unless configured and no daxfs module
+	erofs  *erofsMounter    // nil where erofs does not work
 	fuse   *fuseMounter
 }
 
 func (a *autoMounter) Mount(ctx context.Context, src Source, target string) error {
 	if a.kernel != nil && src.HasPhys {
 		return a.kernel.Mount(ctx, src, target)
+	}
+	if a.dax != nil {
+		err := a.dax.Mount(ctx, src, target)
+		if err == nil || errors.Is(err, errdefs.ErrDataLoss) {
+			return err
+		}
+		log.G(ctx).WithError(err).WithField("image", src.String()).Warn("erofs dax=always mount failed; mounting the image otherwise")
 	}
 	if a.erofs != nil {
 		err := a.erofs.Mount(ctx, src, target)
@@ -177,6 +206,9 @@ func (a *autoMounter) Unmount(ctx context.Context, target string) error {
 		if ok, _ := isKernelMount(target); ok {
 			return a.kernel.Unmount(ctx, target)
 		}
+	}
+	if a.dax != nil && isEROFSDAXMount(target) {
+		return a.dax.Unmount(ctx, target)
 	}
 	if a.erofs != nil {
 		abs, err := absTarget(target)
@@ -225,6 +257,13 @@ func (a *autoMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
 			return nil, err
 		}
 		out = append(out, k...)
+	}
+	if a.dax != nil {
+		d, err := a.dax.Mounted(ctx)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d...)
 	}
 	return out, nil
 }

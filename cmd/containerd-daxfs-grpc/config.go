@@ -51,8 +51,12 @@ type RegionConfig struct {
 
 // MountConfig selects how views are mounted.
 type MountConfig struct {
-	Mode     string `toml:"mode"`     // auto, kernel, erofs, fuse
+	Mode     string `toml:"mode"`     // auto, kernel, erofs-dax, erofs, fuse
 	Validate *bool  `toml:"validate"` // validate images before mounting them
+	// DAXDevice is a DAX-capable block device (pmem, CXL) holding the
+	// region from its byte 0: on kernels without the daxfs module, views
+	// are then mounted by the kernel's erofs with dax=always.
+	DAXDevice string `toml:"dax_device"`
 	// WarmViews mounts the view of a freshly unpacked image ahead of its
 	// first container and keeps it mounted this long unused ("0": off).
 	WarmViews Duration `toml:"warm_views"`
@@ -124,9 +128,12 @@ func (c Config) check() error {
 		return fmt.Errorf("config: region.backend %q: want file, hugetlbfs, devdax or fsdax", c.Region.Backend)
 	}
 	switch c.Mount.Mode {
-	case "auto", "fuse", "kernel", "erofs":
+	case "auto", "fuse", "kernel", "erofs", "erofs-dax":
 	default:
-		return fmt.Errorf("config: mount.mode %q: want auto, kernel, erofs or fuse", c.Mount.Mode)
+		return fmt.Errorf("config: mount.mode %q: want auto, kernel, erofs-dax, erofs or fuse", c.Mount.Mode)
+	}
+	if c.Mount.Mode == "erofs-dax" && c.Mount.DAXDevice == "" {
+		return errors.New("config: mount.mode erofs-dax needs mount.dax_device")
 	}
 	if c.Root == "" || c.Address == "" || c.Region.Path == "" {
 		return errors.New("config: root, address and region.path must not be empty")

@@ -86,6 +86,7 @@ reap_after = "2h"
 		{"[region]\nmax_layer_size = -5\n", "negative"},
 		{"[region]\nalign = \"3MiB\"\n", "region.align"},
 		{"[region]\nalign = 512\n", "region.align"},
+		{"[mount]\nmode = \"erofs-dax\"\n", "mount.dax_device"},
 	} {
 		_, err := LoadConfig(write(tc.body), true)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -43,7 +43,7 @@ func runServe(ctx context.Context, args []string) error {
 	logLevel := fs.String("log-level", "", "log level (overrides log_level)")
 	regionPath := fs.String("region-path", "", "region file or device (overrides region.path)")
 	regionSize := fs.String("region-size", "", "region size when creating it, e.g. 8GiB (overrides region.size)")
-	mountMode := fs.String("mount-mode", "", "auto, kernel, erofs or fuse (overrides mount.mode)")
+	mountMode := fs.String("mount-mode", "", "auto, kernel, erofs-dax, erofs or fuse (overrides mount.mode)")
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
@@ -118,12 +118,16 @@ func serve(ctx context.Context, cfg Config) error {
 		return err
 	}
 	validate := cfg.Mount.Validate == nil || *cfg.Mount.Validate
-	mnt, err := mounter.New(ctx, cfg.Mount.Mode, mounter.FUSEOptions{
+	fo := mounter.FUSEOptions{
 		StateDir: filepath.Join(cfg.Root, "fuse"),
 		EROFSDir: filepath.Join(cfg.Root, "erofs"),
 		Binary:   self,
 		Validate: validate,
-	})
+	}
+	if cfg.Mount.DAXDevice != "" {
+		fo.DAX = &mounter.DAXOptions{Device: cfg.Mount.DAXDevice, Region: region}
+	}
+	mnt, err := mounter.New(ctx, cfg.Mount.Mode, fo)
 	if err != nil {
 		return fmt.Errorf("starting the %s mounter: %w", cfg.Mount.Mode, err)
 	}

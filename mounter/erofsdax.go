@@ -1,0 +1,379 @@
+package mounter
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
+	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
+	"github.com/containerd-daxfs/containerd-daxfs/mounter/erofs"
+)
+
+// DAXOptions configure the erofs-dax mounter: the kernel's own erofs
+// reading the region in place with dax=always, for kernels without the
+// daxfs module. erofs turns DAX off unless every device it reads supports
+// it, the one holding its metadata included, so the metadata image of
+// each view is published in the region too (as an entry of its own,
+// content addressed, shared by every participant like the views), and
+// each mount is of a device-mapper device that puts that image in front
+// of the region: erofs, mounted without device=, finds the data device
+// right after its metadata, where the image's device slot says it is.
+type DAXOptions struct {
+	// Device is a DAX-capable block device whose bytes are the region's
+	// from byte 0: a pmem or CXL namespace (fsdax or raw mode) over the
+	// memory the region's device DAX instance maps, or an alias of it.
+	Device string
+	// Region is the region the views are in.
+	Region *daxmem.Region
+}
+
+// KindEROFSDAX is the kind of the erofs-dax mounter's mounts.
+const KindEROFSDAX = "erofs-dax"
+
+// daxDMPrefix starts the names of our device-mapper devices; the hex
+// key of the metadata image in the region follows.
+const daxDMPrefix = "daxfs-erofs-"
+
+type erofsDAXMounter struct {
+	dev      string
+	devSize  int64
+	region   *daxmem.Region
+	validate bool
+}
+
+// NewEROFSDAX returns the erofs-dax mounter after checking that
+// o.Device holds the region (its header read through the device matches)
+// and that dmsetup and erofs are there. It takes back the region
+// references of the metadata images of mounts a previous run left.
+func NewEROFSDAX(ctx context.Context, o DAXOptions, validate bool) (Mounter, error) {
+	if o.Device == "" || o.Region == nil {
+		return nil, fmt.Errorf("%w: the erofs-dax mounter needs a DAX block device holding the region (mount.dax_device)", errdefs.ErrInvalidArgument)
+	}
+	b, err := os.ReadFile("/proc/filesystems")
+	if err != nil {
+		return nil, err
+	}
+	if ok, err := hasFilesystem(b, EROFSFSType); err != nil || !ok {
+		return nil, fmt.Errorf("%w: erofs is not in /proc/filesystems", errdefs.ErrNotImplemented)
+	}
+	if _, err := exec.LookPath("dmsetup"); err != nil {
+		return nil, fmt.Errorf("%w: the erofs-dax mounter needs dmsetup (device-mapper): %v", errdefs.ErrNotImplemented, err)
+	}
+	size, err := checkRegionDevice(o.Device, o.Region)
+	if err != nil {
+		return nil, err
+	}
+	m := &erofsDAXMounter{dev: o.Device, devSize: size, region: o.Region, validate: validate}
+	infos, err := m.Mounted(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, mi := range infos {
+		if k, ok := daxMetaKey(mi.Source.Path); ok {
+			if err := m.region.Ref(daxmem.KindView, k); err != nil {
+				log.G(ctx).WithError(err).WithField("target", mi.Target).Warn("the erofs metadata of a mounted view is not in the region")
+			}
+		}
+	}
+	return m, nil
+}
+
+// checkRegionDevice reads the first page of dev directly (no page cache:
+// another kernel may have written the region) and checks it is the
+// region's header: magic, size and creation time. It returns dev's size.
+func checkRegionDevice(dev string, r *daxmem.Region) (int64, error) {
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return 0, fmt.Errorf("erofs-dax device: %w", err)
+	}
+	defer f.Close()
+	size, err := blockDevSize(f)
+	if err != nil {
+		return 0, fmt.Errorf("erofs-dax device %s: not a block device: %w", dev, err)
+	}
+	// O_DIRECT wants an aligned buffer: a page of an anonymous mapping.
+	page, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Munmap(page)
+	if _, err := f.ReadAt(page, 0); err != nil {
+		return 0, fmt.Errorf("erofs-dax device %s: reading its first page: %w", dev, err)
+	}
+	st := r.Stats()
+	le := binary.LittleEndian
+	if le.Uint64(page[0:]) != daxmem.Magic || int64(le.Uint64(page[16:])) != st.Size || int64(le.Uint64(page[80:])) != st.Created.UnixNano() {
+		return 0, fmt.Errorf("%w: erofs-dax device %s does not start with region %s (its first bytes are not that region's header): it must be the same memory", errdefs.ErrInvalidArgument, dev, r.Path())
+	}
+	if size < st.Size {
+		return 0, fmt.Errorf("%w: erofs-dax device %s has %d bytes, the region %d", errdefs.ErrInvalidArgument, dev, size, st.Size)
+	}
+	return size, nil
+}
+
+func (m *erofsDAXMounter) Mount(ctx context.Context, src Source, target string) error {
+	target, err := absTarget(target)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	meta, err := m.metaImage(src)
+	if err != nil {
+		return err
+	}
+	key := daxmem.Key(sha256.Sum256(meta))
+	e, err := m.store(ctx, key, meta)
+	if err != nil {
+		return fmt.Errorf("image %s: publishing its erofs metadata in the region: %w", src, err)
+	}
+	release := func() { _ = m.region.Unref(daxmem.KindView, key) }
+	name := daxDMPrefix + hex.EncodeToString(key[:])
+	// The metadata image, then the region from its byte 0: the image's
+	// device slot places the data device at the block after its own.
+	sectors := func(n int64) int64 { return n / 512 }
+	table := fmt.Sprintf("0 %d linear %s %d\n%d %d linear %s 0\n",
+		sectors(int64(len(meta))), m.dev, sectors(e.Offset), sectors(int64(len(meta))), sectors(m.region.Size()), m.dev)
+	dev, err := dmCreate(ctx, name, table)
+	if err != nil {
+		release()
+		return fmt.Errorf("image %s: %w", src, err)
+	}
+	if err := unix.Mount(dev, target, EROFSFSType, unix.MS_RDONLY, "dax=always"); err != nil {
+		dmRemove(ctx, name)
+		release()
+		return fmt.Errorf("mount -t erofs -o ro,dax=always %s %s (image %s): %w", dev, target, src, err)
+	}
+	if ok, err := mountOption(target, "dax=always"); err != nil || !ok {
+		// erofs says "DAX unsupported by block device. Turning off DAX."
+		// and mounts anyway: not what this mounter is for.
+		_ = unix.Unmount(target, unix.MNT_DETACH)
+		dmRemove(ctx, name)
+		release()
+		return fmt.Errorf("image %s: %w: erofs on %s did not keep dax=always (%v): a device that is not DAX capable", src, errdefs.ErrNotImplemented, dev, err)
+	}
+	log.G(ctx).WithField("image", src.String()).WithField("target", target).WithField("device", dev).
+		WithField("metadata", len(meta)).WithField("total", time.Since(start)).Debug("mounted with erofs dax=always")
+	return nil
+}
+
+// metaImage builds the EROFS metadata image of the view at src, its files
+// chunks of the region (the data device, placed after the image).
+func (m *erofsDAXMounter) metaImage(src Source) ([]byte, error) {
+	length := src.Length
+	if length == 0 {
+		length = m.region.Size() - src.Offset
+	}
+	b, err := m.region.Slice(src.Offset, length)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", src, err)
+	}
+	if m.validate {
+		if err := daxfs.Validate(b); err != nil {
+			return nil, fmt.Errorf("image %s: %w: %w", src, errdefs.ErrDataLoss, err)
+		}
+	}
+	img, err := daxfs.Open(b)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", src, err)
+	}
+	var buf bytes.Buffer
+	if _, err := erofs.Write(&buf, img, erofs.Options{DataOffset: src.Offset, DataSize: m.region.Size()}); err != nil {
+		return nil, fmt.Errorf("image %s: %w", src, err)
+	}
+	return buf.Bytes(), nil
+}
+
+// store publishes meta under key in the region, or references it where a
+// participant did already, and returns its entry.
+func (m *erofsDAXMounter) store(ctx context.Context, key daxmem.Key, meta []byte) (daxmem.Entry, error) {
+	for {
+		if e, ok := m.region.Lookup(daxmem.KindView, key); ok {
+			if err := m.region.Ref(daxmem.KindView, key); err != nil {
+				if errors.Is(err, daxmem.ErrNotFound) {
+					continue // collected meanwhile
+				}
+				return daxmem.Entry{}, err
+			}
+			return e, nil
+		}
+		c, err := m.region.Claim(ctx, daxmem.KindView, key, int64(len(meta)), daxmem.ClaimOptions{})
+		switch {
+		case errors.Is(err, daxmem.ErrExists):
+			continue
+		case errors.Is(err, daxmem.ErrBusy):
+			if _, err := m.region.Wait(ctx, daxmem.KindView, key); err != nil && !errors.Is(err, daxmem.ErrAbandoned) {
+				return daxmem.Entry{}, err
+			}
+			continue
+		case err != nil:
+			return daxmem.Entry{}, err
+		}
+		copy(c.Bytes(), meta)
+		e, err := c.Publish(ctx, int64(len(meta)))
+		if err != nil {
+			_ = c.Abort(ctx)
+			return daxmem.Entry{}, err
+		}
+		return e, nil // Publish referenced it for us
+	}
+}
+
+// Unmount detaches lazily, then removes the device-mapper device once
+// the mount (and any overlay still using it) is gone, and drops the
+// reference to its metadata image.
+func (m *erofsDAXMounter) Unmount(ctx context.Context, target string) error {
+	abs, err := resolve(target)
+	if err != nil {
+		return err
+	}
+	source := ""
+	if ms, err := mountinfo.Read(); err == nil {
+		for _, e := range ms {
+			if e.MountPoint == abs && e.FSType == EROFSFSType {
+				source = e.Source
+			}
+		}
+	}
+	if err := detachKernel(target); err != nil {
+		return err
+	}
+	if key, ok := daxMetaKey(source); ok {
+		dmRemove(ctx, daxDMPrefix+hex.EncodeToString(key[:]))
+		if err := m.region.Unref(daxmem.KindView, key); err != nil && !errors.Is(err, daxmem.ErrNotFound) {
+			log.G(ctx).WithError(err).WithField("target", abs).Warn("dropping the reference to an erofs metadata image")
+		}
+	}
+	return nil
+}
+
+// Mounted lists the erofs mounts of our device-mapper devices.
+func (m *erofsDAXMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
+	ms, err := mountinfo.Read()
+	if err != nil {
+		return nil, err
+	}
+	var out []MountInfo
+	for _, e := range ms {
+		if e.FSType != EROFSFSType {
+			continue
+		}
+		if _, ok := daxMetaKey(e.Source); !ok {
+			continue
+		}
+		out = append(out, MountInfo{Target: e.MountPoint, Kind: KindEROFSDAX, State: "mounted", Source: Source{Path: e.Source}})
+	}
+	return out, nil
+}
+
+// isEROFSDAXMount reports whether target is a mount of ours.
+func isEROFSDAXMount(target string) bool {
+	abs, err := resolve(target)
+	if err != nil {
+		return false
+	}
+	ms, err := mountinfo.Read()
+	if err != nil {
+		return false
+	}
+	for _, e := range ms {
+		if e.MountPoint == abs && e.FSType == EROFSFSType {
+			_, ok := daxMetaKey(e.Source)
+			return ok
+		}
+	}
+	return false
+}
+
+// daxMetaKey returns the region key of the metadata image of a mount of
+// source /dev/mapper/daxfs-erofs-<hex key>.
+func daxMetaKey(source string) (daxmem.Key, bool) {
+	var k daxmem.Key
+	h, ok := strings.CutPrefix(filepath.Base(source), daxDMPrefix)
+	if !ok || !strings.HasPrefix(source, "/dev/mapper/") || len(h) != 2*len(k) {
+		return k, false
+	}
+	if _, err := hex.Decode(k[:], []byte(h)); err != nil {
+		return k, false
+	}
+	return k, true
+}
+
+// mountOption reports whether the mount on target shows option opt.
+func mountOption(target, opt string) (bool, error) {
+	target, err := resolve(target)
+	if err != nil {
+		return false, err
+	}
+	ms, err := mountinfo.Read()
+	if err != nil {
+		return false, err
+	}
+	for _, e := range ms {
+		if e.MountPoint == target {
+			for _, o := range strings.Split(e.SuperOptions, ",") {
+				if o == opt {
+					return true, nil
+				}
+			}
+		}
+	}
+	return false, nil
+}
+
+// dmCreate creates device-mapper device name with table and returns its
+// path; one of that name a crash left behind is removed first (the name
+// is the metadata image's key, its place in the region may differ). Its
+// node is made by dmsetup itself where no udev runs.
+func dmCreate(ctx context.Context, name, table string) (string, error) {
+	if _, err := dmsetup(ctx, "", "info", name); err == nil {
+		if _, err := dmsetup(ctx, "", "remove", name); err != nil {
+			return "", err
+		}
+	}
+	if _, err := dmsetup(ctx, table, "create", name); err != nil {
+		return "", err
+	}
+	return "/dev/mapper/" + name, mknodes(ctx, name)
+}
+
+func mknodes(ctx context.Context, name string) error {
+	if _, err := os.Stat("/dev/mapper/" + name); err == nil {
+		return nil
+	}
+	_, err := dmsetup(ctx, "", "mknodes", name)
+	return err
+}
+
+// dmRemove removes device-mapper device name, deferred while a (lazily
+// detached) mount still holds it. Best effort.
+func dmRemove(ctx context.Context, name string) {
+	if _, err := dmsetup(ctx, "", "remove", "--deferred", name); err != nil {
+		log.G(ctx).WithError(err).WithField("device", name).Debug("removing a device-mapper device")
+	}
+}
+
+func dmsetup(ctx context.Context, stdin string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "dmsetup", args...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("dmsetup %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out.String(), nil
+}
