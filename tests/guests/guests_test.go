@@ -694,21 +694,19 @@ func copyAt(t testing.TB, src string, srcOff, n int64, dst string, dstOff int64)
 }
 
 // stockRegionSize is the region of TestOneGuest: the rest of the shared
-// memory holds the image of testModuleExec, then the EROFS metadata of
-// testStockKernel.
+// memory holds the image of testModuleExec.
 const stockRegionSize = sharedSize - 128<<20
 
 // testStockKernel: the route for kernels without the daxfs module. The
-// product in a guest without the module serves views on device DAX with
-// FUSE (loop devices, which its erofs mounter needs, take no character
-// device): the region's bytes, read through the page cache. The same
-// memory mapped as persistent memory (a raw pmem namespace, DAX capable)
-// lets the kernel's own erofs read it with dax=always: the EROFS metadata
-// image of the view (as the erofs mounter writes it), itself put in DAX
-// memory, concatenated by device-mapper with the region into one DAX
-// device, so that erofs finds the files' chunks in the region in place.
-// Reading a whole root through overlayfs over that mount adds nothing to
-// the page cache, where the product's mount adds the bytes read.
+// same memory as the region, mapped as persistent memory (a raw pmem
+// namespace: a DAX-capable block device), is the daemon's
+// mount.dax_device: auto mode then mounts each view with the kernel's own
+// erofs and dax=always, over a device-mapper device that puts the view's
+// EROFS metadata (published in the region) in front of the region.
+// Containers run from it; reading a whole root adds nothing to the page
+// cache, where the product's other mounter for device DAX on such a
+// kernel, FUSE (loop devices, which the erofs mounter needs, take no
+// character device), adds the bytes read.
 func testStockKernel(t *testing.T, reg string, n *node) {
 	built := guestImage(t)
 	pushImage(t, reg, "guest/layered", "v1", built)
@@ -724,74 +722,71 @@ for p in /dev/pmem*; do [ "$(blockdev --getsize64 $p)" = `+strconv.Itoa(sharedSi
 		t.Fatalf("want one pmem device of %d bytes over the shared memory, found %q", sharedSize, pmem)
 	}
 	// The region of the earlier subtests is valid and 2 MiB aligned.
+	n.daxfsConfig = daxfsConfig + "dax_device = \"" + pmem + "\"\n"
 	n.startProduct(t)
 	n.ctr(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", ref)
-	loopRead, _, loopCached := pageCacheGrowth(t, n, ref, "daxfs", "pc-stock")
+	daxRead, _, daxCached := pageCacheGrowth(t, n, ref, "daxfs", "pc-erofs-dax")
 
-	// The view of the whole image.
 	top := topView(t, n)
-	// Loop devices take files and block devices, not /dev/dax0.0: the
-	// erofs mounter cannot, and auto mode falls back to FUSE.
-	if out := n.sh(t, "grep ' "+top+" ' /proc/mounts"); !strings.Contains(out, " fuse.daxfs ") {
-		t.Fatalf("without the daxfs module the daemon was expected to serve views on device DAX with FUSE: %s", out)
+	out := n.sh(t, "grep ' "+top+" ' /proc/mounts")
+	if f := strings.Fields(out); len(f) < 4 || f[2] != "erofs" || !strings.HasPrefix(f[0], "/dev/mapper/daxfs-erofs-") || !strings.Contains(f[3], "dax=always") {
+		t.Fatalf("the daemon did not mount the image's view with erofs dax=always over its device-mapper device: %q", out)
 	}
-	key := filepath.Base(top)
-	var off int64 = -1
+	want := "keep\nnew\n" + sha(bigData(3)) + "  /big/3\n"
+	if got := n.ctr(t, "run", "--rm", "--snapshotter", "daxfs", ref, "stock1", "sh", "-c", "'cat /data/keep /data/replaced; sha256sum /big/3'"); got != want {
+		t.Fatalf("container printed %q, want %q", got, want)
+	}
+
+	// The same view served by the product's FUSE mounter, read the same
+	// way through an overlay.
+	var off, length int64 = -1, 0
 	for _, e := range regionEntries(t, n) {
-		if e.Kind == "view" && e.Key == "sha256:"+key {
+		if e.Kind == "view" && e.Key == "sha256:"+filepath.Base(top) {
 			off = e.Offset
 		}
 	}
 	if off < 0 {
-		t.Fatalf("view %s is not in the region", key)
+		t.Fatalf("view %s is not in the region", filepath.Base(top))
 	}
-	out := n.sh(t, fmt.Sprintf(`p=%s
-guest-agent erofsmeta $p %d %d /tmp/meta.erofs
-m=$(stat -c %%s /tmp/meta.erofs)
-dd if=/tmp/meta.erofs of=$p bs=4096 seek=%d conv=fsync status=none
-printf "0 %%d linear $p %d\n%%d %d linear $p 0\n" $((m / 512)) $((m / 512)) | dmsetup create daxview
-dmsetup mknodes daxview
-mkdir -p /mnt/dax /tmp/ovl/u /tmp/ovl/w /tmp/ovl/m
-dmesg -C
-mount -t erofs -o ro,dax=always /dev/mapper/daxview /mnt/dax
-mount -t overlay overlay -o lowerdir=/mnt/dax,upperdir=/tmp/ovl/u,workdir=/tmp/ovl/w /tmp/ovl/m
-grep " /mnt/dax " /proc/mounts
-dmesg | grep -i dax || true
-echo "meta=$m"`, pmem, off, stockRegionSize, stockMetaOffset/4096, stockMetaOffset/512, stockRegionSize/512))
-	if !strings.Contains(out, "dax=always") || strings.Contains(strings.ToLower(out), "turning off dax") {
-		t.Fatalf("erofs did not mount with DAX:\n%s", out)
-	}
-	want := "keep\nnew\n" + sha(bigData(3)) + "  /big/3\n"
-	if got := n.sh(t, "chroot /tmp/ovl/m /bin/sh -c 'cat /data/keep /data/replaced; sha256sum /big/3'"); got != want {
-		t.Fatalf("a program of the image run from the DAX mount printed %q, want %q", got, want)
-	}
-	res := strings.Fields(n.sh(t, `sync; echo 3 > /proc/sys/vm/drop_caches
+	length = stockRegionSize - off
+	res := strings.Fields(n.sh(t, fmt.Sprintf(`mkdir -p /mnt/fuse /tmp/ovl/u /tmp/ovl/w /tmp/ovl/m
+containerd-daxfs-grpc mount --mode fuse --fuse-state /run/stock-fuse --offset %d --length %d `+devDAX+` /mnt/fuse
+mount -t overlay overlay -o lowerdir=/mnt/fuse,upperdir=/tmp/ovl/u,workdir=/tmp/ovl/w /tmp/ovl/m
+sync; echo 3 > /proc/sys/vm/drop_caches
 cached() { awk '$1 == "Cached:" {print $2 * 1024}' /proc/meminfo; }
 c0=$(cached)
 r=$(chroot /tmp/ovl/m /bin/sh -c 'find `+imageDirs+` -type f -exec cat {} + | wc -c')
 c1=$(cached)
-echo $r $((c1 - c0))`))
+umount /tmp/ovl/m
+containerd-daxfs-grpc umount --fuse-state /run/stock-fuse /mnt/fuse
+echo $r $((c1 - c0))`, off, length)))
 	if len(res) != 2 {
 		t.Fatalf("measurement printed %v", res)
 	}
-	daxRead, _ := strconv.ParseInt(res[0], 10, 64)
-	daxCached, _ := strconv.ParseInt(res[1], 10, 64)
+	fuseRead, _ := strconv.ParseInt(res[0], 10, 64)
+	fuseCached, _ := strconv.ParseInt(res[1], 10, 64)
 	t.Logf("stock kernel (no daxfs module), reading every file of the image's root:\n"+
-		"  the product's mounter (FUSE on device DAX): %5.1f MiB read, guest Cached %+6.1f MiB\n"+
-		"  erofs dax=always over pmem (this route):    %5.1f MiB read, guest Cached %+6.1f MiB",
-		mib(loopRead), mib(loopCached), mib(daxRead), mib(daxCached))
-	if daxRead != loopRead || daxRead < bigFiles*bigFileLen {
-		t.Fatalf("read %d bytes through the DAX mount and %d through the product's, want the same, at least %d", daxRead, loopRead, bigFiles*bigFileLen)
+		"  erofs dax=always over pmem (mount.dax_device): %5.1f MiB read, guest Cached %+6.1f MiB\n"+
+		"  FUSE on device DAX (without it):              %5.1f MiB read, guest Cached %+6.1f MiB",
+		mib(daxRead), mib(daxCached), mib(fuseRead), mib(fuseCached))
+	if daxRead != fuseRead || daxRead < bigFiles*bigFileLen {
+		t.Fatalf("read %d bytes through erofs dax=always and %d through FUSE, want the same, at least %d", daxRead, fuseRead, bigFiles*bigFileLen)
 	}
-	if loopCached < loopRead/2 {
-		t.Errorf("FUSE added only %d bytes of page cache reading %d: the measurement does not see page cache", loopCached, loopRead)
+	if fuseCached < fuseRead/2 {
+		t.Errorf("FUSE added only %d bytes of page cache reading %d: the measurement does not see page cache", fuseCached, fuseRead)
 	}
 	if daxCached > daxRead/20 {
 		t.Errorf("erofs with dax=always added %d bytes of page cache reading %d", daxCached, daxRead)
 	}
-	n.sh(t, "umount /tmp/ovl/m /mnt/dax && dmsetup remove daxview")
-}
 
-// stockMetaOffset is where testStockKernel puts the EROFS metadata in the
-// shared memory: past the region and the image of testModuleExec.
-const stockMetaOffset = stockRegionSize + 64<<20
+	// A restarted daemon adopts the mounts and their metadata images.
+	n.sh(t, fmt.Sprintf("kill -TERM %d; i=0; while kill -0 %d 2>/dev/null; do sleep 0.1; i=$((i+1)); [ $i -lt 300 ]; done", n.daxfsPID, n.daxfsPID))
+	logBefore := len(n.daemonLog(t))
+	n.startDaxfs(t)
+	if l := n.daemonLog(t)[logBefore:]; !strings.Contains(l, "adopted mounted view") || !strings.Contains(l, filepath.Base(top)) {
+		t.Fatalf("the restarted daemon did not adopt the erofs dax=always view %s:\n%s", top, l)
+	}
+	if got := n.ctr(t, "run", "--rm", "--snapshotter", "daxfs", ref, "stock2", "sh", "-c", "'cat /data/keep /data/replaced; sha256sum /big/3'"); got != want {
+		t.Fatalf("container after the restart printed %q, want %q", got, want)
+	}
+}

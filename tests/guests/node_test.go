@@ -40,10 +40,12 @@ type cluster struct {
 // node is one guest running the product.
 type node struct {
 	*guest.Machine
-	share     string // host side of /kit/<name>
-	daxfsPID  int
-	proxy     *countingProxy
-	bootNotes string
+	share    string // host side of /kit/<name>
+	daxfsPID int
+	// daxfsConfig replaces the default daemon configuration when set.
+	daxfsConfig string
+	proxy       *countingProxy
+	bootNotes   string
 }
 
 // newCluster prepares the share (binaries and per-guest directories) and a
@@ -258,7 +260,11 @@ mode = "auto"
 // units order them, and waits until both serve.
 func (n *node) startProduct(tb testing.TB) {
 	tb.Helper()
-	for name, body := range map[string]string{"containerd.toml": containerdConfig, "daxfs.toml": daxfsConfig} {
+	dcfg := daxfsConfig
+	if n.daxfsConfig != "" {
+		dcfg = n.daxfsConfig
+	}
+	for name, body := range map[string]string{"containerd.toml": containerdConfig, "daxfs.toml": dcfg} {
 		if err := os.WriteFile(filepath.Join(n.share, name), []byte(body), 0o644); err != nil {
 			tb.Fatal(err)
 		}

@@ -10,10 +10,6 @@
 //	guest-agent relay HOST:PORT
 //	                       (on the host) relays standard input and output to
 //	                       a TCP address, for QEMU's guestfwd
-//	guest-agent erofsmeta DEVICE OFFSET SIZE OUT
-//	                       writes the EROFS metadata image of the DAXFS view
-//	                       at OFFSET of DEVICE, whose first SIZE bytes are the
-//	                       region, for a data device placed after it
 //	guest-agent mmapcheck FILE
 //	                       compares FILE's private and shared read-only
 //	                       mappings with its bytes, then maps it private and
@@ -39,10 +35,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/guest/agent"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
-	"github.com/containerd-daxfs/containerd-daxfs/mounter/erofs"
 )
 
 func main() {
@@ -81,16 +75,6 @@ func helper(name string, args []string) error {
 			return errors.New("usage: relay HOST:PORT")
 		}
 		return relay(args[0])
-	case "erofsmeta":
-		if len(args) != 4 {
-			return errors.New("usage: erofsmeta DEVICE OFFSET SIZE OUT")
-		}
-		off, err1 := strconv.ParseInt(args[1], 0, 64)
-		size, err2 := strconv.ParseInt(args[2], 0, 64)
-		if err := errors.Join(err1, err2); err != nil {
-			return err
-		}
-		return erofsMeta(args[0], off, size, args[3])
 	case "mmapcheck":
 		if len(args) != 1 {
 			return errors.New("usage: mmapcheck FILE")
@@ -98,33 +82,6 @@ func helper(name string, args []string) error {
 		return mmapCheck(args[0])
 	}
 	return fmt.Errorf("unknown helper %q (want tree, relay or mmapcheck)", name)
-}
-
-// erofsMeta writes to out the EROFS metadata image (package mounter/erofs)
-// of the DAXFS view at byte off of dev, the first size bytes of which are
-// the region: its regular files are chunks of the data device, which the
-// image's device slot places right after the metadata (mounted without
-// device=, erofs reads it from the metadata device there).
-func erofsMeta(dev string, off, size int64, out string) error {
-	f, err := os.Open(dev)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	b, err := syscall.Mmap(int(f.Fd()), off, int(size-off), syscall.PROT_READ, syscall.MAP_SHARED)
-	if err != nil {
-		return fmt.Errorf("mmap %s: %w", dev, err)
-	}
-	defer syscall.Munmap(b)
-	img, err := daxfs.Open(b)
-	if err != nil {
-		return err
-	}
-	var buf bytes.Buffer
-	if _, err := erofs.Write(&buf, img, erofs.Options{DataOffset: off, DataSize: size}); err != nil {
-		return err
-	}
-	return os.WriteFile(out, buf.Bytes(), 0o644)
 }
 
 // relay copies standard input to a TCP connection to addr and the
