@@ -177,23 +177,33 @@ func testJoinFromB(t testing.TB, g *twoGuests) {
 	if out := b.ctr(t, "run", "--rm", "--snapshotter", "daxfs", g.ref, "b1", "sh", "-c", "'cat /data/keep /data/replaced; sha256sum /big/1'"); out != want {
 		t.Fatalf("container in B printed %q, want %q", out, want)
 	}
-	// Every view B mounted is a view A mounted, at the same physical
-	// address: B's container reads the bytes A wrote. (Which lower
-	// chains' views are warmed depends on timing.)
-	inA := map[string]string{}
+	// B's container runs on the view A's did: same view, same physical
+	// address. Every view B mounted is the region's entry for it. (Which
+	// lower chains' views each daemon warms depends on timing.)
+	topA, topB := topView(t, g.a), topView(t, b)
+	optsA, optsB := "", ""
 	for _, m := range g.mounts {
-		inA[m.Target] = m.Options
-	}
-	top := topView(t, b)
-	found := false
-	for _, m := range viewMounts(t, b) {
-		if inA[m.Target] != m.Options {
-			t.Fatalf("B mounts view %s as %q; A mounted it as %q: the same view at the same physical address was expected", m.Target, m.Options, inA[m.Target])
+		if m.Target == topA {
+			optsA = m.Options
 		}
-		found = found || m.Target == top
 	}
-	if !found {
-		t.Fatalf("B's container ran without the daxfs mount of the image's view %s", top)
+	offsets := map[string]int64{}
+	for _, e := range regionEntries(t, b) {
+		if e.Kind == "view" {
+			offsets[e.Key] = e.Offset
+		}
+	}
+	for _, m := range viewMounts(t, b) {
+		if m.Target == topB {
+			optsB = m.Options
+		}
+		off, ok := offsets["sha256:"+filepath.Base(m.Target)]
+		if want := fmt.Sprintf("phys=%#x,", guest.SharedBase+off); !ok || !strings.Contains(m.Options, want) {
+			t.Fatalf("B mounts view %s as %q: want %s the region's entry for it", m.Target, m.Options, want)
+		}
+	}
+	if topA != topB || optsA == "" || optsA != optsB {
+		t.Fatalf("the image's view: A mounts %s as %q, B %s as %q; the same view at the same physical address was expected", topA, optsA, topB, optsB)
 	}
 }
 
