@@ -22,6 +22,9 @@ package converter
 
 import (
 	"fmt"
+
+	"github.com/containerd/containerd/v2/core/images"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"path"
 	"strings"
 	"time"
@@ -42,6 +45,22 @@ const MediaTypeLayerZstd = MediaTypeLayer + "+zstd"
 // IsPreconverted reports whether mt is a media type of a pre-converted
 // layer: a DAXFS layer image, bare or zstd compressed.
 func IsPreconverted(mt string) bool { return mt == MediaTypeLayer || mt == MediaTypeLayerZstd }
+
+// ContentOf returns what a layer blob of media type mt holds once
+// decompressed, and false for a media type that is not a layer we take.
+func ContentOf(mt string) (Content, bool) {
+	if IsPreconverted(mt) {
+		return ContentImage, true
+	}
+	switch mt {
+	case ocispec.MediaTypeImageLayer, ocispec.MediaTypeImageLayerGzip, ocispec.MediaTypeImageLayerZstd,
+		images.MediaTypeDockerSchema2Layer, images.MediaTypeDockerSchema2LayerGzip,
+		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // still served by registries
+		ocispec.MediaTypeImageLayerNonDistributableZstd: //nolint:staticcheck
+		return ContentTar, true
+	}
+	return ContentAny, false
+}
 
 // OCI whiteout names (image-spec layer.md).
 const (

@@ -206,6 +206,13 @@ func (im *Image) inodeErr(ino uint32, format string, args ...any) error {
 }
 
 func (im *Image) withPath(ino uint32, err error) error {
+	return im.InodeError(ino, err)
+}
+
+// InodeError wraps err about inode ino with the inode's number and, when a
+// bounded search finds one, a path naming it: for errors about an image
+// (validated or not) that a user must be able to act on.
+func (im *Image) InodeError(ino uint32, err error) error {
 	if p := im.findPath(ino); p != "" {
 		return fmt.Errorf("inode %d (%s): %w", ino, p, err)
 	}

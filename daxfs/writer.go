@@ -32,6 +32,12 @@ type WriterOptions struct {
 	// NoExtension omits the extension block (mtimes, xattrs, rdev): the
 	// image then holds exactly what the kernel module understands.
 	NoExtension bool
+	// ImplicitDirXattr, when set, is an xattr (value "1") given to every
+	// directory the Writer created as a missing parent and that no later
+	// Add of a directory at its path gave attributes. Marking them here,
+	// by node, costs nothing per path: a caller tracking them by path
+	// would pay for every ancestor of every entry.
+	ImplicitDirXattr string
 }
 
 // copyBufSize is the size of the Writer's one copy buffer; a multiple of
@@ -52,6 +58,7 @@ type wnode struct {
 	extra          int32  // index into Writer.extras, else -1
 	ino            uint32 // assigned by Layout; 0 = not reached
 	nlink          uint32 // computed by Layout
+	implicit       bool   // a directory made as a missing parent, attributes never given
 }
 
 // wextra holds the attributes few inodes have.
@@ -191,6 +198,11 @@ func NewWriter(out io.WriterAt, opts WriterOptions) *Writer {
 	return w
 }
 
+// Names is the number of names added so far, the root included: entries,
+// hard links and the directories made as missing parents, replaced ones
+// included until Layout drops them.
+func (w *Writer) Names() int { return w.ents.n }
+
 func (w *Writer) usable() error {
 	if w.err != nil {
 		return w.err
@@ -291,7 +303,7 @@ func (w *Writer) dirFor(dir, full string) (int32, error) {
 		done += len(c) + 1
 		e, ok := w.index[childKey{cur, c}]
 		if !ok {
-			n, err := w.newNode(wnode{mode: ModeDir | 0o755, ref: -1, dir: int32(len(w.dirs)), extra: -1})
+			n, err := w.newNode(wnode{mode: ModeDir | 0o755, ref: -1, dir: int32(len(w.dirs)), extra: -1, implicit: true})
 			if err != nil {
 				return -1, fmt.Errorf("daxfs: %s: %w", full, err)
 			}
@@ -487,6 +499,7 @@ func (w *Writer) add(h *Header, data io.Reader, ref int32, extOff uint64) (int32
 		if e, ok := w.index[childKey{parent, base}]; ok && w.isDirEnt(e) {
 			old := w.nodes.at(w.ents.at(e).node)
 			old.mode, old.uid, old.gid, old.mtimeSec, old.mtimeNsec = n.mode, n.uid, n.gid, n.mtimeSec, n.mtimeNsec
+			old.implicit = false
 			w.setExtra(old, ex)
 			return w.ents.at(e).node, nil
 		}
@@ -636,8 +649,14 @@ func (w *Writer) Link(path, target string, h *Header) error {
 		}
 		xs := ex.xattrs
 		ex.xattrs = nil
+		perm := n.mode & ModePermMask
 		if err := w.attrs(h, &n, &ex); err != nil {
 			return fmt.Errorf("daxfs: link %s: %w", p, err)
+		}
+		if n.mode&ModeTypeMask == ModeSymlink {
+			// A symlink's permission bits cannot be changed (lchmod
+			// does nothing on Linux): a hard link to one keeps them.
+			n.mode = ModeSymlink | perm
 		}
 		if len(h.Xattrs) == 0 {
 			ex.xattrs = xs
@@ -773,6 +792,15 @@ func (w *Writer) Layout() (int64, error) {
 		}
 	}
 	if !w.opts.NoExtension {
+		if w.opts.ImplicitDirXattr != "" {
+			mark := []Xattr{{Name: w.opts.ImplicitDirXattr, Value: []byte("1")}}
+			for _, n := range order {
+				if nd := w.nodes.at(n); nd.implicit {
+					// Made by dirFor with no extras: the mark is all.
+					w.setExtra(nd, wextra{xattrs: mark})
+				}
+			}
+		}
 		cur = alignUp(cur, 8)
 		l.extOff = cur
 		for _, n := range order {
