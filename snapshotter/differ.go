@@ -11,7 +11,6 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
-	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
@@ -110,7 +109,8 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	if st.Hit || st.Applied {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s is already in the region: %w", st.DiffID, errdefs.ErrFailedPrecondition)
 	}
-	if !isLayerType(desc.MediaType) {
+	content, ok := converter.ContentOf(desc.MediaType)
+	if !ok {
 		return ocispec.Descriptor{}, fmt.Errorf("media type %q of %s: %w", desc.MediaType, desc.Digest, errdefs.ErrNotImplemented)
 	}
 	var config diff.ApplyConfig
@@ -131,7 +131,7 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	ctx = namespaces.WithNamespace(ctx, ns)
 	start := time.Now()
 	log.G(ctx).WithField("blob", desc.Digest).Debug("apply")
-	out, size, err := d.convert(ctx, desc, st)
+	out, size, err := d.convert(ctx, desc, content, st)
 	if err != nil || size > 0 {
 		s.metrics.converted(size, time.Since(start), err)
 	}
@@ -151,7 +151,7 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 // convert streams blob desc into a layer image in the region under the
 // layer's diffID. It returns the uncompressed layer's descriptor and the
 // image size, 0 when another participant had converted the layer.
-func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage) (ocispec.Descriptor, int64, error) {
+func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, content converter.Content, st stage) (ocispec.Descriptor, int64, error) {
 	s := d.s
 	key, err := regionKey(st.DiffID)
 	if err != nil {
@@ -170,7 +170,7 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 	// pre-converted layer states its size: a compressed image of small
 	// files can be dozens of times its blob, past any guess.
 	bound := max(desc.Size*8, 64<<20)
-	if converter.IsPreconverted(desc.MediaType) {
+	if content == converter.ContentImage {
 		n, ok, err := converter.ImageSize(io.NewSectionReader(ra, 0, ra.Size()))
 		switch {
 		case err != nil:
@@ -201,7 +201,7 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, st stage)
 		}
 		start := time.Now()
 		blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
-		res, err := converter.ConvertLayer(ctx, blob, layerWindow(c), converter.LayerOptions{MaxSize: s.maxSize})
+		res, err := converter.ConvertLayer(ctx, blob, layerWindow(c), converter.LayerOptions{MaxSize: s.maxSize, Content: content, Limits: s.limits})
 		blob.Close()
 		log.G(ctx).WithField("blob", desc.Digest).WithField("took", time.Since(start)).WithField("fetching", blob.waited).Debug("converted blob")
 		if errors.Is(err, daxfs.ErrNoSpace) {
@@ -245,16 +245,4 @@ func layerWindow(c *daxmem.Claim) *daxfs.Window {
 		return daxfs.NewFileWindow(c.Bytes(), f, c.Reserve)
 	}
 	return daxfs.NewReservingWindow(c.Bytes(), c.Reserve)
-}
-
-func isLayerType(mt string) bool {
-	switch mt {
-	case ocispec.MediaTypeImageLayer, ocispec.MediaTypeImageLayerGzip, ocispec.MediaTypeImageLayerZstd,
-		images.MediaTypeDockerSchema2Layer, images.MediaTypeDockerSchema2LayerGzip,
-		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // still served by registries
-		ocispec.MediaTypeImageLayerNonDistributableZstd,        //nolint:staticcheck
-		converter.MediaTypeLayer, converter.MediaTypeLayerZstd: // pre-converted: validated and copied as it is
-		return true
-	}
-	return false
 }

@@ -37,6 +37,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 	"github.com/containerd-daxfs/containerd-daxfs/overlay"
@@ -54,6 +55,8 @@ type Config struct {
 	Overlay overlay.Options
 	// MaxLayerSize bounds one layer image (0: no bound but the region's).
 	MaxLayerSize int64
+	// Limits bound the entries and paths of a layer.
+	Limits converter.Limits
 	// WarmViews, when set, mounts the view of a freshly unpacked image
 	// (the top of a chain of commits) ahead of its first container and
 	// keeps it mounted this long without users.
@@ -68,6 +71,7 @@ type Snapshotter struct {
 	mounter mounter.Mounter
 	ovl     overlay.Options
 	maxSize int64
+	limits  converter.Limits
 
 	views   *viewTable
 	metrics Metrics
@@ -114,6 +118,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		mounter: cfg.Mounter,
 		ovl:     cfg.Overlay,
 		maxSize: cfg.MaxLayerSize,
+		limits:  cfg.Limits,
 	}
 	s.views = newViewTable(s, cfg.WarmViews)
 	if err := s.views.adopt(ctx); err != nil {

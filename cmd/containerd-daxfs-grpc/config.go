@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
 )
 
 // defaultConfigPath is read when --config is not given; a missing file
@@ -24,12 +26,25 @@ type Config struct {
 	// from its content store's files when they are there (faster than
 	// containerd's content API). Empty: always use the API.
 	ContainerdRoot string `toml:"containerd_root"`
-	LogLevel       string `toml:"log_level"`
+	// SocketGroup is the group (name or number) that, besides root, may
+	// use the socket (mode 0660). Empty: root only.
+	SocketGroup string `toml:"socket_group"`
+	LogLevel    string `toml:"log_level"`
+	// MetricsAddress is a TCP address for /metrics; a port alone
+	// (":9100") listens on loopback only.
 	MetricsAddress string `toml:"metrics_address"`
 
 	Region RegionConfig `toml:"region"`
 	Mount  MountConfig  `toml:"mount"`
 	GC     GCConfig     `toml:"gc"`
+	Limits LimitsConfig `toml:"limits"`
+}
+
+// LimitsConfig bounds what one layer may hold (converter.Limits).
+type LimitsConfig struct {
+	MaxEntries int `toml:"max_entries"`
+	MaxPathLen int `toml:"max_path_len"`
+	MaxDepth   int `toml:"max_depth"`
 }
 
 // RegionConfig selects the shared memory region.
@@ -82,6 +97,11 @@ func DefaultConfig() Config {
 		},
 		Mount: MountConfig{Mode: "auto", Validate: &t, WarmViews: Duration(10 * time.Minute)},
 		GC:    GCConfig{Interval: Duration(10 * time.Minute), ReapAfter: Duration(time.Hour)},
+		Limits: LimitsConfig{
+			MaxEntries: converter.DefaultMaxEntries,
+			MaxPathLen: converter.DefaultMaxPathLen,
+			MaxDepth:   converter.DefaultMaxDepth,
+		},
 	}
 }
 
@@ -132,6 +152,14 @@ func (c Config) check() error {
 	}
 	if c.Region.Size < 0 || c.Region.MaxLayerSize < 0 {
 		return errors.New("config: region.size and region.max_layer_size must not be negative")
+	}
+	for _, l := range []struct {
+		key string
+		v   int
+	}{{"limits.max_entries", c.Limits.MaxEntries}, {"limits.max_path_len", c.Limits.MaxPathLen}, {"limits.max_depth", c.Limits.MaxDepth}} {
+		if l.v <= 0 {
+			return fmt.Errorf("config: %s must be positive, not %d", l.key, l.v)
+		}
 	}
 	return nil
 }

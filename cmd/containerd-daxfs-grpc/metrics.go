@@ -15,9 +15,24 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/snapshotter"
 )
 
+// metricsListenAddress gives an address without a host ("9100" or ":9100")
+// the loopback host: metrics leave the machine only where the operator
+// names an interface ("0.0.0.0:9100").
+func metricsListenAddress(address string) string {
+	host, port, err := net.SplitHostPort(address)
+	if err != nil {
+		host, port = "", address // a port alone
+	}
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
+}
+
 // serveMetrics serves /metrics in the Prometheus text format on address
 // until ctx ends: the snapshotter's counters and the region's gauges.
 func serveMetrics(ctx context.Context, address string, sn *snapshotter.Snapshotter, region *daxmem.Region) error {
+	address = metricsListenAddress(address)
 	l, err := net.Listen("tcp", address)
 	if err != nil {
 		return fmt.Errorf("metrics listener on %s: %w", address, err)

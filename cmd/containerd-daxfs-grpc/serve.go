@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -23,6 +21,7 @@ import (
 
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/converter/gunzip"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
@@ -133,7 +132,12 @@ func serve(ctx context.Context, cfg Config) error {
 		Mounter:      mnt,
 		Overlay:      overlay.DefaultOptions(),
 		MaxLayerSize: int64(cfg.Region.MaxLayerSize),
-		WarmViews:    time.Duration(cfg.Mount.WarmViews),
+		Limits: converter.Limits{
+			MaxEntries: cfg.Limits.MaxEntries,
+			MaxPathLen: cfg.Limits.MaxPathLen,
+			MaxDepth:   cfg.Limits.MaxDepth,
+		},
+		WarmViews: time.Duration(cfg.Mount.WarmViews),
 	})
 	if err != nil {
 		return err
@@ -152,15 +156,9 @@ func serve(ctx context.Context, cfg Config) error {
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(differ, differ))
 
-	if err := os.MkdirAll(filepath.Dir(cfg.Address), 0o711); err != nil {
-		return err
-	}
-	if err := os.Remove(cfg.Address); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("removing stale socket %s: %w", cfg.Address, err)
-	}
-	l, err := net.Listen("unix", cfg.Address)
+	l, err := listenSocket(cfg.Address, cfg.SocketGroup)
 	if err != nil {
-		return fmt.Errorf("listening on %s: %w", cfg.Address, err)
+		return err
 	}
 	defer os.Remove(cfg.Address)
 
