@@ -243,13 +243,13 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 				}
 				if ok {
 					log.G(ctx).WithField("participant", p).Info("re-joined region after restart")
-					return r.startHeartbeat(ctx), nil
+					return r.joined(ctx), nil
 				}
 				continue
 			}
 			if st == pFree {
 				if ok, _ := take(p, w, pf.token, false); ok {
-					return r.startHeartbeat(ctx), nil
+					return r.joined(ctx), nil
 				}
 				continue
 			}
@@ -281,7 +281,7 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 						return NoParticipant, fmt.Errorf("join region %s: write participant file: %w", r.be.path, err)
 					}
 				}
-				return r.startHeartbeat(ctx), nil
+				return r.joined(ctx), nil
 			}
 		}
 		if attempt > 3 {
@@ -307,6 +307,25 @@ func (r *Region) aliveOther(p int, now time.Time) bool {
 }
 
 // ID is this process's participant ID (NoParticipant before Join).
+// joined starts the heartbeat of a participant that just took its slot and
+// frees the claims its earlier incarnations left WRITING: a daemon killed
+// while converting a layer must not find, once restarted, that extent
+// still taken (its images larger than the room left).
+func (r *Region) joined(ctx context.Context) ParticipantID {
+	id := r.startHeartbeat(ctx)
+	lctx, cancel := context.WithTimeout(ctx, 2*r.opts.LeaseTimeout)
+	defer cancel()
+	if unlock, err := r.lock(lctx); err == nil {
+		if n := r.reclaimDeadClaims(ctx, time.Now()); n > 0 {
+			log.G(ctx).WithField("claims", n).Info("freed image claims left by dead participants")
+		}
+		unlock()
+	} else {
+		log.G(ctx).WithError(err).Warn("could not take the region lock to free dead claims; the next claim frees them")
+	}
+	return id
+}
+
 func (r *Region) ID() ParticipantID {
 	r.mu.Lock()
 	defer r.mu.Unlock()

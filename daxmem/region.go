@@ -29,6 +29,10 @@ type Options struct {
 	// Participants is the number of participant slots of a new region
 	// (default and maximum 64).
 	Participants int
+	// ViewArea is the size of a new region's view area: the bottom of the
+	// data area, kept for views, which must lie below the layers they
+	// reference (default: a sixteenth of the data area).
+	ViewArea int64
 	// HeartbeatInterval is how often a joined participant stamps its slot
 	// (default 1s). LeaseTimeout is how old a heartbeat may get before the
 	// participant counts as dead (default 10s, at least 3 heartbeats).
@@ -234,7 +238,7 @@ func createDevDAX(o Options) (*Region, error) {
 // initRegion maps a fresh backing object of n bytes and writes an empty
 // region into it: zeroed tables, the header, and the magic last.
 func initRegion(be *backend, n int64, o Options) (*Region, error) {
-	g, err := layout(n, be.align, o.Participants, o.Entries)
+	g, err := layout(n, be.align, o.Participants, o.Entries, o.ViewArea)
 	if err != nil {
 		return nil, err
 	}

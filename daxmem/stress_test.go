@@ -388,8 +388,8 @@ func gcAll(t *testing.T, path string) {
 	if n := len(r2.Entries()); n != 0 {
 		t.Fatalf("%d entries left after GC with all participants gone: %+v", n, r2.Entries())
 	}
-	if s := r2.Stats(); s.Free != s.DataSize || s.LargestFree != s.DataSize {
-		t.Fatalf("free %d largest %d, want the whole data area %d", s.Free, s.LargestFree, s.DataSize)
+	if s := r2.Stats(); s.Free != s.DataSize || s.LargestFree != s.DataSize-s.ViewArea || s.ViewFree != s.ViewArea {
+		t.Fatalf("free %d largest %d view area free %d, want the whole data area %d (above the view area: %d)", s.Free, s.LargestFree, s.ViewFree, s.DataSize, s.DataSize-s.ViewArea)
 	}
 	for _, p := range r2.Participants() {
 		if p.State != "free" && !p.Self {

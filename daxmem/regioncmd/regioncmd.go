@@ -33,6 +33,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 	var (
 		o        daxmem.Options
 		size     string
+		viewArea string
 		asJSON   bool
 		dryRun   bool
 		minAge   time.Duration
@@ -49,6 +50,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 		fs.StringVar(&size, "size", "1G", "region size (K, M, G, T suffixes)")
 		fs.IntVar(&entries, "entries", daxmem.DefaultEntries, "index slots")
 		fs.IntVar(&parts, "participants", daxmem.DefaultParticipants, "participant slots (at most 64)")
+		fs.StringVar(&viewArea, "view-area", "", "bytes at the bottom of the data area kept for views (default a sixteenth)")
 	case "gc":
 		fs.BoolVar(&dryRun, "dry-run", false, "report what would be freed")
 		fs.DurationVar(&minAge, "min-age", 0, "keep unreferenced images published less than this long ago")
@@ -67,6 +69,13 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 			return fmt.Errorf("%w: --size: %v", ErrUsage, err)
 		}
 		o.Size = n
+	}
+	if viewArea != "" {
+		n, err := parseSize(viewArea)
+		if err != nil {
+			return fmt.Errorf("%w: --view-area: %v", ErrUsage, err)
+		}
+		o.ViewArea = n
 	}
 	o.Entries, o.Participants = entries, parts
 	if lease > 0 {
@@ -119,8 +128,8 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 			if dryRun {
 				verb = "would free"
 			}
-			fmt.Fprintf(out, "dead participants reclaimed: %v\nreference bits cleared: %d\nclaims reclaimed: %d\nimages %s: %d (%s)\nkept by policy: %d\n",
-				gs.DeadParticipants, gs.BitsCleared, gs.ClaimsReclaimed, verb, gs.EntriesFreed, human(gs.BytesFreed), gs.Kept)
+			fmt.Fprintf(out, "dead participants reclaimed: %v\nreference bits cleared: %d\nclaims reclaimed: %d\nimages %s: %d (%s)\naliases %s: %d\nkept by policy: %d\n",
+				gs.DeadParticipants, gs.BitsCleared, gs.ClaimsReclaimed, verb, gs.EntriesFreed, human(gs.BytesFreed), verb, gs.AliasesFreed, gs.Kept)
 		})
 	case "verify":
 		type result struct {
@@ -226,8 +235,11 @@ type statusOut struct {
 	Used         int64             `json:"used"`
 	Free         int64             `json:"free"`
 	LargestFree  int64             `json:"largest_free"`
+	ViewArea     int64             `json:"view_area"`
+	ViewFree     int64             `json:"view_free"`
 	EntrySlots   int               `json:"entry_slots"`
 	Ready        int               `json:"ready"`
+	Aliases      int               `json:"aliases"`
 	Writing      int               `json:"writing"`
 	Dying        int               `json:"dying"`
 	Created      time.Time         `json:"created"`
@@ -236,8 +248,8 @@ type statusOut struct {
 
 func statusJSON(st daxmem.Stats) statusOut {
 	s := statusOut{Path: st.Path, Backend: st.Backend, Durability: st.Durability, Size: st.Size, DataOffset: st.DataOffset,
-		DataSize: st.DataSize, Used: st.Used, Free: st.Free, LargestFree: st.LargestFree, EntrySlots: st.EntrySlots,
-		Ready: st.Ready, Writing: st.Writing, Dying: st.Dying, Created: st.Created, Participants: []participantJSON{}}
+		DataSize: st.DataSize, Used: st.Used, Free: st.Free, LargestFree: st.LargestFree, ViewArea: st.ViewArea, ViewFree: st.ViewFree,
+		EntrySlots: st.EntrySlots, Ready: st.Ready, Aliases: st.Aliases, Writing: st.Writing, Dying: st.Dying, Created: st.Created, Participants: []participantJSON{}}
 	if st.PhysKnown {
 		p := st.PhysAddr
 		s.PhysAddr = &p
@@ -258,8 +270,9 @@ func printStatus(out io.Writer, st daxmem.Stats) {
 	fmt.Fprintf(tw, "backend:\t%s (%s)\n", st.Backend, st.Durability)
 	fmt.Fprintf(tw, "physical address:\t%s\n", phys)
 	fmt.Fprintf(tw, "size:\t%s (data area %s at offset %d)\n", human(st.Size), human(st.DataSize), st.DataOffset)
-	fmt.Fprintf(tw, "used / free:\t%s / %s (largest free extent %s)\n", human(st.Used), human(st.Free), human(st.LargestFree))
-	fmt.Fprintf(tw, "images:\t%d ready, %d being written, %d dying (%d index slots)\n", st.Ready, st.Writing, st.Dying, st.EntrySlots)
+	fmt.Fprintf(tw, "used / free:\t%s / %s (largest free extent for a layer %s)\n", human(st.Used), human(st.Free), human(st.LargestFree))
+	fmt.Fprintf(tw, "view area:\t%s, %s free\n", human(st.ViewArea), human(st.ViewFree))
+	fmt.Fprintf(tw, "images:\t%d ready, %d being written, %d dying, %d aliases (%d index slots)\n", st.Ready, st.Writing, st.Dying, st.Aliases, st.EntrySlots)
 	fmt.Fprintf(tw, "created:\t%s\n", st.Created.UTC().Format(time.RFC3339))
 	tw.Flush()
 	if len(st.Participants) == 0 {
@@ -287,6 +300,7 @@ type entryJSON struct {
 	Checksum  string    `json:"checksum"`
 	Writer    int       `json:"writer"`
 	Refs      []int     `json:"refs"`
+	Target    string    `json:"target,omitempty"`
 	Created   time.Time `json:"created"`
 	Published time.Time `json:"published,omitzero"`
 }
@@ -299,6 +313,9 @@ func entriesJSON(es []daxmem.Entry) []entryJSON {
 			Refs: []int{}, Created: e.Created, Published: e.Published}
 		for _, p := range e.RefList() {
 			j.Refs = append(j.Refs, int(p))
+		}
+		if e.Kind == daxmem.KindAlias {
+			j.Target = e.Target.String()
 		}
 		out = append(out, j)
 	}
@@ -316,6 +333,11 @@ func printEntries(out io.Writer, es []daxmem.Entry) {
 		pub := "-"
 		if !e.Published.IsZero() {
 			pub = e.Published.UTC().Format(time.RFC3339)
+		}
+		if e.Kind == daxmem.KindAlias {
+			// An alias has no bytes: its "offset" column names its layer.
+			fmt.Fprintf(tw, "%s\t%s\t%s\t-> %s\t-\t%d\t-\t%s\n", e.State, e.Kind, e.Key.Short(), e.Target.Short(), e.Writer, pub)
+			continue
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%s\t%s\n", e.State, e.Kind, e.Key.Short(), e.Offset, human(e.Length), e.Writer,
 			strings.Join(refs, ","), pub)
