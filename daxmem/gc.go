@@ -281,28 +281,28 @@ func (r *Region) VerifyEntry(e Entry) error {
 
 // Stats summarises a region.
 type Stats struct {
-	Path         string
-	Backend      string
-	Durability   string
-	PhysAddr     uint64
-	PhysKnown    bool
-	Size         int64
-	DataOffset   int64
-	DataSize     int64
-	Used         int64 // bytes in non-FREE extents
-	Free         int64
+	Path       string
+	Backend    string
+	Durability string
+	PhysAddr   uint64
+	PhysKnown  bool
+	Size       int64
+	DataOffset int64
+	DataSize   int64
+	Used       int64 // bytes in non-FREE extents
+	Free       int64
 	// LargestFree is the largest free extent a layer can take: above the
 	// view area.
 	LargestFree int64
 	// ViewArea is the size of the view area at the bottom of the data
 	// area (views only); ViewFree the free bytes in it.
-	ViewArea   int64
-	ViewFree   int64
-	EntrySlots int
-	Ready      int // images
-	Writing    int
-	Dying      int
-	Aliases    int
+	ViewArea     int64
+	ViewFree     int64
+	EntrySlots   int
+	Ready        int // images
+	Writing      int
+	Dying        int
+	Aliases      int
 	Participants []Participant
 	MaxProbe     int
 	Generation   uint64

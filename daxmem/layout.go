@@ -11,7 +11,7 @@ import (
 // Format constants. Changing any layout below needs a new Version.
 const (
 	// Magic is the first 8 bytes of a region, "DAXMEM\x00\x01" read as little endian.
-	Magic   uint64 = 0x0100_4d45_4d58_4144
+	Magic uint64 = 0x0100_4d45_4d58_4144
 	// Version 2: index entries of 192 bytes with a target key (aliases),
 	// and a view area at the bottom of the data area.
 	Version uint32 = 2
