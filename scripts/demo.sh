@@ -72,6 +72,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri"]
   capabilities = ["rebase"]
   [proxy_plugins.daxfs.exports]
     root = "$daxfs_root"
+    enable_remote_snapshot_annotations = "true"
 [proxy_plugins.daxfs-diff]
   type = "diff"
   address = "$daxfs_sock"

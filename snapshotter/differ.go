@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
@@ -131,73 +132,178 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	ctx = namespaces.WithNamespace(ctx, ns)
 	start := time.Now()
 	log.G(ctx).WithField("blob", desc.Digest).Debug("apply")
-	out, size, err := d.convert(ctx, desc, content, st)
-	if err != nil || size > 0 {
-		s.metrics.converted(size, time.Since(start), err)
+	res, err := d.apply(ctx, desc, content, st)
+	if err != nil || res.size > 0 {
+		s.metrics.converted(res.size, time.Since(start), err)
 	}
-	if err == nil && size > 0 {
+	if err == nil && res.size > 0 {
 		s.metrics.LayersApplied.Add(1)
 	}
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
 	}
-	st.Applied = true
+	st.Applied, st.Layer = true, res.layer
 	if err := s.writeStage(id, st); err != nil {
+		s.unref(ctx, res.layer)
 		return ocispec.Descriptor{}, err
 	}
-	return out, nil
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID, Size: res.tarSize}, nil
 }
 
-// convert streams blob desc into a layer image in the region under the
-// layer's diffID. It returns the uncompressed layer's descriptor and the
-// image size, 0 when another participant had converted the layer.
-func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, content converter.Content, st stage) (ocispec.Descriptor, int64, error) {
-	s := d.s
+// applied is what apply did: the layer image the extraction snapshot now
+// references (its region key), the image bytes it wrote (0: the region
+// had the image) and the uncompressed length it read (0 when it read
+// nothing).
+type applied struct {
+	layer   digest.Digest
+	size    int64
+	tarSize int64
+}
+
+// apply puts the layer blob desc declares into the region, referenced by
+// us, under the layer's diffID st.DiffID. A region image of that layer is
+// used only once it is proven to be desc's content: made from (or checked
+// against) this very blob, which the caller's namespace holds, or checked
+// now by hashing the blob's content to the diffID. Otherwise the blob is
+// converted, its diffID checked, and the image published (or, identical
+// to one in the region, shared); the blob's digest is recorded as an
+// alias either way, so the next participant or namespace with this blob
+// converts nothing.
+func (d *Differ) apply(ctx context.Context, desc ocispec.Descriptor, content converter.Content, st stage) (applied, error) {
 	key, err := regionKey(st.DiffID)
 	if err != nil {
-		return ocispec.Descriptor{}, 0, err
+		return applied{}, err
 	}
-	done := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID}
-	ra, err := d.openBlob(ctx, desc)
-	if err != nil {
-		return ocispec.Descriptor{}, 0, fmt.Errorf("opening blob: %w", err)
+	for {
+		if e, ok := d.s.region.Resolve(key); ok {
+			return d.prove(ctx, desc, e, st.DiffID)
+		}
+		res, err := d.convert(ctx, desc, content, key, st.DiffID)
+		if errors.Is(err, errPublishedMeanwhile) {
+			continue // the region has it now: prove ours against it
+		}
+		if err == nil {
+			d.recordBlob(ctx, desc, res.layer)
+		}
+		return res, err
 	}
-	defer ra.Close()
-	// A layer image is larger than its blob: the blob is compressed and
-	// every file's data starts on a page. Claim a generous bound (Publish
-	// gives the unused tail back) and, when the image still does not fit,
-	// convert again with a larger one, up to the largest free extent. A
-	// pre-converted layer states its size: a compressed image of small
-	// files can be dozens of times its blob, past any guess.
-	bound := max(desc.Size*8, 64<<20)
-	if content == converter.ContentImage {
-		n, ok, err := converter.ImageSize(io.NewSectionReader(ra, 0, ra.Size()))
-		switch {
-		case err != nil:
-			log.G(ctx).WithError(err).WithField("blob", desc.Digest).Debug("pre-converted layer states no usable size: guessing")
-		case ok:
-			bound = (n + daxfs.BlockSize - 1) / daxfs.BlockSize * daxfs.BlockSize
+}
+
+// errPublishedMeanwhile: another participant published the layer while we
+// were about to convert it.
+var errPublishedMeanwhile = errors.New("layer published by another participant meanwhile")
+
+// prove references region image e of layer diffID for blob desc once the
+// blob is proven to be that layer: the region knows the image was made
+// from (or checked against) this blob, which the caller's namespace holds;
+// or the blob's content hashes to diffID. Otherwise it fails as
+// containerd's applier fails on a blob that is not its diffID.
+func (d *Differ) prove(ctx context.Context, desc ocispec.Descriptor, e daxmem.Entry, diffID digest.Digest) (applied, error) {
+	if bk, err := regionKey(desc.Digest); err == nil {
+		if be, ok := d.s.region.Resolve(bk); ok && be.Key == e.Key && d.owns(ctx, desc) {
+			return d.reference(ctx, e, 0)
 		}
 	}
+	ra, err := d.openBlob(ctx, desc)
+	if err != nil {
+		return applied{}, fmt.Errorf("opening blob: %w", err)
+	}
+	defer ra.Close()
+	blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
+	defer blob.Close()
+	cr := &countReader{r: blob}
+	got, err := converter.ContentDigest(ctx, cr)
+	if err != nil {
+		return applied{}, err
+	}
+	if got != diffID {
+		return applied{}, fmt.Errorf("wrong diff id %s calculated from the blob, the image says %s: %w", got, diffID, errdefs.ErrFailedPrecondition)
+	}
+	d.recordBlob(ctx, desc, digest.Digest(e.Key.String()))
+	return d.reference(ctx, e, cr.n)
+}
+
+// recordBlob records blob desc as an alias of region layer image layer, so
+// that the next participant or namespace with this blob converts and
+// hashes nothing (blobs of other digest algorithms are not recorded).
+func (d *Differ) recordBlob(ctx context.Context, desc ocispec.Descriptor, layer digest.Digest) {
+	bk, err := regionKey(desc.Digest)
+	if err != nil {
+		return
+	}
+	lk, err := regionKey(layer)
+	if err != nil {
+		return
+	}
+	if err := d.s.region.Alias(ctx, bk, lk); err != nil {
+		log.G(ctx).WithError(err).WithField("blob", desc.Digest).Warn("recording the blob of a layer in the region")
+	}
+}
+
+// owns reports whether the caller's namespace has blob desc in containerd's
+// content store: a region image found through the blob's digest is given
+// only to a namespace that has the blob (containerd's diff service applies
+// whatever descriptor a client names).
+func (d *Differ) owns(ctx context.Context, desc ocispec.Descriptor) bool {
+	provider, err := d.content(ctx)
+	if err != nil {
+		return false
+	}
+	return d.owned(ctx, provider, desc)
+}
+
+// reference takes our reference on region layer e for an extraction.
+func (d *Differ) reference(ctx context.Context, e daxmem.Entry, read int64) (applied, error) {
+	if err := d.s.region.Ref(daxmem.KindLayer, e.Key); err != nil {
+		return applied{}, fmt.Errorf("referencing layer %s: %w", e.Key, regionErr(err))
+	}
+	d.s.metrics.RegionHits.Add(1)
+	return applied{layer: digest.Digest(e.Key.String()), tarSize: read}, nil
+}
+
+// countReader counts the bytes read through it.
+type countReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// convert streams blob desc into a layer image in the region under key
+// (the layer's diffID), checks the diffID and publishes the image, or
+// shares an identical one. It returns the image's region key and size (0
+// when another participant converted the layer meanwhile).
+func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, content converter.Content, key daxmem.Key, diffID digest.Digest) (applied, error) {
+	s := d.s
+	ra, err := d.openBlob(ctx, desc)
+	if err != nil {
+		return applied{}, fmt.Errorf("opening blob: %w", err)
+	}
+	defer ra.Close()
+	expect, bound := d.extentFor(ctx, desc, content, ra)
 	for {
 		limit := s.region.Stats().LargestFree
 		if s.maxSize > 0 {
 			limit = min(limit, s.maxSize)
 		}
-		bound = min(bound, limit)
 		c, _, err := s.claim(ctx, daxmem.KindLayer, key, func() (int64, daxmem.ClaimOptions, error) {
-			// Deferred: the bound is backed with memory only as the
-			// image grows into it (populating all of it up front cost
-			// more than the conversion for a 100 MB blob).
-			return bound, daxmem.ClaimOptions{Deferred: true}, nil
+			// Deferred: the extent is backed with memory only as the
+			// image grows into it. Expect: the claim takes the tightest
+			// free extent for the image's expected size, so a generous
+			// bound does not split the region's largest one.
+			return max(min(bound, limit), daxfs.BlockSize), daxmem.ClaimOptions{Deferred: true, Expect: min(expect, limit)}, nil
 		})
 		if err != nil {
-			return ocispec.Descriptor{}, 0, err
+			return applied{}, err
 		}
 		if c == nil {
-			// Converted by another participant meanwhile: same diffID,
-			// same layer. Nothing to download.
-			return done, 0, nil
+			// Published by another participant meanwhile, maybe from
+			// another blob: the caller proves ours against it.
+			return applied{}, errPublishedMeanwhile
 		}
 		start := time.Now()
 		blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
@@ -206,35 +312,69 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, content c
 		log.G(ctx).WithField("blob", desc.Digest).WithField("took", time.Since(start)).WithField("fetching", blob.waited).Debug("converted blob")
 		if errors.Is(err, daxfs.ErrNoSpace) {
 			_ = c.Abort(ctx)
-			if bound >= limit {
-				return ocispec.Descriptor{}, 0, fmt.Errorf("layer image larger than the %d bytes available (largest free extent of the region, or max_layer_size): %w", limit, errdefs.ErrResourceExhausted)
+			if c.Size() >= limit {
+				return applied{}, fmt.Errorf("layer image larger than the %d bytes available (largest free extent of the region above its view area, or max_layer_size): %w", limit, errdefs.ErrResourceExhausted)
 			}
-			log.G(ctx).WithField("bound", bound).Debug("layer image larger than claimed: converting again with more")
-			bound *= 4
+			log.G(ctx).WithField("extent", c.Size()).Debug("layer image larger than its extent: converting again with more")
+			expect = 4 * c.Size()
+			bound = 2 * expect
 			continue
 		}
 		if err != nil {
 			_ = c.Abort(ctx)
 			// A region (or tmpfs) too full to back the image is
 			// ResourceExhausted, not the layer's fault.
-			return ocispec.Descriptor{}, 0, regionErr(err)
+			return applied{}, regionErr(err)
 		}
-		if res.DiffID != st.DiffID {
+		if res.DroppedXattrs > 0 {
+			log.G(ctx).WithField("blob", desc.Digest).WithField("xattrs", res.DroppedXattrs).WithField("first", res.FirstDropped).
+				Warn("ignored xattrs of the layer outside the namespaces Linux knows, or trusted.*, as containerd's applier does")
+		}
+		if res.DiffID != diffID {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, 0, fmt.Errorf("computed diffID %s does not match %s: %w", res.DiffID, st.DiffID, errdefs.ErrFailedPrecondition)
+			return applied{}, fmt.Errorf("wrong diff id %s calculated on extraction, the image says %s: %w", res.DiffID, diffID, errdefs.ErrFailedPrecondition)
 		}
 		if err := daxfs.Validate(c.Bytes()[:res.Size]); err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, 0, fmt.Errorf("converted image is invalid: %w", err)
+			return applied{}, fmt.Errorf("converted image is invalid: %w", err)
 		}
-		if _, err := c.Publish(ctx, res.Size); err != nil {
+		pub, shared, err := c.PublishShared(ctx, res.Size)
+		if err != nil {
 			_ = c.Abort(ctx)
-			return ocispec.Descriptor{}, 0, fmt.Errorf("publishing: %w", regionErr(err))
+			return applied{}, fmt.Errorf("publishing: %w", regionErr(err))
 		}
-		done.Size = res.TarSize
-		log.G(ctx).WithField("diffID", st.DiffID).WithField("size", res.Size).Debug("layer converted into the region")
-		return done, res.Size, nil
+		if shared {
+			log.G(ctx).WithField("diffID", diffID).WithField("image", pub.Key).Info("layer image identical to one in the region: stored once")
+			return applied{layer: digest.Digest(pub.Key.String()), tarSize: res.TarSize}, nil
+		}
+		log.G(ctx).WithField("diffID", diffID).WithField("size", res.Size).Debug("layer converted into the region")
+		return applied{layer: diffID, size: res.Size, tarSize: res.TarSize}, nil
 	}
+}
+
+// extentFor sizes the region extent of a layer image: about how large it
+// will be (the claim's Expect) and a bound on it. A pre-converted layer
+// states its size; a tar's image is about its uncompressed length (every
+// file's data on its own page adds some, its tar headers go), which most
+// compressed blobs state; otherwise a guess from the blob's size. An image
+// that outgrows its extent is converted again with more.
+func (d *Differ) extentFor(ctx context.Context, desc ocispec.Descriptor, content converter.Content, ra content.ReaderAt) (expect, bound int64) {
+	if content == converter.ContentImage {
+		n, ok, err := converter.ImageSize(io.NewSectionReader(ra, 0, ra.Size()))
+		switch {
+		case err != nil:
+			log.G(ctx).WithError(err).WithField("blob", desc.Digest).Debug("pre-converted layer states no usable size: guessing")
+		case ok:
+			n = (n + daxfs.BlockSize - 1) / daxfs.BlockSize * daxfs.BlockSize
+			return n, n
+		}
+	}
+	if u, ok := converter.TarSize(ra, ra.Size()); ok {
+		expect = u + u/4 + 1<<20
+	} else {
+		expect = 4*ra.Size() + 1<<20
+	}
+	return expect, 2 * expect
 }
 
 // layerWindow is where a layer image is written in claim c: through the

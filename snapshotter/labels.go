@@ -1,8 +1,12 @@
 package snapshotter
 
 import (
+	"context"
 	"maps"
 	"strings"
+
+	"github.com/containerd/containerd/v2/pkg/identifiers"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/opencontainers/go-digest"
@@ -29,6 +33,15 @@ const (
 	// labelParentChain is the chain ID the layer will be committed over
 	// (above the first layer; containerd's unpacker does not export it).
 	labelParentChain = "containerd.io/snapshot/parent-chain-id"
+	// labelLayerDigest is the digest of the layer's blob, which
+	// containerd's image handler for remote snapshotters sets from the
+	// manifest's descriptor (CRI pulls, and pulls through the transfer
+	// service with enable_remote_snapshot_annotations in the snapshotter's
+	// exports).
+	labelLayerDigest = "containerd.io/snapshot/cri.layer-digest"
+	// labelManifestDigest is the digest of the manifest listing the
+	// layer, set by the same handler.
+	labelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
 )
 
 // withoutPrivate returns labels without keys under our prefix.
@@ -81,4 +94,20 @@ func chainKey(parent, layer digest.Digest) digest.Digest {
 		return layer
 	}
 	return digest.FromString(parent.String() + " " + layer.String())
+}
+
+// keyNamespace returns ctx carrying, for calls back to containerd, the
+// namespace of the call or else the one a snapshot key belongs to:
+// containerd prefixes a proxy snapshotter's keys with their namespace
+// ("<namespace>/<id>/<name>", metadata.createKey).
+func keyNamespace(ctx context.Context, key string) context.Context {
+	if ns, ok := namespaces.Namespace(ctx); ok {
+		return namespaces.WithNamespace(ctx, ns) // into the outgoing metadata
+	}
+	if ns, _, ok := strings.Cut(key, "/"); ok && ns != "" {
+		if err := identifiers.Validate(ns); err == nil {
+			return namespaces.WithNamespace(ctx, ns)
+		}
+	}
+	return ctx
 }

@@ -57,6 +57,10 @@ type Config struct {
 	MaxLayerSize int64
 	// Limits bound the entries and paths of a layer.
 	Limits converter.Limits
+	// Content is containerd's content store, for checking a region hit
+	// against the manifest the extraction came from (nil: no hit is
+	// taken at Prepare; the differ proves layers by their blobs).
+	Content ContentFunc
 	// WarmViews, when set, mounts the view of a freshly unpacked image
 	// (the top of a chain of commits) ahead of its first container and
 	// keeps it mounted this long without users.
@@ -72,6 +76,7 @@ type Snapshotter struct {
 	ovl     overlay.Options
 	maxSize int64
 	limits  converter.Limits
+	content ContentFunc
 
 	views   *viewTable
 	metrics Metrics
@@ -119,6 +124,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		ovl:     cfg.Overlay,
 		maxSize: cfg.MaxLayerSize,
 		limits:  cfg.Limits,
+		content: cfg.Content,
 	}
 	s.views = newViewTable(s, cfg.WarmViews)
 	if err := s.views.adopt(ctx); err != nil {
@@ -311,8 +317,22 @@ type stage struct {
 	DiffID digest.Digest `json:"diffID"`
 	// Hit: the region held the layer at Prepare; nothing is applied.
 	Hit bool `json:"hit,omitempty"`
-	// Applied: our differ wrote the layer image into the region.
+	// Applied: our differ wrote the layer image into the region (or
+	// proved the region's image to be the blob's).
 	Applied bool `json:"applied,omitempty"`
+	// Layer is the region key of the layer image a hit or an apply
+	// referenced: the diffID, or the key of an identical image the
+	// diffID is an alias of. Stages written before it was kept mean
+	// the diffID.
+	Layer digest.Digest `json:"layer,omitempty"`
+}
+
+// layer returns the region key of the layer image the stage references.
+func (st stage) layer() digest.Digest {
+	if st.Layer != "" {
+		return st.Layer
+	}
+	return st.DiffID
 }
 
 func (s *Snapshotter) readStage(id string) (stage, bool, error) {
@@ -366,14 +386,12 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 					}
 				}()
 			}
-			if e, ok, err := s.lookupLayer(diffID); err != nil {
-				return nil, err
-			} else if ok {
+			if e, ok := s.provenHit(keyNamespace(ctx, key), diffID, info.Labels); ok {
 				// Reference it now: containerd may commit it much later
 				// (parallel unpacks commit in order), and GC must not
 				// free it in between.
 				if err := s.region.Ref(daxmem.KindLayer, e.Key); err == nil {
-					st.Hit = true
+					st.Hit, st.Layer = true, digest.Digest(e.Key.String())
 				}
 			}
 		}
@@ -422,8 +440,8 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 				var err error
 				inUse, err = s.layersInUse(ctx)
 				return err
-			}); (terr == nil || errdefs.IsNotFound(terr)) && !inUse[st.DiffID.String()] {
-				s.unref(ctx, st.DiffID)
+			}); (terr == nil || errdefs.IsNotFound(terr)) && !inUse[st.layer().String()] {
+				s.unref(ctx, st.layer())
 			}
 			s.refMu.Unlock()
 		}
@@ -521,7 +539,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	var layer digest.Digest
 	switch {
 	case staged && (st.Hit || st.Applied):
-		layer = st.DiffID
+		layer = st.layer()
 	default:
 		// The walking differ or a container wrote into the upper: convert
 		// it, keyed by the image's own digest. Not by the diffID label: a
@@ -610,7 +628,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 			// An extraction snapshot references its layer from the
 			// region hit at Prepare, or from our differ's Publish.
 			if st, ok, err := s.readStage(id); err == nil && ok && (st.Hit || st.Applied) {
-				layer = st.DiffID
+				layer = st.layer()
 			}
 		}
 		if _, _, err = storage.Remove(ctx, key); err != nil {
@@ -657,7 +675,7 @@ func (s *Snapshotter) layersInUse(ctx context.Context) (map[string]bool, error) 
 	}
 	for id := range ids {
 		if st, ok, _ := s.readStage(id); ok && (st.Hit || st.Applied) {
-			inUse[st.DiffID.String()] = true
+			inUse[st.layer().String()] = true
 		}
 	}
 	return inUse, nil

@@ -79,6 +79,7 @@ func containerdConfig(socket, root string, unpacks int) string {
   capabilities = ["rebase"]
   [proxy_plugins.daxfs.exports]
     root = %q
+    enable_remote_snapshot_annotations = "true"
 [proxy_plugins.daxfs-diff]
   type = "diff"
   address = %q

@@ -126,7 +126,10 @@ func serve(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("starting the %s mounter: %w", cfg.Mount.Mode, err)
 	}
 
+	cc := &containerdContent{address: cfg.ContainerdAddress}
+	defer cc.Close()
 	sn, err := snapshotter.New(ctx, snapshotter.Config{
+		Content:      cc.Provider,
 		Root:         cfg.Root,
 		Region:       region,
 		Mounter:      mnt,
@@ -144,8 +147,6 @@ func serve(ctx context.Context, cfg Config) error {
 	}
 	defer sn.Close()
 
-	cc := &containerdContent{address: cfg.ContainerdAddress}
-	defer cc.Close()
 	blobs := ""
 	if cfg.ContainerdRoot != "" {
 		blobs = filepath.Join(cfg.ContainerdRoot, "io.containerd.content.v1.content")

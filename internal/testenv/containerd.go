@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
 )
 
 // ContainerdOptions configures StartContainerd. The zero value starts a
@@ -214,6 +215,14 @@ func (c *Containerd) serving() bool {
 	return err == nil && ok
 }
 
+// InNamespace returns a handle on the same daemon whose Ctr, Client and
+// Context use namespace ns: another tenant of the same containerd.
+func (c *Containerd) InNamespace(ns string) *Containerd {
+	other := *c
+	other.Namespace = ns
+	return &other
+}
+
 // Address returns the daemon's gRPC unix socket path.
 func (c *Containerd) Address() string { return c.address }
 
@@ -405,16 +414,27 @@ func (c *Containerd) deleteContainers() error {
 		}
 		for _, ctr := range ctrs {
 			if task, err := ctr.Task(nctx, nil); err == nil {
-				if _, err := task.Delete(nctx, client.WithProcessKill); err != nil {
+				if err := deleteTask(nctx, task); err != nil {
 					errs = append(errs, fmt.Errorf("deleting task %s/%s: %w", ns, ctr.ID(), err))
 				}
 			}
-			if err := ctr.Delete(nctx, client.WithSnapshotCleanup); err != nil {
+			if err := ctr.Delete(nctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
 				errs = append(errs, fmt.Errorf("deleting container %s/%s: %w", ns, ctr.ID(), err))
 			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// deleteTask kills and deletes a task. One that is gone already is no
+// error: the CRI plugin deletes its pods' tasks by itself, and may do so
+// between our listing the task and deleting it ("cannot delete a deleted
+// process: not found").
+func deleteTask(ctx context.Context, task client.Task) error {
+	if _, err := task.Delete(ctx, client.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	return nil
 }
 
 // logTail returns the last n lines of the daemon log.
