@@ -252,9 +252,8 @@ func isLayerType(mt string) bool {
 	case ocispec.MediaTypeImageLayer, ocispec.MediaTypeImageLayerGzip, ocispec.MediaTypeImageLayerZstd,
 		images.MediaTypeDockerSchema2Layer, images.MediaTypeDockerSchema2LayerGzip,
 		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // still served by registries
-		ocispec.MediaTypeImageLayerNonDistributableZstd,        //nolint:staticcheck
-		converter.MediaTypeLayer, converter.MediaTypeLayerZstd: // pre-converted: validated and copied as it is
+		ocispec.MediaTypeImageLayerNonDistributableZstd: //nolint:staticcheck
 		return true
 	}
-	return false
+	return converter.IsPreconverted(mt) // validated and copied as it is
 }

@@ -93,8 +93,9 @@ func containerdConfig(socket, root string, unpacks int) string {
     platform = "linux/amd64"
     snapshotter = "daxfs"
     differ = "daxfs-diff"
+    # pre-converted images made before the current media types
     layer_types = [%q, %q]
-`, socket, root, socket, parallel, converter.MediaTypeLayer, converter.MediaTypeLayerZstd)
+`, socket, root, socket, parallel, converter.LegacyMediaTypeLayer, converter.LegacyMediaTypeLayerZstd)
 }
 
 // daxfsOptions tune startWithDaxfs.

@@ -11,9 +11,11 @@
 //		ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc()),
 //		ctrconverter.WithDockerToOCI(true))
 //
-// Snapshotters other than daxfs cannot unpack such images, and containerd
-// only unpacks them when the transfer service's unpack_config lists both
-// media types in layer_types.
+// Every containerd client counts such layers as layers (their media types
+// carry the OCI layer prefix), so nerdctl, client.Pull, the transfer
+// service and CRI all pull and unpack them with the daxfs snapshotter;
+// other snapshotters refuse them (containerd's differs know no processor
+// for the media type) rather than unpack them as tars.
 package imageconv
 
 import (
