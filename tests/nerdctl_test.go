@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/go-digest"
 
@@ -29,12 +30,15 @@ func nerdctlRunGreeting(t *testing.T, ctrd *testenv.Containerd, snapshotter, ref
 	}
 }
 
-// imageLayers returns the layer descriptors and diffIDs of image ref in
-// ctrd's store.
-func imageLayers(t *testing.T, ctrd *testenv.Containerd, ref string) ([]string, []digest.Digest) {
+// imageLayers returns the layer media types and diffIDs of image ref in
+// ctrd's store, in namespace ns (default: the harness's).
+func imageLayers(t *testing.T, ctrd *testenv.Containerd, ref string, ns ...string) ([]string, []digest.Digest) {
 	t.Helper()
 	cl := ctrd.Client(t)
 	ctx := ctrd.Context(context.Background())
+	if len(ns) > 0 {
+		ctx = namespaces.WithNamespace(ctx, ns[0])
+	}
 	img, err := cl.GetImage(ctx, ref)
 	if err != nil {
 		t.Fatal(err)
