@@ -289,7 +289,7 @@ func TestCritest(t *testing.T) {
 	// images built here, unless it is one of these, which fail for a
 	// reason that does not depend on the snapshotter.
 	known := map[string]string{
-		"runtime should support MaskedPaths": "busybox-static's shell runs ls as a built-in applet, so masking /bin/ls does not stop `sh -c ls`",
+		"runtime should support MaskedPaths":           "busybox-static's shell runs ls as a built-in applet, so masking /bin/ls does not stop `sh -c ls`",
 		"runtime should support execSync with timeout": "the image's pgrep is a stand-in over pidof (Debian's busybox has no pgrep), which also reports the container's own sleep",
 	}
 	for spec, st := range overlay {
