@@ -120,10 +120,10 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 			return ocispec.Descriptor{}, err
 		}
 	}
-	if len(config.ProcessorPayloads) > 0 {
-		// Stream processors (e.g. decryption) are containerd's business.
-		return ocispec.Descriptor{}, fmt.Errorf("layer %s needs stream processors: %w", desc.Digest, errdefs.ErrNotImplemented)
-	}
+	// Processor payloads are not a reason to decline: stream processors
+	// (decryption) apply to media types of their own (+encrypted), none
+	// of which converter.ContentOf accepts, and clients send payloads for every
+	// layer (nerdctl's imgcrypt unpack option does).
 
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {

@@ -94,8 +94,35 @@ func containerdConfig(socket, root string, unpacks int) string {
     platform = "linux/amd64"
     snapshotter = "daxfs"
     differ = "daxfs-diff"
+    # pre-converted images made before the current media types
     layer_types = [%q, %q]
-`, socket, root, socket, parallel, converter.MediaTypeLayer, converter.MediaTypeLayerZstd)
+`, socket, root, socket, parallel, converter.LegacyMediaTypeLayer, converter.LegacyMediaTypeLayerZstd)
+}
+
+// nodeDropIn writes deploy/containerd-daxfs.toml into dir with the
+// daemon's socket and root in place of the host paths it names, and
+// returns its path.
+func nodeDropIn(t testing.TB, dir, socket, root string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(testenv.ModuleRoot(), "deploy", "containerd-daxfs.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	for from, to := range map[string]string{
+		"/run/containerd-daxfs/containerd-daxfs-grpc.sock": socket,
+		"/var/lib/containerd-daxfs":                        root,
+	} {
+		if !strings.Contains(s, from) {
+			t.Fatalf("deploy/containerd-daxfs.toml does not name %s", from)
+		}
+		s = strings.ReplaceAll(s, fmt.Sprintf("%q", from), fmt.Sprintf("%q", to))
+	}
+	p := filepath.Join(dir, "containerd-daxfs.toml")
+	if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // daxfsOptions tune startWithDaxfs.
@@ -112,6 +139,10 @@ type daxfsOptions struct {
 	// MaxConcurrentUnpacks is containerd's transfer service setting
 	// (default 1: sequential unpacks).
 	MaxConcurrentUnpacks int
+	// DropIn configures containerd with deploy/containerd-daxfs.toml, the
+	// drop-in of a Kubernetes node, imported as from conf.d (its socket
+	// and root moved to the daemon's), instead of containerdConfig.
+	DropIn bool
 }
 
 // startWithDaxfs starts a containerd wired to a fresh daxfs daemon and the
@@ -144,7 +175,18 @@ func startWithDaxfs(t testing.TB, opts testenv.ContainerdOptions, dopts ...daxfs
 	for _, o := range dopts {
 		unpacks = max(unpacks, o.MaxConcurrentUnpacks)
 	}
-	opts.ExtraConfig = containerdConfig(d.Socket, d.Root, unpacks) + opts.ExtraConfig
+	dropIn := false
+	for _, o := range dopts {
+		dropIn = dropIn || o.DropIn
+	}
+	if dropIn {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		opts.Imports = append(opts.Imports, nodeDropIn(t, dir, d.Socket, d.Root))
+	} else {
+		opts.ExtraConfig = containerdConfig(d.Socket, d.Root, unpacks) + opts.ExtraConfig
+	}
 	ctrd := testenv.StartContainerd(t, opts)
 	d.ctrd = ctrd
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -35,6 +35,11 @@ type ContainerdOptions struct {
 	// tables the harness writes: [grpc], [ttrpc], [debug] and [metrics].
 	ExtraConfig string
 
+	// Imports are configuration files containerd merges over the
+	// generated config (its top-level imports key), as it does with
+	// /etc/containerd/conf.d/*.toml.
+	Imports []string
+
 	// DisabledPlugins are disabled in addition to the harness defaults
 	// (CRI unless EnableCRI, NRI, and snapshotters that cannot work here).
 	DisabledPlugins []string
@@ -150,7 +155,15 @@ func (c *Containerd) config(opts ContainerdOptions) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "version = 3\nroot = %q\nstate = %q\n", c.Root, c.State)
-	fmt.Fprintf(&b, "disabled_plugins = [%s]\n\n", strings.Join(quoted, ", "))
+	fmt.Fprintf(&b, "disabled_plugins = [%s]\n", strings.Join(quoted, ", "))
+	if len(opts.Imports) > 0 {
+		imports := make([]string, len(opts.Imports))
+		for i, p := range opts.Imports {
+			imports[i] = fmt.Sprintf("%q", p)
+		}
+		fmt.Fprintf(&b, "imports = [%s]\n", strings.Join(imports, ", "))
+	}
+	b.WriteString("\n")
 	fmt.Fprintf(&b, "[grpc]\n  address = %q\n\n", c.address)
 	fmt.Fprintf(&b, "[ttrpc]\n  address = %q\n\n", c.ttrpcAddress)
 	fmt.Fprintf(&b, "[debug]\n  address = \"\"\n  level = %q\n\n", level)
