@@ -15,7 +15,7 @@
 //
 // With the defaults (64 participants, 4096 entries, 1 GiB) the participant
 // table is at 4096, the index at 20480 and the data area at 806912 (788
-// KiB of metadata), its first sixteenth the view area. Keep Entries at
+// KiB of metadata), its first eighth the view area. Keep Entries at
 // about twice the number of images and aliases you expect: lookups probe
 // linearly and slow down as the table fills.
 //

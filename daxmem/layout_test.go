@@ -9,7 +9,7 @@ func TestDefaultLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	if g.partOff != 4096 || g.indexOff != 20480 || g.dataOff != 806912 || g.dataSize != DefaultSize-806912 ||
-		g.viewArea != g.dataSize/16/pageSize*pageSize || g.layerFloor() != g.dataOff+g.viewArea {
+		g.viewArea != g.dataSize/8/pageSize*pageSize || g.layerFloor() != g.dataOff+g.viewArea {
 		t.Fatalf("default layout %+v", g)
 	}
 	// Every participant slot and index entry starts on a 64-byte line, so

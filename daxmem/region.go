@@ -31,7 +31,7 @@ type Options struct {
 	Participants int
 	// ViewArea is the size of a new region's view area: the bottom of the
 	// data area, kept for views, which must lie below the layers they
-	// reference (default: a sixteenth of the data area).
+	// reference (default: an eighth of the data area).
 	ViewArea int64
 	// HeartbeatInterval is how often a joined participant stamps its slot
 	// (default 1s). LeaseTimeout is how old a heartbeat may get before the

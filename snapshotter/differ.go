@@ -136,8 +136,11 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	if err != nil || res.size > 0 {
 		s.metrics.converted(res.size, time.Since(start), err)
 	}
-	if err == nil && res.size > 0 {
+	if err == nil && (res.size > 0 || res.shared) {
 		s.metrics.LayersApplied.Add(1)
+	}
+	if err == nil && res.shared {
+		s.metrics.LayersShared.Add(1)
 	}
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
@@ -158,6 +161,9 @@ type applied struct {
 	layer   digest.Digest
 	size    int64
 	tarSize int64
+	// shared: the blob was streamed and its image found identical to one
+	// the region held under another key.
+	shared bool
 }
 
 // apply puts the layer blob desc declares into the region, referenced by
@@ -345,7 +351,7 @@ func (d *Differ) convert(ctx context.Context, desc ocispec.Descriptor, content c
 		}
 		if shared {
 			log.G(ctx).WithField("diffID", diffID).WithField("image", pub.Key).Info("layer image identical to one in the region: stored once")
-			return applied{layer: digest.Digest(pub.Key.String()), tarSize: res.TarSize}, nil
+			return applied{layer: digest.Digest(pub.Key.String()), tarSize: res.TarSize, shared: true}, nil
 		}
 		log.G(ctx).WithField("diffID", diffID).WithField("size", res.Size).Debug("layer converted into the region")
 		return applied{layer: diffID, size: res.Size, tarSize: res.TarSize}, nil

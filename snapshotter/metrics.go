@@ -15,6 +15,10 @@ type Metrics struct {
 	// LayersApplied counts those our differ streamed from a blob (the
 	// normal pull path; the rest came from an upper directory).
 	LayersApplied atomic.Int64
+	// LayersShared counts the layers our differ streamed whose image was
+	// in the region already under another diffID (a tar layer and its
+	// pre-converted form): stored once.
+	LayersShared atomic.Int64
 	// LayerBytes counts the bytes of those images.
 	LayerBytes atomic.Int64
 	// ConvertNanos is the time spent converting layers.
@@ -58,6 +62,7 @@ func (m *Metrics) WritePrometheus(w io.Writer) error {
 	}{
 		{"daxfs_layers_converted_total", "Layer images converted by this participant.", float64(m.LayersConverted.Load())},
 		{"daxfs_layers_applied_total", "Layer blobs our differ streamed into the region.", float64(m.LayersApplied.Load())},
+		{"daxfs_layers_shared_total", "Layer blobs our differ streamed whose image the region held under another diffID: stored once.", float64(m.LayersShared.Load())},
 		{"daxfs_layer_bytes_total", "Bytes of layer images converted by this participant.", float64(m.LayerBytes.Load())},
 		{"daxfs_convert_seconds_total", "Time spent converting layers.", time.Duration(m.ConvertNanos.Load()).Seconds()},
 		{"daxfs_convert_failures_total", "Layer conversions that failed.", float64(m.ConvertFailures.Load())},

@@ -622,6 +622,11 @@ func (t *viewTable) ensureView(ctx context.Context, key, chain digest.Digest, en
 		}
 		return plan.Size(), daxmem.ClaimOptions{Below: below}, nil
 	})
+	if errors.Is(err, daxmem.ErrFull) && plan != nil {
+		st := t.s.region.Stats()
+		return daxmem.Entry{}, 0, fmt.Errorf("view of chain %s: %w (the view, %d bytes, must lie below its layers: the region's view area holds %d bytes, %d free; make a region with a larger view area, region.view_area or `region init --view-area`, or remove images)",
+			chain, err, plan.Size(), st.ViewArea, st.ViewFree)
+	}
 	if err != nil {
 		return daxmem.Entry{}, 0, fmt.Errorf("view of chain %s: %w", chain, err)
 	}

@@ -29,9 +29,16 @@ import (
 )
 
 // regionHasLayer reports whether the daemon's region holds a READY layer
-// image keyed by diffID, looking at the shared region as another
-// participant would.
+// image for diffID (keyed by it, or an identical image it is an alias
+// of), looking at the shared region as another participant would.
 func regionHasLayer(t *testing.T, d *daxfsDaemon, diffID digest.Digest) bool {
+	t.Helper()
+	_, ok := regionLayer(t, d, diffID)
+	return ok
+}
+
+// regionLayer returns the region entry of diffID's layer image.
+func regionLayer(t *testing.T, d *daxfsDaemon, diffID digest.Digest) (daxmem.Entry, bool) {
 	t.Helper()
 	r, err := daxmem.Open(context.Background(), daxmem.Options{Path: d.Region})
 	if err != nil {
@@ -42,8 +49,7 @@ func regionHasLayer(t *testing.T, d *daxfsDaemon, diffID digest.Digest) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, ok := r.Lookup(daxmem.KindLayer, k)
-	return ok
+	return r.Resolve(k)
 }
 
 // mountModes are the mounters the end-to-end tests run with: the default

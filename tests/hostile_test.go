@@ -1,8 +1,22 @@
 package tests
 
 import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
+
+	diffapi "github.com/containerd/containerd/api/services/diff/v1"
+	"github.com/containerd/containerd/v2/core/diff"
+	diffproxy "github.com/containerd/containerd/v2/core/diff/proxy"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
@@ -114,5 +128,137 @@ func TestDaxfsSharedRegionPull(t *testing.T) {
 	}
 	if d := testenv.Diff(viewTree(t, first, "daxfs", built), viewTree(t, second, "daxfs", built), testenv.FieldDirMtime); len(d) > 0 {
 		t.Fatalf("the participants' roots differ:\n%s", strings.Join(d, "\n"))
+	}
+}
+
+// wideImage is busybox plus a layer of n empty files in one directory: a
+// small blob that takes the converter seconds.
+func wideImage(tb testing.TB, n int) testimage.Image {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	tw.WriteHeader(&tar.Header{Name: "wide/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: testimage.DefaultMtime()})
+	for i := range n {
+		if err := tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("wide/f%07d", i), Typeflag: tar.TypeReg, Mode: 0o644, ModTime: testimage.DefaultMtime()}); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		tb.Fatal(err)
+	}
+	return testenv.BusyboxImage(tb, testimage.Layer{Raw: buf.Bytes()})
+}
+
+// regionStats reads the daemon's region as another participant would.
+func regionStats(t testing.TB, d *daxfsDaemon) daxmem.Stats {
+	t.Helper()
+	r, err := daxmem.Open(context.Background(), daxmem.Options{Path: d.Region, NoCreate: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	return r.Stats()
+}
+
+// waitWriting waits until the region holds a claim being written.
+func waitWriting(t testing.TB, d *daxfsDaemon) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for regionStats(t, d).Writing == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no layer claim was ever being written")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestDaxfsCancelledApply: an unpack whose caller gives up (a pull
+// cancelled by its client) stops converting and gives its region claim
+// back, instead of holding it and a core until the layer is done; the
+// daemon then converts the same layer as asked.
+func TestDaxfsCancelledApply(t *testing.T) {
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	archive, built := testenv.WriteImageArchive(t, wideImage(t, 400_000), "docker.io/library/wide:cancel")
+	ctrd.CtrOK(t, "image", "import", "--no-unpack", archive)
+	top := len(built.DiffIDs) - 1
+	cl := ctrd.Client(t)
+	// A lease keeps containerd's GC off the extraction snapshots.
+	ctx, release, err := cl.WithLease(ctrd.Context(context.Background()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release(context.Background())
+	sn := cl.SnapshotService("daxfs")
+	labels := snapshots.WithLabels(map[string]string{
+		snapshots.LabelSnapshotRef:    built.ChainIDs()[top].String(),
+		snapshots.LabelSnapshotDiffID: built.DiffIDs[top].String(),
+	})
+	mounts, err := sn.Prepare(ctx, "extract-cancelled", "", labels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Remove(ctx, "extract-cancelled")
+	conn, err := grpc.NewClient("unix://"+d.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	applier := diffproxy.NewDiffApplier(diffapi.NewDiffClient(conn)).(diff.Applier)
+
+	actx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, err := applier.Apply(actx, built.Layers[top].Descriptor, mounts)
+		done <- err
+	}()
+	waitWriting(t, d)
+	cancel()
+	start := time.Now()
+	for regionStats(t, d).Writing != 0 {
+		if time.Since(start) > 30*time.Second {
+			t.Fatal("the cancelled apply still holds its region claim after 30 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("claim given back %v after the cancel", time.Since(start))
+	if err := <-done; err == nil {
+		t.Fatal("the cancelled apply succeeded")
+	}
+	if m := d.metrics(t); m["daxfs_layers_converted_total"] != 0 {
+		t.Fatalf("%v layers converted by a cancelled apply", m["daxfs_layers_converted_total"])
+	}
+
+	mounts, err = sn.Prepare(ctx, "extract-again", "", labels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Remove(ctx, "extract-again")
+	if _, err := applier.Apply(ctx, built.Layers[top].Descriptor, mounts); err != nil {
+		t.Fatalf("applying the layer after the cancelled apply: %v", err)
+	}
+}
+
+// TestDaxfsRestartWhileWriting: a daemon killed while it converts a layer
+// leaves its claim WRITING; restarted, it frees that claim before it
+// serves (its first re-import once failed for want of the dead claim's
+// room), and the re-import works at once.
+func TestDaxfsRestartWhileWriting(t *testing.T) {
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ref := "docker.io/library/wide:restart"
+	archive, _ := testenv.WriteImageArchive(t, wideImage(t, 400_000), ref)
+	imported := make(chan error, 1)
+	go func() {
+		_, err := ctrd.Ctr(t, "image", "import", "--snapshotter", "daxfs", archive)
+		imported <- err
+	}()
+	waitWriting(t, d)
+	d.kill(t)
+	<-imported
+	d.start(t)
+	if st := regionStats(t, d); st.Writing != 0 || st.LargestFree != st.DataSize-st.ViewArea {
+		t.Fatalf("after the restart: %d claims WRITING, largest free %d of %d above the view area", st.Writing, st.LargestFree, st.DataSize-st.ViewArea)
+	}
+	ctrd.CtrOK(t, "image", "import", "--snapshotter", "daxfs", archive)
+	if out, err := ctrd.Ctr(t, "run", "--rm", "--snapshotter", "daxfs", ref, "w", "ls", "/wide/f0000000", "/wide/f0399999"); err != nil || out != "/wide/f0000000\n/wide/f0399999\n" {
+		t.Fatalf("the re-imported layer: %q %v", out, err)
 	}
 }

@@ -58,6 +58,8 @@ type RegionConfig struct {
 	Participants int `toml:"participants"`
 	// MaxLayerSize bounds one layer image.
 	MaxLayerSize Size `toml:"max_layer_size"`
+	// ViewArea is the part of a new region kept for views (0: an eighth).
+	ViewArea Size `toml:"view_area"`
 }
 
 // MountConfig selects how views are mounted.

@@ -81,11 +81,28 @@ reap_after = "2h"
 		{"[gc]\ninterval = \"soon\"\n", "soon"},
 		{"root = \n", "config"},
 		{"[region]\nmax_layer_size = -5\n", "negative"},
+		{"[limits]\nmax_entries = 0\n", "limits.max_entries"},
+		{"[limits]\nmax_path_len = -1\n", "limits.max_path_len"},
+		{"[limits]\nmax_depht = 3\n", "max_depht"},
 	} {
 		_, err := LoadConfig(write(tc.body), true)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("config %q: error %v, want one mentioning %q", tc.body, err, tc.want)
 		}
+	}
+}
+
+// TestExampleConfig: config.toml.example parses to exactly the defaults,
+// so the file documents what the daemon does.
+func TestExampleConfig(t *testing.T) {
+	cfg, err := LoadConfig(filepath.Join("..", "..", "config.toml.example"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	def := DefaultConfig()
+	if cfg.Limits != def.Limits || cfg.Region.ViewArea != def.Region.ViewArea || cfg.SocketGroup != def.SocketGroup ||
+		cfg.Region.Size != def.Region.Size || cfg.Mount.Mode != def.Mount.Mode {
+		t.Fatalf("the example config is not the defaults:\n%+v\n%+v", cfg, def)
 	}
 }
 

@@ -98,6 +98,7 @@ func serve(ctx context.Context, cfg Config) error {
 		Size:         int64(cfg.Region.Size),
 		Entries:      cfg.Region.Entries,
 		Participants: cfg.Region.Participants,
+		ViewArea:     int64(cfg.Region.ViewArea),
 	})
 	if err != nil {
 		return fmt.Errorf("opening region %s: %w", cfg.Region.Path, err)

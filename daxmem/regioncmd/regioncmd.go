@@ -50,7 +50,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 		fs.StringVar(&size, "size", "1G", "region size (K, M, G, T suffixes)")
 		fs.IntVar(&entries, "entries", daxmem.DefaultEntries, "index slots")
 		fs.IntVar(&parts, "participants", daxmem.DefaultParticipants, "participant slots (at most 64)")
-		fs.StringVar(&viewArea, "view-area", "", "bytes at the bottom of the data area kept for views (default a sixteenth)")
+		fs.StringVar(&viewArea, "view-area", "", "bytes at the bottom of the data area kept for views, about 370 per file of the images in use at once (default an eighth)")
 	case "gc":
 		fs.BoolVar(&dryRun, "dry-run", false, "report what would be freed")
 		fs.DurationVar(&minAge, "min-age", 0, "keep unreferenced images published less than this long ago")
