@@ -8,8 +8,11 @@
 #     is not installed, so containerd's own unpacking is as it ships);
 #   - containerd v2.4.2 (containerd, ctr, containerd-shim-runc-v2), the
 #     distribution registry v3.1.2, crictl and critest of cri-tools v1.37.0
-#     and nerdctl v2.2.1, built from the Go module proxy into .cache/bin
-#     (git-ignored, kept between runs). nerdctl is built in the wrapper
+#     and nerdctl v2.2.1, built from the Go module proxy into .cache/bin.
+#     .cache is git-ignored; in a clone that has none it is made a link to
+#     $CONTAINERD_DAXFS_CACHE (default /var/cache/containerd-daxfs), so
+#     builds outlive the clone (CI's clean clones reuse them); one lock
+#     there serialises concurrent runs. nerdctl is built in the wrapper
 #     module scripts/nerdctl (its own go.mod replaces a module with a
 #     local path, which `go install pkg@version` refuses); critest is a
 #     Go test binary (`go test -c`), built in a scratch module.
@@ -25,8 +28,17 @@
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -e "$top/.cache" ] && [ ! -L "$top/.cache" ]; then
+	shared="${CONTAINERD_DAXFS_CACHE:-/var/cache/containerd-daxfs}"
+	mkdir -p "$shared"
+	ln -s "$shared" "$top/.cache"
+fi
 bin="$top/.cache/bin"
 mkdir -p "$bin"
+# Two runs sharing the cache (two clones, a CI run beside a developer's)
+# build one at a time: a build's scratch directory is removed by the next.
+exec 9>"$top/.cache/.deps.lock"
+flock 9
 
 CONTAINERD_VERSION=v2.4.2
 REGISTRY_VERSION=v3.1.2
