@@ -287,3 +287,58 @@ func TestConvertLayerAsContainerd(t *testing.T) {
 	})
 	_ = sha256.New
 }
+
+// TestViewDeepChain: the view of a layer 50,000 directories deep is
+// planned in time linear in its entries (the view once resolved every
+// entry by its full path: 17 s at depth 10,000, growing with its square).
+func TestViewDeepChain(t *testing.T) {
+	const depth = 50_000
+	out := &memOut{}
+	limits := Limits{MaxDepth: depth, MaxPathLen: 2 * depth}
+	if _, err := ConvertLayer(t.Context(), bytes.NewReader(deepTar(t, depth)), out, LayerOptions{Limits: limits}); err != nil {
+		t.Fatal(err)
+	}
+	layer := openImage(t, out.b)
+	view := buildView(t, []*daxfs.Image{layer})
+	in, err := view.LookupPath(strings.Repeat("a/", depth-1) + "f")
+	if err != nil || in.Size != 4 {
+		t.Fatalf("deep file in the view: %v %+v", err, in)
+	}
+}
+
+// TestPreconvertedLimits: a pre-converted layer, which no tar parse
+// bounded, is held to the same limits.
+func TestPreconvertedLimits(t *testing.T) {
+	deep := &memOut{}
+	if _, err := ConvertLayer(t.Context(), bytes.NewReader(deepTar(t, 3000)), deep, LayerOptions{Limits: Limits{MaxDepth: 3000, MaxPathLen: 6000}}); err != nil {
+		t.Fatal(err)
+	}
+	wide := &memOut{}
+	var many []tarEnt
+	for i := range 30 {
+		many = append(many, file(fmt.Sprintf("d/f%d", i), ""))
+	}
+	if _, err := ConvertLayer(t.Context(), bytes.NewReader(makeTar(t, many)), wide, LayerOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		image  []byte
+		limits Limits
+		want   string
+	}{
+		{"deeper than max_depth", deep.b, Limits{}, "limits.max_depth"},
+		{"longer than max_path_len", deep.b, Limits{MaxDepth: 3000}, "limits.max_path_len"},
+		{"more names than max_entries", wide.b, Limits{MaxEntries: 20}, "limits.max_entries"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ConvertLayer(t.Context(), bytes.NewReader(tc.image), &memOut{}, LayerOptions{Content: ContentImage, Limits: tc.limits})
+			if !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want ErrLimit naming %s", err, tc.want)
+			}
+		})
+	}
+	if _, err := ConvertLayer(t.Context(), bytes.NewReader(deep.b), &memOut{}, LayerOptions{Content: ContentImage, Limits: Limits{MaxDepth: 3000, MaxPathLen: 6000}}); err != nil {
+		t.Fatalf("within the limits: %v", err)
+	}
+}

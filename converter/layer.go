@@ -527,8 +527,8 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 	if im.TotalSize() != uint64(len(img)) {
 		return res, fmt.Errorf("daxfs layer: image total_size %d differs from the blob's %d bytes (a view, or truncated)", im.TotalSize(), len(img))
 	}
-	if limit := opts.Limits.withDefaults().MaxEntries; int64(im.InodeCount()) > int64(limit) {
-		return res, fmt.Errorf("daxfs layer: %w: %d inodes, more than %d (limits.max_entries)", ErrLimit, im.InodeCount(), limit)
+	if err := opts.Limits.checkImage(im); err != nil {
+		return res, fmt.Errorf("daxfs layer: %w", err)
 	}
 	if err := checkImageAttrs(im); err != nil {
 		return res, fmt.Errorf("daxfs layer: %w", err)

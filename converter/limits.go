@@ -1,9 +1,12 @@
 package converter
 
 import (
+	"fmt"
 	"strconv"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
 // ErrLimit: the layer exceeds one of the operator's Limits. Such a layer
@@ -55,4 +58,48 @@ func quotePath(p string) string {
 		return strconv.Quote(p)
 	}
 	return strconv.Quote(p[:keep]) + "..." + strconv.Quote(p[len(p)-keep:]) + " (" + strconv.Itoa(len(p)) + " bytes)"
+}
+
+// checkImage applies the limits to a validated layer image (a
+// pre-converted layer, which no tar parse bounded): its names, and every
+// entry's depth and path length, in one walk of its directories.
+func (l Limits) checkImage(im *daxfs.Image) error {
+	l = l.withDefaults()
+	if n := int64(im.InodeCount()); n > int64(l.MaxEntries) {
+		return fmt.Errorf("%w: %d inodes, more than %d (limits.max_entries)", ErrLimit, n, l.MaxEntries)
+	}
+	type dir struct {
+		ino          uint32
+		depth, bytes int
+	}
+	names := 0
+	queue := []dir{{ino: daxfs.RootIno}}
+	for len(queue) > 0 {
+		d := queue[len(queue)-1]
+		queue = queue[:len(queue)-1]
+		ents, err := im.ReadDir(d.ino)
+		if err != nil {
+			return err
+		}
+		names += len(ents)
+		if names > l.MaxEntries {
+			return im.InodeError(d.ino, fmt.Errorf("%w: more than %d names (limits.max_entries)", ErrLimit, l.MaxEntries))
+		}
+		for _, e := range ents {
+			depth, bytes := d.depth+1, d.bytes+len(e.Name)
+			if d.depth > 0 {
+				bytes++ // the slash
+			}
+			switch {
+			case depth > l.MaxDepth:
+				return im.InodeError(e.Ino, fmt.Errorf("%w: path of %d components exceeds the limit of %d (limits.max_depth)", ErrLimit, depth, l.MaxDepth))
+			case bytes > l.MaxPathLen:
+				return im.InodeError(e.Ino, fmt.Errorf("%w: path of %d bytes exceeds the limit of %d (limits.max_path_len)", ErrLimit, bytes, l.MaxPathLen))
+			}
+			if e.Mode&daxfs.ModeTypeMask == daxfs.ModeDir {
+				queue = append(queue, dir{e.Ino, depth, bytes})
+			}
+		}
+	}
+	return nil
 }

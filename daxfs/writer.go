@@ -349,19 +349,19 @@ func (w *Writer) killSubtree(n int32) {
 }
 
 // bind makes name in parent refer to node, replacing what was there.
-func (w *Writer) bind(parent int32, name string, node int32) {
+func (w *Writer) bind(parent int32, name string, node int32) int32 {
 	if e, ok := w.index[childKey{parent, name}]; ok {
 		old := w.ents.at(e).node
 		if old == node {
-			return
+			return e
 		}
 		if w.nodes.at(old).dir >= 0 {
 			w.killSubtree(old)
 		}
 		w.ents.at(e).node = node
-		return
+		return e
 	}
-	w.addEntry(parent, w.names.clone(name), node)
+	return w.addEntry(parent, w.names.clone(name), node)
 }
 
 func checkType(mode uint32) bool {
@@ -444,41 +444,12 @@ func (w *Writer) add(h *Header, data io.Reader, ref int32, extOff uint64) (int32
 	if err != nil {
 		return -1, fmt.Errorf("daxfs: %w", err)
 	}
-	typ := h.Mode & ModeTypeMask
-	if !checkType(h.Mode) {
-		return -1, fmt.Errorf("daxfs: %s: %w: unknown file type in mode %#o", p, ErrInvalidHeader, h.Mode)
+	n, ex, err := w.prepare(h, p)
+	if err != nil {
+		return -1, err
 	}
-	n := wnode{mode: typ, ref: -1, dir: -1, extra: -1}
-	var ex wextra
-	if err := w.attrs(h, &n, &ex); err != nil {
-		return -1, fmt.Errorf("daxfs: %s: %w", p, err)
-	}
-	switch typ {
-	case ModeRegular:
-		if h.Size < 0 {
-			return -1, fmt.Errorf("daxfs: %s: %w: negative size %d", p, ErrInvalidHeader, h.Size)
-		}
-		n.size = uint64(h.Size)
-	case ModeSymlink:
-		t := h.Linkname
-		switch {
-		case t == "":
-			return -1, fmt.Errorf("daxfs: %s: %w: empty symlink target", p, ErrInvalidHeader)
-		case len(t) > MaxSymlinkLen:
-			return -1, fmt.Errorf("daxfs: %s: %w: symlink target of %d bytes", p, ErrInvalidHeader, len(t))
-		case strings.IndexByte(t, 0) >= 0:
-			return -1, fmt.Errorf("daxfs: %s: %w: NUL in symlink target", p, ErrInvalidHeader)
-		}
-		ex.target = w.names.clone(t)
-		n.size = uint64(len(t))
-	case ModeChar, ModeBlock:
-		if !w.opts.NoExtension {
-			ex.rdev = h.Rdev
-		}
-	}
-
 	if p == "" {
-		if typ != ModeDir {
+		if n.mode&ModeTypeMask != ModeDir {
 			return -1, fmt.Errorf("daxfs: %q: %w: the root must be a directory", h.Path, ErrInvalidHeader)
 		}
 		root := w.nodes.at(0)
@@ -493,7 +464,51 @@ func (w *Writer) add(h *Header, data io.Reader, ref int32, extOff uint64) (int32
 	if err != nil {
 		return -1, err
 	}
+	return w.put(parent, base, p, n, ex, data, ref, extOff)
+}
 
+// prepare validates h's type and attributes into a new node and its
+// extras; what names the entry in errors.
+func (w *Writer) prepare(h *Header, what string) (wnode, wextra, error) {
+	typ := h.Mode & ModeTypeMask
+	n := wnode{mode: typ, ref: -1, dir: -1, extra: -1}
+	var ex wextra
+	if !checkType(h.Mode) {
+		return n, ex, fmt.Errorf("daxfs: %s: %w: unknown file type in mode %#o", what, ErrInvalidHeader, h.Mode)
+	}
+	if err := w.attrs(h, &n, &ex); err != nil {
+		return n, ex, fmt.Errorf("daxfs: %s: %w", what, err)
+	}
+	switch typ {
+	case ModeRegular:
+		if h.Size < 0 {
+			return n, ex, fmt.Errorf("daxfs: %s: %w: negative size %d", what, ErrInvalidHeader, h.Size)
+		}
+		n.size = uint64(h.Size)
+	case ModeSymlink:
+		t := h.Linkname
+		switch {
+		case t == "":
+			return n, ex, fmt.Errorf("daxfs: %s: %w: empty symlink target", what, ErrInvalidHeader)
+		case len(t) > MaxSymlinkLen:
+			return n, ex, fmt.Errorf("daxfs: %s: %w: symlink target of %d bytes", what, ErrInvalidHeader, len(t))
+		case strings.IndexByte(t, 0) >= 0:
+			return n, ex, fmt.Errorf("daxfs: %s: %w: NUL in symlink target", what, ErrInvalidHeader)
+		}
+		ex.target = w.names.clone(t)
+		n.size = uint64(len(t))
+	case ModeChar, ModeBlock:
+		if !w.opts.NoExtension {
+			ex.rdev = h.Rdev
+		}
+	}
+	return n, ex, nil
+}
+
+// put binds node n (prepared) as base in directory entry parent and
+// returns its entry; what names it in errors.
+func (w *Writer) put(parent int32, base, what string, n wnode, ex wextra, data io.Reader, ref int32, extOff uint64) (int32, error) {
+	typ := n.mode & ModeTypeMask
 	// A directory over a directory keeps its children.
 	if typ == ModeDir {
 		if e, ok := w.index[childKey{parent, base}]; ok && w.isDirEnt(e) {
@@ -501,28 +516,116 @@ func (w *Writer) add(h *Header, data io.Reader, ref int32, extOff uint64) (int32
 			old.mode, old.uid, old.gid, old.mtimeSec, old.mtimeNsec = n.mode, n.uid, n.gid, n.mtimeSec, n.mtimeNsec
 			old.implicit = false
 			w.setExtra(old, ex)
-			return w.ents.at(e).node, nil
+			return e, nil
 		}
 		n.dir = int32(len(w.dirs))
 	}
 	if typ == ModeRegular {
+		var err error
 		if ref >= 0 {
 			n.ref, n.data = ref, extOff
 			w.hasExternal = true
-		} else if n.data, err = w.copyData(p, h.Size, data); err != nil {
+		} else if n.data, err = w.copyData(what, int64(n.size), data); err != nil {
 			return -1, err
 		}
 	}
 	w.setExtra(&n, ex)
 	id, err := w.newNode(n)
 	if err != nil {
-		return -1, fmt.Errorf("daxfs: %s: %w", p, err)
+		return -1, fmt.Errorf("daxfs: %s: %w", what, err)
 	}
 	if typ == ModeDir {
 		w.dirs = append(w.dirs, nil)
 	}
-	w.bind(parent, base, id)
-	return id, nil
+	return w.bind(parent, base, id), nil
+}
+
+// Node is an entry of the image being written, to add entries under a
+// directory by name: a caller walking a tree (a view) would otherwise
+// have every ancestor of every entry resolved again, quadratic in depth.
+type Node struct{ ent int32 }
+
+// Root is the root directory.
+func (w *Writer) Root() Node { return Node{0} }
+
+// checkName checks one path component given to the *Child methods.
+func checkName(name string) error {
+	switch {
+	case name == "" || name == "." || name == ".." || strings.IndexByte(name, '/') >= 0:
+		return fmt.Errorf("%w: name %q", ErrInvalidPath, name)
+	case len(name) > MaxNameLen:
+		return fmt.Errorf("%w: name of %d bytes", ErrNameTooLong, len(name))
+	case strings.IndexByte(name, 0) >= 0:
+		return fmt.Errorf("%w: NUL byte in name", ErrInvalidPath)
+	}
+	return nil
+}
+
+// child resolves directory dir for adding name under it.
+func (w *Writer) child(dir Node, name string) (int32, error) {
+	if err := w.usable(); err != nil {
+		return -1, err
+	}
+	if err := checkName(name); err != nil {
+		return -1, fmt.Errorf("daxfs: %w", err)
+	}
+	if dir.ent < 0 || int(dir.ent) >= w.ents.n || w.ents.at(dir.ent).dead || !w.isDirEnt(dir.ent) {
+		return -1, fmt.Errorf("daxfs: %s: %w: not a live directory of this image", name, ErrNotDir)
+	}
+	return dir.ent, nil
+}
+
+// AddChild adds or replaces entry name in directory dir, as Add does for
+// the path of dir joined with name (h.Path is ignored), and returns it.
+func (w *Writer) AddChild(dir Node, name string, h *Header, data io.Reader) (Node, error) {
+	parent, err := w.child(dir, name)
+	if err != nil {
+		return Node{-1}, err
+	}
+	n, ex, err := w.prepare(h, name)
+	if err != nil {
+		return Node{-1}, err
+	}
+	e, err := w.put(parent, name, name, n, ex, data, -1, 0)
+	return Node{e}, err
+}
+
+// AddExternalChild is AddExternal by directory and name.
+func (w *Writer) AddExternalChild(dir Node, name string, h *Header, ref int, offset uint64) (Node, error) {
+	parent, err := w.child(dir, name)
+	if err != nil {
+		return Node{-1}, err
+	}
+	if h.Mode&ModeTypeMask != ModeRegular {
+		return Node{-1}, fmt.Errorf("daxfs: %s: %w: external data for a non-regular file", name, ErrInvalidHeader)
+	}
+	if ref < 0 || ref > math.MaxInt32 {
+		return Node{-1}, fmt.Errorf("daxfs: %s: %w: external ref %d", name, ErrInvalidHeader, ref)
+	}
+	n, ex, err := w.prepare(h, name)
+	if err != nil {
+		return Node{-1}, err
+	}
+	e, err := w.put(parent, name, name, n, ex, nil, int32(ref), offset)
+	return Node{e}, err
+}
+
+// LinkChild adds name in directory dir as another name of target's inode
+// (not a directory), as Link does without attributes.
+func (w *Writer) LinkChild(dir Node, name string, target Node) error {
+	parent, err := w.child(dir, name)
+	if err != nil {
+		return err
+	}
+	if target.ent < 0 || int(target.ent) >= w.ents.n || w.ents.at(target.ent).dead {
+		return fmt.Errorf("daxfs: link %s: %w: target is not a live entry", name, ErrNotExist)
+	}
+	node := w.ents.at(target.ent).node
+	if w.nodes.at(node).dir >= 0 {
+		return fmt.Errorf("daxfs: link %s: %w: hard link to a directory", name, ErrInvalidHeader)
+	}
+	w.bind(parent, name, node)
+	return nil
 }
 
 // copyData copies size bytes from r to the next page-aligned run of the
