@@ -43,7 +43,7 @@ func TarSize(ra io.ReaderAt, size int64) (int64, bool) {
 		return isize, true
 	case FormatZstd:
 		var h zstd.Header
-		if err := h.Decode(head[:n]); err == nil && h.HasFCS {
+		if err := h.Decode(head[:n]); err == nil && h.HasFCS && h.FrameContentSize <= 1<<62 {
 			return int64(h.FrameContentSize), true
 		}
 	}
