@@ -60,7 +60,7 @@ func newTestSnapshotter(ctx context.Context, root string, configure ...func(*Con
 		return nil, nil, err
 	}
 	fuseState := filepath.Join(root, "fuse")
-	mnt, err := mounter.NewFUSE(ctx, mounter.FUSEOptions{StateDir: fuseState, Binary: daemonBinary, Validate: true})
+	mnt, err := mounter.New(ctx, mounter.ModeFUSE, mounter.FUSEOptions{StateDir: fuseState, Binary: daemonBinary, Validate: true})
 	if err != nil {
 		region.Close()
 		return nil, nil, err

@@ -15,12 +15,10 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 )
 
@@ -259,14 +257,14 @@ func (t *viewTable) adopt(ctx context.Context) error {
 		return fmt.Errorf("listing existing view mounts: %w", err)
 	}
 	mnt := filepath.Join(t.s.root, "mnt")
-	infos, err = withKernelViewMounts(infos, mnt)
-	if err != nil {
-		return fmt.Errorf("listing existing view mounts: %w", err)
+	dirs := map[string]bool{mnt: true}
+	if real, err := filepath.EvalSymlinks(mnt); err == nil {
+		dirs[real] = true // mountinfo shows resolved paths
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, mi := range infos {
-		if filepath.Dir(mi.Target) != mnt || mi.State == "detached" {
+		if !dirs[filepath.Dir(mi.Target)] || mi.State == mounter.StateDetached {
 			// Detached connections still serve overlays of containers
 			// that ran before, but are no mount point to hand out.
 			continue
@@ -281,7 +279,7 @@ func (t *viewTable) adopt(ctx context.Context) error {
 				continue
 			}
 		}
-		vm := &viewMount{dir: mi.Target, done: make(chan struct{})}
+		vm := &viewMount{dir: t.dir(key), done: make(chan struct{})}
 		close(vm.done)
 		t.mounted[key] = vm
 		log.G(ctx).WithField("view", key).Info("adopted mounted view")
@@ -314,43 +312,6 @@ func (t *viewTable) adopt(ctx context.Context) error {
 	return err
 }
 
-// withKernelViewMounts adds to infos the kernel mounts (erofs, the daxfs
-// module) under mnt that the mounter did not list: views a run in another
-// mount mode left, which keep working without any process and are adopted
-// like the mounter's own. (FUSE mounts are listed only by their serving
-// process, which knows they are alive.)
-func withKernelViewMounts(infos []mounter.MountInfo, mnt string) ([]mounter.MountInfo, error) {
-	real := mnt
-	if r, err := filepath.EvalSymlinks(mnt); err == nil {
-		real = r
-	}
-	listed := map[string]bool{}
-	for _, mi := range infos {
-		listed[filepath.Base(mi.Target)] = true
-	}
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return nil, err
-	}
-	for _, m := range ms {
-		if filepath.Dir(m.MountPoint) != real || listed[filepath.Base(m.MountPoint)] {
-			continue
-		}
-		kind := ""
-		switch m.FSType {
-		case mounter.EROFSFSType:
-			kind = mounter.KindEROFS
-		case mounter.KernelFSType:
-			kind = mounter.KindKernel
-		default:
-			continue
-		}
-		listed[filepath.Base(m.MountPoint)] = true
-		infos = append(infos, mounter.MountInfo{Target: filepath.Join(mnt, filepath.Base(m.MountPoint)), Kind: kind, State: "mounted"})
-	}
-	return infos, nil
-}
-
 // exists reports whether snapshot name is in the metadata store.
 func (t *viewTable) exists(ctx context.Context, name string) bool {
 	err := t.s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
@@ -358,20 +319,6 @@ func (t *viewTable) exists(ctx context.Context, name string) bool {
 		return err
 	})
 	return err == nil
-}
-
-// unmount takes a view off dir: through the mounter, or, for a kernel
-// mount the mounter does not know (adopted from a run in another mode),
-// with a lazy detach.
-func (t *viewTable) unmount(ctx context.Context, dir string) error {
-	err := t.s.mounter.Unmount(ctx, dir)
-	if err == nil || !errdefs.IsNotFound(err) {
-		return err
-	}
-	if derr := unix.Unmount(dir, unix.MNT_DETACH); derr == nil {
-		return nil
-	}
-	return err
 }
 
 // keyOf returns the view key, chain key and layer entries (bottom first) of
@@ -482,7 +429,8 @@ func (t *viewTable) cleanup(ctx context.Context) error {
 		if time.Now().Before(vm.warmUntil) && t.exists(ctx, vm.warmName) {
 			continue // warmed for an image that is still here
 		}
-		if err := t.unmount(ctx, vm.dir); err != nil {
+		// NotFound: something else took it off already.
+		if err := t.s.mounter.Unmount(ctx, vm.dir); err != nil && !errdefs.IsNotFound(err) {
 			errs = append(errs, fmt.Errorf("unmounting view %s: %w", key, err))
 			continue
 		}
@@ -550,7 +498,7 @@ func (t *viewTable) mount(ctx context.Context, key, chain digest.Digest, layers 
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	if err := detachStale(ctx, dir); err != nil {
+	if err := mounter.DetachStale(ctx, dir); err != nil {
 		_ = t.s.region.Unref(daxmem.KindView, e.Key)
 		return err
 	}
@@ -565,31 +513,6 @@ func (t *viewTable) mount(ctx context.Context, key, chain digest.Digest, layers 
 	t.s.metrics.ViewsMounted.Add(1)
 	log.G(ctx).WithField("chain", chain).WithField("view", key).WithField("layers", len(layers)).
 		WithField("build", built).WithField("total", time.Since(start)).Debug("view mounted")
-	return nil
-}
-
-// detachStale lazily detaches whatever is mounted on dir: a view mount
-// the mounter did not list at start (made in another mount mode, or before
-// the root moved behind a symlink). Stacking a new mount on it would leak
-// the old one; overlays that still use it keep it until they go.
-func detachStale(ctx context.Context, dir string) error {
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return err
-	}
-	real := dir
-	if r, err := filepath.EvalSymlinks(dir); err == nil {
-		real = r
-	}
-	for _, m := range ms {
-		if m.MountPoint != real {
-			continue
-		}
-		log.G(ctx).WithField("dir", dir).WithField("fstype", m.FSType).Warn("detaching a view mount the mounter did not adopt")
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
-			return fmt.Errorf("detaching the stale mount on %s: %w", dir, err)
-		}
-	}
 	return nil
 }
 
