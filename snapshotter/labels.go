@@ -44,6 +44,13 @@ const (
 	labelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
 )
 
+// isExtraction reports whether labels are those of an extraction
+// snapshot: containerd's unpacker names the layer it unpacks.
+func isExtraction(labels map[string]string) bool {
+	_, ok := labels[labelDiffID]
+	return ok && labels[labelSnapshotRef] != ""
+}
+
 // withoutPrivate returns labels without keys under our prefix.
 func withoutPrivate(labels map[string]string) map[string]string {
 	out := make(map[string]string, len(labels))

@@ -15,7 +15,11 @@
 //	snapshots/<id>/fs     upper directory of an active snapshot
 //	snapshots/<id>/work   overlay work directory
 //	snapshots/<id>/stage  extraction state (JSON) of an unpack snapshot
-//	mnt/<chain>           mounted views, one per chain in use
+//	mnt/<view key>        mounted views, one per chain in use
+//
+// In memory are only the table of mounted views and their users
+// (viewmounts.go), rebuilt at start from the mounter, and the timers of
+// views to warm (warm.go).
 package snapshotter
 
 import (
@@ -78,7 +82,9 @@ type Snapshotter struct {
 	limits  converter.Limits
 	content ContentFunc
 
-	views   *viewTable
+	views   *viewMounts
+	warmer  *warmer // nil: views are not warmed
+	warmFor time.Duration
 	metrics Metrics
 	// refMu orders our region reference changes on layers (Commit's Ref
 	// and Remove's Unref) with the metadata that decides them.
@@ -125,9 +131,13 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		maxSize: cfg.MaxLayerSize,
 		limits:  cfg.Limits,
 		content: cfg.Content,
+		views:   newViewMounts(filepath.Join(cfg.Root, "mnt"), cfg.Mounter),
+		warmFor: cfg.WarmViews,
 	}
-	s.views = newViewTable(s, cfg.WarmViews)
-	if err := s.views.adopt(ctx); err != nil {
+	if cfg.WarmViews > 0 {
+		s.warmer = newWarmer(warmDelay, s.warmView)
+	}
+	if err := s.adoptViews(ctx); err != nil {
 		ms.Close()
 		return nil, err
 	}
@@ -369,23 +379,16 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 	var st *stage
 	if kind == snapshots.KindActive {
-		if d, ok := info.Labels[labelDiffID]; ok && info.Labels[labelSnapshotRef] != "" {
+		if isExtraction(info.Labels) {
+			d := info.Labels[labelDiffID]
 			diffID, err := digest.Parse(d)
 			if err != nil {
 				return nil, fmt.Errorf("label %s=%q of %s: %w", labelDiffID, d, key, errdefs.ErrInvalidArgument)
 			}
 			st = &stage{DiffID: diffID}
-			// The unpacker builds the next layer on parent (or, in a
-			// parallel unpack, on the chain it names): that is not the
-			// top of the image and needs no warm view.
-			s.views.built(parent)
-			if s.views.extraction(key, info.Labels[labelParentChain]) {
-				defer func() {
-					if retErr != nil {
-						s.views.extractionDone(key)
-					}
-				}()
-			}
+			// The unpacker builds the next layer on parent: not the
+			// top of the image, it needs no warm view.
+			s.warmer.cancel(parent)
 			if e, ok := s.provenHit(keyNamespace(ctx, key), diffID, info.Labels); ok {
 				// Reference it now: containerd may commit it much later
 				// (parallel unpacks commit in order), and GC must not
@@ -447,6 +450,11 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 		return nil, fmt.Errorf("creating snapshot %s: %w", key, err)
 	}
+	if st != nil {
+		// In a parallel unpack the layer will be committed over the
+		// chain its label names: not the top of the image either.
+		s.warmer.cancelChain(info.Labels[labelParentChain])
+	}
 	defer func() {
 		if retErr != nil {
 			if err := s.Remove(ctx, key); err != nil {
@@ -488,7 +496,7 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 	}
 	lower := s.emptyDir()
 	if len(snap.ParentIDs) > 0 && !staging {
-		dir, err := s.views.acquire(ctx, info.Parent, snap.ID)
+		dir, err := s.acquireView(ctx, info.Parent, snap.ID)
 		if err != nil {
 			return nil, fmt.Errorf("view of %s for %s: %w", info.Parent, info.Name, err)
 		}
@@ -595,13 +603,38 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return fmt.Errorf("committing snapshot %s as %s: %w", key, name, err)
 	}
-	s.views.release(ctx, id)
+	s.views.release(id)
 	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the committed snapshot's directory")
 	}
-	s.views.extractionDone(key)
-	s.views.committed(name, parent, info.Labels[labelSnapshotRef])
+	// The parent is an intermediate layer; name's view is warmed unless
+	// a layer is to follow it or something builds on it first. Mounting
+	// the view ahead of the first container takes building the view and
+	// mounting it (tens of milliseconds for a Debian image) off the
+	// container's start.
+	s.warmer.cancel(parent)
+	chain := info.Labels[labelSnapshotRef]
+	s.warmer.schedule(name, chain, func() bool { return s.awaited(ctx, chain) })
 	return nil
+}
+
+// awaited reports whether an extraction snapshot in flight is to be
+// committed over chain ID chain (its parent-chain-id label).
+func (s *Snapshotter) awaited(ctx context.Context, chain string) bool {
+	found := false
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			if info.Kind == snapshots.KindActive && isExtraction(info.Labels) && info.Labels[labelParentChain] == chain {
+				found = true
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("chain", chain).Debug("cannot tell whether a layer follows: not warming its view")
+		return true
+	}
+	return found
 }
 
 // Remove removes a snapshot. Its layer stays in the region while another
@@ -643,9 +676,8 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil {
 		return fmt.Errorf("removing snapshot %s: %w", key, err)
 	}
-	s.views.release(ctx, id)
-	s.views.built(key)
-	s.views.extractionDone(key)
+	s.views.release(id)
+	s.warmer.cancel(key)
 	if err := os.RemoveAll(filepath.Join(s.root, "snapshots", id)); err != nil {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("removing the snapshot's directory")
 	}
@@ -734,7 +766,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("removing a stale snapshot directory")
 		}
 	}
-	return s.views.cleanup(ctx)
+	return s.cleanupViews(ctx)
 }
 
 // Close closes the metadata store. Mounted views stay mounted: running
@@ -742,7 +774,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 func (s *Snapshotter) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
-		s.views.stopWarming()
+		s.warmer.stop()
 		err = s.ms.Close()
 	})
 	return err
