@@ -9,10 +9,10 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/fusesrv"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/internal/mtest"
@@ -77,7 +77,7 @@ func TestAutoMountsWithEROFS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.(*autoMounter).erofs == nil {
+	if m.(*imageMounter).erofs == nil {
 		t.Fatal("auto mode did not pick erofs on a kernel with erofs and loop devices")
 	}
 	dir := t.TempDir()
@@ -97,12 +97,12 @@ func TestAutoMountsWithEROFS(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Unmount(target, unix.MNT_DETACH) })
-	ms, err := mountinfo.Read()
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, e := range ms {
-		if e.MountPoint == target && e.FSType != EROFSFSType {
+		if e.Mountpoint == target && e.FSType != EROFSFSType {
 			t.Fatalf("%s is mounted as %s, want erofs", target, e.FSType)
 		}
 	}

@@ -12,6 +12,8 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -98,7 +100,15 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	if !ok {
 		return ocispec.Descriptor{}, fmt.Errorf("mounts are not a daxfs extraction snapshot: %w", errdefs.ErrNotImplemented)
 	}
-	st, ok, err := s.readStage(id)
+	var (
+		info snapshots.Info
+		st   stage
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		info, st, ok, err = extraction(ctx, id)
+		return err
+	})
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
@@ -107,7 +117,7 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 		// applies into its upper and Commit converts it.
 		return ocispec.Descriptor{}, fmt.Errorf("snapshot %s is not an extraction snapshot: %w", id, errdefs.ErrNotImplemented)
 	}
-	if st.Hit || st.Applied {
+	if st.staged() {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s is already in the region: %w", st.DiffID, errdefs.ErrFailedPrecondition)
 	}
 	content, ok := converter.ContentOf(desc.MediaType)
@@ -145,12 +155,47 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
 	}
-	st.Applied, st.Layer = true, res.layer
-	if err := s.writeStage(id, st); err != nil {
-		s.unref(ctx, res.layer)
-		return ocispec.Descriptor{}, err
+	if err := s.recordApplied(ctx, id, info.Name, st.DiffID, res.layer); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
 	}
 	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID, Size: res.tarSize}, nil
+}
+
+// recordApplied records in the stage of extraction snapshot name (ID id)
+// that our differ applied its layer diffID as region image layer, which
+// apply referenced. The reference is taken again under refMu, since a Remove
+// may have dropped it meanwhile (no snapshot recorded it yet); if the
+// snapshot was removed or applied meanwhile, it is given back unless
+// another snapshot uses the image.
+func (s *Snapshotter) recordApplied(ctx context.Context, id, name string, diffID, layer digest.Digest) error {
+	s.refMu.Lock()
+	defer s.refMu.Unlock()
+	if err := s.refLayer(layer); err != nil {
+		return err
+	}
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		sid, info, _, err := storage.GetInfo(ctx, name)
+		if err != nil {
+			return err
+		}
+		if sid != id {
+			return fmt.Errorf("snapshot %s was removed while its layer was applied: %w", name, errdefs.ErrNotFound)
+		}
+		st, ok, err := stageOf(info)
+		if err != nil {
+			return err
+		}
+		if !ok || st.DiffID != diffID || st.staged() {
+			return fmt.Errorf("snapshot %s changed while its layer was applied: %w", name, errdefs.ErrFailedPrecondition)
+		}
+		st.Applied, st.Layer = true, layer
+		return setStage(ctx, info, st)
+	})
+	if err != nil {
+		s.unrefUnlessUsed(ctx, layer)
+		return fmt.Errorf("recording the applied layer: %w", err)
+	}
+	return nil
 }
 
 // applied is what apply did: the layer image the extraction snapshot now

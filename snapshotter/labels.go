@@ -19,11 +19,29 @@ import (
 const (
 	labelPrefix = "io.containerd.daxfs.v1/"
 	// labelLayer holds the region key (a digest) of the layer image a
-	// committed snapshot adds on top of its parent.
+	// snapshot references, which our region reference follows: the layer
+	// a committed snapshot adds on top of its parent, or the image an
+	// extraction snapshot's region hit or apply referenced.
 	labelLayer = labelPrefix + "layer"
 	// labelChain holds the chain key of a committed snapshot: the region
 	// key of the view that merges it with all its parents.
 	labelChain = labelPrefix + "chain"
+	// labelExtract marks an extraction snapshot: the diffID of the layer
+	// containerd unpacks into it (see stage).
+	labelExtract = labelPrefix + "extract"
+	// labelStaged says how an extraction snapshot got its layer, if it
+	// has: stagedHit or stagedApplied.
+	labelStaged = labelPrefix + "staged"
+)
+
+// Values of labelStaged.
+const (
+	// stagedHit: the region held the layer at Prepare; the snapshot's
+	// mount is read-only and nothing is applied.
+	stagedHit = "hit"
+	// stagedApplied: our differ wrote the layer image into the region
+	// (or proved the region's image to be the blob's).
+	stagedApplied = "applied"
 )
 
 // Labels containerd's unpacker sets on an extraction Prepare.
@@ -43,6 +61,13 @@ const (
 	// layer, set by the same handler.
 	labelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
 )
+
+// isExtraction reports whether labels are those of an extraction
+// snapshot: containerd's unpacker names the layer it unpacks.
+func isExtraction(labels map[string]string) bool {
+	_, ok := labels[labelDiffID]
+	return ok && labels[labelSnapshotRef] != ""
+}
 
 // withoutPrivate returns labels without keys under our prefix.
 func withoutPrivate(labels map[string]string) map[string]string {

@@ -16,6 +16,7 @@ import (
 	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/platforms"
+	"github.com/moby/sys/mountinfo"
 
 	"github.com/opencontainers/go-digest"
 
@@ -23,7 +24,6 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/converter/imageconv"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
@@ -64,17 +64,17 @@ var mountModes = []struct{ mode, fstype string }{
 // file system type fstype, and there is at least one.
 func requireViewFSType(t *testing.T, d *daxfsDaemon, fstype string) {
 	t.Helper()
-	ms, err := mountinfo.Read()
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	n := 0
 	for _, m := range ms {
-		if filepath.Dir(m.MountPoint) != filepath.Join(d.Root, "mnt") {
+		if filepath.Dir(m.Mountpoint) != filepath.Join(d.Root, "mnt") {
 			continue
 		}
 		if m.FSType != fstype {
-			t.Fatalf("view %s is mounted as %s, want %s", m.MountPoint, m.FSType, fstype)
+			t.Fatalf("view %s is mounted as %s, want %s", m.Mountpoint, m.FSType, fstype)
 		}
 		n++
 	}

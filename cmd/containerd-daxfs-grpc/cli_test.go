@@ -10,9 +10,9 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 )
 
@@ -144,13 +144,13 @@ func TestMountUmount(t *testing.T) {
 			if b, err := os.ReadFile(filepath.Join(mnt, "etc", "greeting")); err != nil || string(b) != "hello from the image\n" {
 				t.Fatalf("read through the mount: %q %v", b, err)
 			}
-			ms, err := mountinfo.Read()
+			ms, err := mountinfo.GetMounts(nil)
 			if err != nil {
 				t.Fatal(err)
 			}
 			found := false
 			for _, m := range ms {
-				if m.MountPoint == mnt {
+				if m.Mountpoint == mnt {
 					found = m.FSType == tc.fstype
 				}
 			}
