@@ -142,7 +142,17 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	ctx = namespaces.WithNamespace(ctx, ns)
 	start := time.Now()
 	log.G(ctx).WithField("blob", desc.Digest).Debug("apply")
-	res, err := d.apply(ctx, desc, content, st)
+	diffID, proven := st.DiffID, false
+	if diffID == "" {
+		// The unpacker did not name the layer (containerd 2.2's client
+		// unpack): its diffID is the digest of the blob's content,
+		// which proves the blob to be that layer.
+		if diffID, err = d.contentDigest(ctx, desc); err != nil {
+			return ocispec.Descriptor{}, fmt.Errorf("layer %s: %w", desc.Digest, err)
+		}
+		proven = true
+	}
+	res, err := d.apply(ctx, desc, content, diffID, proven)
 	if err != nil || res.size > 0 {
 		s.metrics.converted(res.size, time.Since(start), err)
 	}
@@ -153,12 +163,12 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 		s.metrics.LayersShared.Add(1)
 	}
 	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, diffID, err)
 	}
-	if err := s.recordApplied(ctx, id, info.Name, st.DiffID, res.layer); err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, st.DiffID, err)
+	if err := s.recordApplied(ctx, id, info.Name, st.DiffID, diffID, res.layer); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("layer %s (diffID %s): %w", desc.Digest, diffID, err)
 	}
-	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: st.DiffID, Size: res.tarSize}, nil
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: diffID, Size: res.tarSize}, nil
 }
 
 // recordApplied records in the stage of extraction snapshot name (ID id)
@@ -167,7 +177,7 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 // may have dropped it meanwhile (no snapshot recorded it yet); if the
 // snapshot was removed or applied meanwhile, it is given back unless
 // another snapshot uses the image.
-func (s *Snapshotter) recordApplied(ctx context.Context, id, name string, diffID, layer digest.Digest) error {
+func (s *Snapshotter) recordApplied(ctx context.Context, id, name string, was, diffID, layer digest.Digest) error {
 	s.refMu.Lock()
 	defer s.refMu.Unlock()
 	if err := s.refLayer(layer); err != nil {
@@ -185,10 +195,10 @@ func (s *Snapshotter) recordApplied(ctx context.Context, id, name string, diffID
 		if err != nil {
 			return err
 		}
-		if !ok || st.DiffID != diffID || st.staged() {
+		if !ok || st.DiffID != was || st.staged() {
 			return fmt.Errorf("snapshot %s changed while its layer was applied: %w", name, errdefs.ErrFailedPrecondition)
 		}
-		st.Applied, st.Layer = true, layer
+		st.DiffID, st.Applied, st.Layer = diffID, true, layer
 		return setStage(ctx, info, st)
 	})
 	if err != nil {
@@ -220,16 +230,20 @@ type applied struct {
 // to one in the region, shared); the blob's digest is recorded as an
 // alias either way, so the next participant or namespace with this blob
 // converts nothing.
-func (d *Differ) apply(ctx context.Context, desc ocispec.Descriptor, content converter.Content, st stage) (applied, error) {
-	key, err := regionKey(st.DiffID)
+func (d *Differ) apply(ctx context.Context, desc ocispec.Descriptor, content converter.Content, diffID digest.Digest, proven bool) (applied, error) {
+	key, err := regionKey(diffID)
 	if err != nil {
 		return applied{}, err
 	}
 	for {
 		if e, ok := d.s.region.Resolve(key); ok {
-			return d.prove(ctx, desc, e, st.DiffID)
+			if proven {
+				d.recordBlob(ctx, desc, digest.Digest(e.Key.String()))
+				return d.reference(ctx, e, 0)
+			}
+			return d.prove(ctx, desc, e, diffID)
 		}
-		res, err := d.convert(ctx, desc, content, key, st.DiffID)
+		res, err := d.convert(ctx, desc, content, key, diffID)
 		if errors.Is(err, errPublishedMeanwhile) {
 			continue // the region has it now: prove ours against it
 		}
@@ -255,15 +269,7 @@ func (d *Differ) prove(ctx context.Context, desc ocispec.Descriptor, e daxmem.En
 			return d.reference(ctx, e, 0)
 		}
 	}
-	ra, err := d.openBlob(ctx, desc)
-	if err != nil {
-		return applied{}, fmt.Errorf("opening blob: %w", err)
-	}
-	defer ra.Close()
-	blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
-	defer blob.Close()
-	cr := &countReader{r: blob}
-	got, err := converter.ContentDigest(ctx, cr)
+	got, err := d.contentDigest(ctx, desc)
 	if err != nil {
 		return applied{}, err
 	}
@@ -271,7 +277,20 @@ func (d *Differ) prove(ctx context.Context, desc ocispec.Descriptor, e daxmem.En
 		return applied{}, fmt.Errorf("wrong diff id %s calculated from the blob, the image says %s: %w", got, diffID, errdefs.ErrFailedPrecondition)
 	}
 	d.recordBlob(ctx, desc, digest.Digest(e.Key.String()))
-	return d.reference(ctx, e, cr.n)
+	return d.reference(ctx, e, 0)
+}
+
+// contentDigest reads blob desc (of the caller's namespace) and returns
+// the digest of its decompressed content.
+func (d *Differ) contentDigest(ctx context.Context, desc ocispec.Descriptor) (digest.Digest, error) {
+	ra, err := d.openBlob(ctx, desc)
+	if err != nil {
+		return "", fmt.Errorf("opening blob: %w", err)
+	}
+	defer ra.Close()
+	blob := newPrefetchReader(ctx, ra, ra.Size(), 4)
+	defer blob.Close()
+	return converter.ContentDigest(ctx, blob)
 }
 
 // recordBlob records blob desc as an alias of region layer image layer, so
@@ -310,18 +329,6 @@ func (d *Differ) reference(ctx context.Context, e daxmem.Entry, read int64) (app
 	}
 	d.s.metrics.RegionHits.Add(1)
 	return applied{layer: digest.Digest(e.Key.String()), tarSize: read}, nil
-}
-
-// countReader counts the bytes read through it.
-type countReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
 }
 
 // convert streams blob desc into a layer image in the region under key

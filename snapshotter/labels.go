@@ -27,7 +27,8 @@ const (
 	// key of the view that merges it with all its parents.
 	labelChain = labelPrefix + "chain"
 	// labelExtract marks an extraction snapshot: the diffID of the layer
-	// containerd unpacks into it (see stage).
+	// containerd unpacks into it (see stage), or extractUnknown until our
+	// differ has computed it (an unpacker that does not name it).
 	labelExtract = labelPrefix + "extract"
 	// labelStaged says how an extraction snapshot got its layer, if it
 	// has: stagedHit or stagedApplied.
@@ -62,11 +63,26 @@ const (
 	labelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
 )
 
-// isExtraction reports whether labels are those of an extraction
-// snapshot: containerd's unpacker names the layer it unpacks.
-func isExtraction(labels map[string]string) bool {
-	_, ok := labels[labelDiffID]
-	return ok && labels[labelSnapshotRef] != ""
+// isExtraction reports whether a snapshot is an unpacker's extraction
+// snapshot: containerd's unpacker labels it with the chain it will commit
+// (snapshot.ref) and the layer's diffID; the Go client's own unpack
+// (rootfs.ApplyLayer, which nerdctl uses) labels it with nothing but names
+// it as every unpacker does, "extract-<unique> <chain ID>"
+// (snapshots.UnpackKeyFormat). Without the diffID, our differ learns it
+// from the blob.
+func isExtraction(key string, labels map[string]string) bool {
+	if labels[labelSnapshotRef] != "" {
+		return true
+	}
+	// containerd prefixes a proxy snapshotter's keys with
+	// "<namespace>/<id>/"; an unpack key holds no slash.
+	name := key[strings.LastIndexByte(key, '/')+1:]
+	rest, ok := strings.CutPrefix(name, snapshots.UnpackKeyPrefix+"-")
+	if !ok {
+		return false
+	}
+	_, chain, ok := strings.Cut(rest, " ")
+	return ok && digest.Digest(chain).Validate() == nil
 }
 
 // withoutPrivate returns labels without keys under our prefix.

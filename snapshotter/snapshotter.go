@@ -297,18 +297,21 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		hit *daxmem.Entry
 	)
 	if kind == snapshots.KindActive {
-		if isExtraction(info.Labels) {
-			d := info.Labels[labelDiffID]
-			diffID, err := digest.Parse(d)
-			if err != nil {
-				return nil, fmt.Errorf("label %s=%q of %s: %w", labelDiffID, d, key, errdefs.ErrInvalidArgument)
+		if isExtraction(key, info.Labels) {
+			var diffID digest.Digest
+			if d, ok := info.Labels[labelDiffID]; ok {
+				if diffID, err = digest.Parse(d); err != nil {
+					return nil, fmt.Errorf("label %s=%q of %s: %w", labelDiffID, d, key, errdefs.ErrInvalidArgument)
+				}
 			}
 			st = &stage{DiffID: diffID}
 			// The unpacker builds the next layer on parent: not the
 			// top of the image, it needs no warm view.
 			s.warmer.cancel(parent)
-			if e, ok := s.provenHit(keyNamespace(ctx, key), diffID, info.Labels); ok {
-				hit = &e
+			if diffID != "" {
+				if e, ok := s.provenHit(keyNamespace(ctx, key), diffID, info.Labels); ok {
+					hit = &e
+				}
 			}
 		}
 	}
@@ -533,7 +536,7 @@ func (s *Snapshotter) awaited(ctx context.Context, chain string) bool {
 	found := false
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
-			if info.Kind == snapshots.KindActive && isExtraction(info.Labels) && info.Labels[labelParentChain] == chain {
+			if info.Kind == snapshots.KindActive && isExtraction(info.Name, info.Labels) && info.Labels[labelParentChain] == chain {
 				found = true
 			}
 			return nil

@@ -15,7 +15,8 @@ import (
 // kept in the snapshot's private labels (labelExtract, labelStaged,
 // labelLayer), written in the metadata transactions that change it.
 type stage struct {
-	// DiffID is the layer containerd unpacks into this snapshot.
+	// DiffID is the layer containerd unpacks into this snapshot; empty
+	// until our differ computed it when the unpacker did not name it.
 	DiffID digest.Digest
 	// Hit: the region held the layer at Prepare; nothing is applied.
 	Hit bool
@@ -41,9 +42,16 @@ func (st stage) layer() digest.Digest {
 // apply, and so references the layer image.
 func (st stage) staged() bool { return st.Hit || st.Applied }
 
+// extractUnknown is labelExtract's value until the diffID is known: the
+// metadata store drops labels with empty values.
+const extractUnknown = "unknown"
+
 // labels returns the stage as private labels.
 func (st stage) labels() map[string]string {
 	l := map[string]string{labelExtract: st.DiffID.String()}
+	if st.DiffID == "" {
+		l[labelExtract] = extractUnknown
+	}
 	switch {
 	case st.Hit:
 		l[labelStaged] = stagedHit
@@ -63,9 +71,12 @@ func stageOf(info snapshots.Info) (stage, bool, error) {
 	if !ok || info.Kind != snapshots.KindActive {
 		return stage{}, false, nil
 	}
-	diffID, err := digest.Parse(d)
-	if err != nil {
-		return stage{}, false, fmt.Errorf("extraction state of snapshot %s is damaged (%s=%q): %w", info.Name, labelExtract, d, errdefs.ErrDataLoss)
+	var diffID digest.Digest
+	if d != extractUnknown {
+		var err error
+		if diffID, err = digest.Parse(d); err != nil {
+			return stage{}, false, fmt.Errorf("extraction state of snapshot %s is damaged (%s=%q): %w", info.Name, labelExtract, d, errdefs.ErrDataLoss)
+		}
 	}
 	st := stage{DiffID: diffID}
 	switch info.Labels[labelStaged] {
@@ -76,6 +87,9 @@ func stageOf(info snapshots.Info) (stage, bool, error) {
 		st.Applied = true
 	default:
 		return stage{}, false, fmt.Errorf("extraction state of snapshot %s is damaged (%s=%q): %w", info.Name, labelStaged, info.Labels[labelStaged], errdefs.ErrDataLoss)
+	}
+	if st.staged() && diffID == "" {
+		return stage{}, false, fmt.Errorf("extraction state of snapshot %s is damaged (staged without a diffID): %w", info.Name, errdefs.ErrDataLoss)
 	}
 	if st.staged() {
 		st.Layer = digest.Digest(info.Labels[labelLayer])

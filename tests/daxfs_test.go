@@ -476,3 +476,29 @@ func TestDaxfsPreconvertedManyFiles(t *testing.T) {
 		t.Fatalf("container output %q", out)
 	}
 }
+
+// TestDaxfsClientUnpack unpacks with the Go client's Image.Unpack, which
+// names its extraction snapshots ("extract-<unique> <chain ID>") but
+// labels them with nothing, not even the layer's diffID: our differ learns
+// each diffID from its blob and converts the layer straight into the
+// region, instead of leaving it to the walking differ.
+func TestDaxfsClientUnpack(t *testing.T) {
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ref := "docker.io/library/greeting:unpack"
+	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), ref)
+	ctrd.CtrOK(t, "image", "import", "--no-unpack", archive)
+	cl := ctrd.Client(t)
+	ctx := ctrd.Context(context.Background())
+	img, err := cl.GetImage(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Unpack(ctx, "daxfs"); err != nil {
+		t.Fatalf("Image.Unpack: %v", err)
+	}
+	requireApplied(t, d, built)
+	if m := d.metrics(t); m["daxfs_layers_converted_total"] != float64(len(built.DiffIDs)) {
+		t.Fatalf("%v layers converted, want %d (by our differ, none at commit)", m["daxfs_layers_converted_total"], len(built.DiffIDs))
+	}
+	runGreetingOn(t, ctrd, "daxfs", ref, "unpacked")
+}
