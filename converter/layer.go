@@ -53,7 +53,7 @@ func DetectFormat(head []byte) Format {
 		return FormatGzip
 	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == 0xfd2fb528:
 		return FormatZstd
-	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == daxfs.SuperMagic:
+	case daxfs.HasMagic(head):
 		return FormatDAXFS
 	}
 	return FormatTar

@@ -169,7 +169,7 @@ func (im *Image) checkInodes() error {
 				return im.inodeErr(ino, "directory sizes add up to more than the base image (%d bytes)", len(im.base))
 			}
 			if c := in.Size / DirentSize; c > 0 {
-				if _, err := im.span(in.DataOffset, (c-1)*DirentStride+16, "directory entries", ino); err != nil {
+				if _, err := im.span(in.DataOffset, (c-1)*DirentStride+direntName, "directory entries", ino); err != nil {
 					return im.withPath(ino, err)
 				}
 			}
@@ -315,14 +315,14 @@ func (v *validator) checkExt() error {
 			}
 			continue
 		}
-		if nsec := le.Uint32(r[8:]); nsec >= 1e9 {
+		if nsec := erMtimeNsec.get(r); nsec >= 1e9 {
 			return corrupt("inode %d: mtime nanoseconds %d (rule: < 1e9)", ino, nsec)
 		}
 		typ := in.Mode & ModeTypeMask
-		if rdev := le.Uint64(r[16:]); rdev != 0 && typ != ModeChar && typ != ModeBlock {
+		if rdev := erRdev.get(r); rdev != 0 && typ != ModeChar && typ != ModeBlock {
 			return corrupt("inode %d: rdev %#x on a non-device (rule: rdev only for devices)", ino, rdev)
 		}
-		cnt, off := le.Uint32(r[12:]), le.Uint64(r[24:])
+		cnt, off := erXattrCount.get(r), erXattrOff.get(r)
 		if cnt == 0 {
 			if off != 0 {
 				return corrupt("inode %d: xattr offset %d with no xattrs", ino, off)
