@@ -68,7 +68,7 @@ func runServe(ctx context.Context, args []string) error {
 	override(&cfg.Region.Path, *regionPath)
 	override(&cfg.Mount.Mode, *mountMode)
 	if *regionSize != "" {
-		n, err := ParseSize(*regionSize)
+		n, err := daxmem.ParseSize(*regionSize)
 		if err != nil {
 			return err
 		}

@@ -47,7 +47,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
 	switch sub {
 	case "init":
-		fs.StringVar(&size, "size", "1G", "region size (K, M, G, T suffixes)")
+		fs.StringVar(&size, "size", "", "region size, e.g. 8G: binary units K, M, G, T, P (default 8GiB, daxmem.DefaultSize)")
 		fs.IntVar(&entries, "entries", daxmem.DefaultEntries, "index slots")
 		fs.IntVar(&parts, "participants", daxmem.DefaultParticipants, "participant slots (at most 64)")
 		fs.StringVar(&viewArea, "view-area", "", "bytes at the bottom of the data area kept for views, about 370 per file of the images in use at once (default an eighth)")
@@ -64,14 +64,14 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 	}
 	o.Backend = backendF
 	if size != "" {
-		n, err := parseSize(size)
+		n, err := daxmem.ParseSize(size)
 		if err != nil {
 			return fmt.Errorf("%w: --size: %v", ErrUsage, err)
 		}
 		o.Size = n
 	}
 	if viewArea != "" {
-		n, err := parseSize(viewArea)
+		n, err := daxmem.ParseSize(viewArea)
 		if err != nil {
 			return fmt.Errorf("%w: --view-area: %v", ErrUsage, err)
 		}
@@ -177,28 +177,6 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 		return nil
 	}
 	return errors.New("unreachable")
-}
-
-func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	u := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B"))
-	if n := len(u); n > 0 {
-		switch u[n-1] {
-		case 'K':
-			mult, u = 1<<10, u[:n-1]
-		case 'M':
-			mult, u = 1<<20, u[:n-1]
-		case 'G':
-			mult, u = 1<<30, u[:n-1]
-		case 'T':
-			mult, u = 1<<40, u[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(u, 10, 64)
-	if err != nil || v <= 0 || v > (1<<62)/mult {
-		return 0, fmt.Errorf("bad size %q", s)
-	}
-	return v * mult, nil
 }
 
 func human(n int64) string {
