@@ -168,7 +168,11 @@ func serve(ctx context.Context, cfg Config) error {
 	defer stopGC()
 	go collectGarbage(gcCtx, region, time.Duration(cfg.GC.Interval), time.Duration(cfg.GC.ReapAfter))
 	if cfg.MetricsAddress != "" {
-		if err := serveMetrics(gcCtx, cfg.MetricsAddress, sn, region); err != nil {
+		reg, err := metricsRegistry(sn.Metrics(), regionCollector{region})
+		if err != nil {
+			return err
+		}
+		if _, err := serveMetrics(gcCtx, cfg.MetricsAddress, reg); err != nil {
 			return err
 		}
 	}
