@@ -9,7 +9,6 @@ package daxfuse
 
 import (
 	"errors"
-	"log"
 	"syscall"
 	"time"
 
@@ -31,19 +30,15 @@ type FS struct {
 	fuse.RawFileSystem
 	img     *daxfs.Image
 	timeout time.Duration
-	logger  *log.Logger
 }
 
 // NewFS returns a file system serving img. timeout is the entry, attribute
 // and negative-entry timeout given to the kernel (DefaultTimeout if 0).
-func NewFS(img *daxfs.Image, timeout time.Duration, logger *log.Logger) *FS {
+func NewFS(img *daxfs.Image, timeout time.Duration) *FS {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	if logger == nil {
-		logger = log.Default()
-	}
-	return &FS{RawFileSystem: fuse.NewDefaultRawFileSystem(), img: img, timeout: timeout, logger: logger}
+	return &FS{RawFileSystem: fuse.NewDefaultRawFileSystem(), img: img, timeout: timeout}
 }
 
 // String names the file system; go-fuse uses it as the mount subtype.

@@ -7,13 +7,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log"
 	"net"
 	"os"
 	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 )
 
 // DefaultStateDir is where fuse-serve keeps its sockets unless told
@@ -33,8 +33,18 @@ func Main(ctx context.Context, args []string) error {
 	if fl.NArg() > 0 {
 		return fmt.Errorf("fuse-serve: unexpected arguments %q", fl.Args())
 	}
+	// Our output is the state directory's serve.log or holder.log.
+	if err := log.SetFormat(log.TextFormat); err != nil {
+		return err
+	}
+	if os.Getenv("DAXFUSE_DEBUG") != "" {
+		// daxfuse then logs every request, at debug level.
+		if err := log.SetLevel("debug"); err != nil {
+			return err
+		}
+	}
 	if *holderMode {
-		err := RunHolder(ctx, *state, log.New(os.Stderr, "fuse-holder: ", log.LstdFlags))
+		err := RunHolder(ctx, *state)
 		if errors.Is(err, ErrRunning) {
 			return nil
 		}

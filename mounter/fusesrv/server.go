@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"log"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
@@ -24,7 +24,6 @@ import (
 // Options configure the serving process.
 type Options struct {
 	StateDir string
-	Logger   *log.Logger
 	// Command is the argv the holder runs to start a replacement server.
 	// Default: this executable with this process's arguments.
 	Command []string
@@ -45,7 +44,7 @@ type served struct {
 // Server owns the FUSE connections.
 type Server struct {
 	opts   Options
-	logger *log.Logger
+	logger *log.Entry
 
 	mu      sync.Mutex
 	mounts  map[string]*served // by ID
@@ -61,9 +60,6 @@ type Server struct {
 func Run(ctx context.Context, opts Options) error {
 	if opts.StateDir == "" {
 		return errors.New("fuse-serve: no state directory")
-	}
-	if opts.Logger == nil {
-		opts.Logger = log.New(os.Stderr, "fuse-serve: ", log.LstdFlags)
 	}
 	if len(opts.Command) == 0 {
 		exe, err := os.Executable()
@@ -85,18 +81,18 @@ func Run(ctx context.Context, opts Options) error {
 	defer lock.Close()
 
 	s := &Server{
-		opts: opts, logger: opts.Logger,
+		opts: opts, logger: log.G(ctx).WithField("fuse", "serve").WithField("state", opts.StateDir),
 		mounts: map[string]*served{}, pending: map[string]bool{},
 		quitting: make(chan struct{}),
 	}
 	if err := s.connectHolder(ctx); err != nil {
-		s.logger.Printf("no descriptor holder (mounts will not survive this process): %v", err)
+		s.logger.WithError(err).Warn("no descriptor holder: mounts will not survive this process")
 	} else if err := s.adoptAll(); err != nil {
-		s.logger.Printf("adopt: %v", err)
+		s.logger.WithError(err).Error("adopting the held connections")
 	}
 	if s.hc != nil {
 		if _, err := s.hc.call(&holderMsg{Op: "hello", Command: opts.Command, Env: os.Environ()}, -1); err != nil {
-			s.logger.Printf("hello to holder: %v", err)
+			s.logger.WithError(err).Warn("saying hello to the holder")
 		}
 	}
 
@@ -107,7 +103,7 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	defer l.Close()
 	os.Chmod(serveSock(opts.StateDir), 0o600)
-	s.logger.Printf("serving FUSE mounts for %s (pid %d, %d adopted)", opts.StateDir, os.Getpid(), len(s.mounts))
+	s.logger.WithField("pid", os.Getpid()).WithField("adopted", len(s.mounts)).Info("serving FUSE mounts")
 
 	go s.watchHolder(ctx)
 	go func() {
@@ -270,8 +266,8 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 	if err != nil {
 		return fail(fmt.Errorf("mount %s: %w", target, err))
 	}
-	fs := daxfuse.NewFS(img, s.opts.Timeout, s.logger)
-	conn, err := daxfuse.NewConn(devFD, fs, init, s.logger)
+	fs := daxfuse.NewFS(img, s.opts.Timeout)
+	conn, err := daxfuse.NewConn(devFD, fs, init, s.logger.WithField("target", target))
 	if err != nil {
 		return fail(fmt.Errorf("mount %s: %w", target, err))
 	}
@@ -284,17 +280,17 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 	}
 	conn.Serve()
 	if err := daxfuse.DisablePoll(target); err != nil {
-		s.logger.Printf("%v", err)
+		s.logger.WithError(err).Warn("tuning the mount")
 	}
 	if err := daxfuse.Tune(target); err != nil {
-		s.logger.Printf("%v", err)
+		s.logger.WithError(err).Warn("tuning the mount")
 	}
 	s.mu.Lock()
 	s.mounts[m.rec.ID] = m
 	s.mu.Unlock()
 	s.store(m)
 	go s.watch(m)
-	s.logger.Printf("mounted %s on %s (%s)", src, target, m.rec.ID)
+	s.logger.WithField("source", src.String()).WithField("target", target).WithField("id", m.rec.ID).Info("mounted")
 	return nil
 }
 
@@ -303,14 +299,14 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 func (s *Server) watch(m *served) {
 	<-m.conn.Done()
 	if err := m.conn.Err(); err != nil {
-		s.logger.Printf("connection %s (%s) ended: %v", m.rec.ID, m.rec.Target, err)
+		s.logger.WithError(err).WithField("id", m.rec.ID).WithField("target", m.rec.Target).Warn("connection ended")
 	}
 	s.mu.Lock()
 	hc := s.hc
 	s.mu.Unlock()
 	if hc != nil {
 		if _, err := hc.call(&holderMsg{Op: "drop", ID: m.rec.ID}, -1); err != nil {
-			s.logger.Printf("drop %s from holder: %v", m.rec.ID, err)
+			s.logger.WithError(err).WithField("id", m.rec.ID).Warn("dropping a connection from the holder")
 		}
 	}
 	s.mu.Lock()
@@ -320,7 +316,7 @@ func (s *Server) watch(m *served) {
 	if m.win != nil {
 		m.win.Close()
 	}
-	s.logger.Printf("released %s (%s)", m.rec.ID, m.rec.Source)
+	s.logger.WithField("id", m.rec.ID).WithField("source", m.rec.Source.String()).Info("released")
 }
 
 // byTarget finds the mounted (not detached) entry on target. s.mu held.
@@ -388,7 +384,7 @@ func (s *Server) quit() error {
 	s.mu.Unlock()
 	for _, t := range targets {
 		if err := s.unmount(t); err != nil {
-			s.logger.Printf("quit: %v", err)
+			s.logger.WithError(err).Warn("quit: detaching a mount")
 		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
@@ -429,7 +425,7 @@ func (s *Server) store(m *served) {
 		return
 	}
 	if _, err := hc.call(&holderMsg{Op: "store", Record: &rec}, m.devFD); err != nil {
-		s.logger.Printf("store %s in holder: %v", rec.ID, err)
+		s.logger.WithError(err).WithField("id", rec.ID).Warn("storing a connection in the holder")
 	}
 }
 
@@ -450,14 +446,14 @@ func (s *Server) adopt(rec MountRecord, devFD int) {
 	win, img, err := openImage(rec.Source, false)
 	broken := false
 	if err != nil {
-		s.logger.Printf("adopt %s (%s): %v; answering EIO", rec.ID, rec.Target, err)
+		s.logger.WithError(err).WithField("id", rec.ID).WithField("target", rec.Target).Error("adopting a connection whose image cannot be opened: answering EIO")
 		fs, broken = daxfuse.NewBrokenFS(), true
 	} else {
-		fs = daxfuse.NewFS(img, s.opts.Timeout, s.logger)
+		fs = daxfuse.NewFS(img, s.opts.Timeout)
 	}
-	conn, resent, err := daxfuse.Adopt(devFD, fs, rec.Init, s.logger)
+	conn, resent, err := daxfuse.Adopt(devFD, fs, rec.Init, s.logger.WithField("target", rec.Target))
 	if err != nil {
-		s.logger.Printf("adopt %s (%s): %v", rec.ID, rec.Target, err)
+		s.logger.WithError(err).WithField("id", rec.ID).WithField("target", rec.Target).Error("adopting a connection")
 		unix.Close(devFD)
 		if win != nil {
 			win.Close()
@@ -475,7 +471,7 @@ func (s *Server) adopt(rec MountRecord, devFD int) {
 		hc.call(&holderMsg{Op: "update", Record: &rec}, -1)
 	}
 	go s.watch(m)
-	s.logger.Printf("adopted %s on %s (%s, resend=%v)", rec.Source, rec.Target, rec.ID, resent)
+	s.logger.WithField("source", rec.Source.String()).WithField("target", rec.Target).WithField("id", rec.ID).WithField("resend", resent).Info("adopted")
 }
 
 // connectHolder connects to the holder, starting one if none runs.
@@ -527,10 +523,10 @@ func (s *Server) watchHolder(ctx context.Context) {
 			s.mu.Lock()
 			s.hc = nil
 			s.mu.Unlock()
-			s.logger.Printf("holder gone: starting a new one")
+			s.logger.Warn("holder gone: starting a new one")
 		}
 		if err := s.connectHolder(ctx); err != nil {
-			s.logger.Printf("holder: %v", err)
+			s.logger.WithError(err).Error("starting the holder")
 			continue
 		}
 		s.mu.Lock()
