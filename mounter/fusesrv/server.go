@@ -47,9 +47,10 @@ type Server struct {
 	logger *log.Entry
 
 	mu      sync.Mutex
-	mounts  map[string]*served // by ID
-	pending map[string]bool    // targets being mounted
-	hc      *holderClient      // nil while no holder is reachable
+	mounts   map[string]*served // by ID
+	pending  map[string]bool    // targets being mounted
+	hc       *holderClient      // nil while no holder is reachable
+	stopping bool               // stop-idle succeeded: no more mounts
 
 	quitting chan struct{}
 	wg       sync.WaitGroup
@@ -74,7 +75,7 @@ func Run(ctx context.Context, opts Options) error {
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return err
 	}
-	lock, err := lockFile(serveLock(opts.StateDir))
+	lock, err := lockServer(ctx, opts.StateDir)
 	if err != nil {
 		return err
 	}
@@ -145,7 +146,7 @@ func (s *Server) serveControl(ctx context.Context, c *net.UnixConn) {
 		if err := writeJSONLine(c, resp); err != nil {
 			return
 		}
-		if req.Op == "quit" && resp.Error == "" {
+		if resp.Error == "" && (req.Op == "quit" || req.Op == "stop-idle" && resp.Stopped) {
 			close(s.quitting)
 			return
 		}
@@ -187,6 +188,12 @@ func (s *Server) handle(ctx context.Context, req *Request) *Response {
 			return errResp("", err)
 		}
 		return &Response{}
+	case "stop-idle":
+		stopped, err := s.stopIfIdle()
+		if err != nil {
+			return errResp("", err)
+		}
+		return &Response{Stopped: stopped}
 	}
 	return errResp(CodeInvalid, fmt.Errorf("unknown request %q", req.Op))
 }
@@ -233,6 +240,10 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 		return &codeError{CodeInvalid, errors.New("mount: no image source")}
 	}
 	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return &codeError{CodeStopping, errors.New("mount: the server is stopping")}
+	}
 	if s.pending[target] || s.byTarget(target) != nil {
 		s.mu.Unlock()
 		return &codeError{CodeAlreadyExists, fmt.Errorf("%s: already mounted", target)}
@@ -399,6 +410,9 @@ func (s *Server) quit() error {
 	}
 	s.mu.Lock()
 	n, hc := len(s.mounts), s.hc
+	if n == 0 {
+		s.stopping = true // no more mounts, and no new holder
+	}
 	s.mu.Unlock()
 	if n > 0 {
 		return fmt.Errorf("quit: %d connections still in use (detached mounts under an overlay?)", n)
@@ -413,6 +427,32 @@ func (s *Server) quit() error {
 		s.mu.Unlock()
 	}
 	return nil
+}
+
+// stopIfIdle stops the server, and its holder, when it serves no
+// connection and mounts nothing: a server started for a mount command
+// should not outlive that mount's last user. Once it said yes, mounts are
+// refused (CodeStopping: the client starts a new server).
+func (s *Server) stopIfIdle() (bool, error) {
+	s.mu.Lock()
+	if len(s.mounts) > 0 || len(s.pending) > 0 {
+		s.mu.Unlock()
+		return false, nil
+	}
+	s.stopping = true
+	hc := s.hc
+	s.hc = nil
+	s.mu.Unlock()
+	if hc != nil {
+		// The holder holds nothing either: every connection it held
+		// was one of ours, dropped when it ended.
+		if _, err := hc.call(&holderMsg{Op: "quit"}, -1); err != nil {
+			s.logger.WithError(err).Warn("stopping the holder")
+		}
+		hc.close()
+	}
+	s.logger.Info("stopping: no connection left to serve")
+	return true, nil
 }
 
 // store hands a duplicate of m's descriptor and its record to the holder.
@@ -476,6 +516,12 @@ func (s *Server) adopt(rec MountRecord, devFD int) {
 
 // connectHolder connects to the holder, starting one if none runs.
 func (s *Server) connectHolder(ctx context.Context) error {
+	s.mu.Lock()
+	stopping := s.stopping
+	s.mu.Unlock()
+	if stopping {
+		return errors.New("the server is stopping")
+	}
 	hc, err := dialHolder(s.opts.StateDir)
 	if err != nil {
 		if err := spawn(s.opts.HolderCommand, nil, logPath(s.opts.StateDir, "holder.log")); err != nil {
@@ -494,8 +540,17 @@ func (s *Server) connectHolder(ctx context.Context) error {
 		}
 	}
 	s.mu.Lock()
-	s.hc = hc
+	stopping = s.stopping
+	if !stopping {
+		s.hc = hc
+	}
 	s.mu.Unlock()
+	if stopping {
+		// Stopped meanwhile: the holder we reached has nothing to hold.
+		_, _ = hc.call(&holderMsg{Op: "quit"}, -1)
+		hc.close()
+		return errors.New("the server is stopping")
+	}
 	return nil
 }
 
@@ -513,8 +568,11 @@ func (s *Server) watchHolder(ctx context.Context) {
 		case <-t.C:
 		}
 		s.mu.Lock()
-		hc := s.hc
+		hc, stopping := s.hc, s.stopping
 		s.mu.Unlock()
+		if stopping {
+			return // the holder was told to quit: do not start another
+		}
 		if hc != nil {
 			if _, err := hc.call(&holderMsg{Op: "ping"}, -1); err == nil {
 				continue
