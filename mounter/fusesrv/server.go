@@ -46,7 +46,7 @@ type Server struct {
 	opts   Options
 	logger *log.Entry
 
-	mu      sync.Mutex
+	mu       sync.Mutex
 	mounts   map[string]*served // by ID
 	pending  map[string]bool    // targets being mounted
 	hc       *holderClient      // nil while no holder is reachable
