@@ -10,32 +10,36 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/urfave/cli/v3"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
+func inspectCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "inspect",
+		Usage:     "validate an image and list its tree",
+		ArgsUsage: "IMAGE",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "json", Usage: "print the tree as JSON (the upstream fixture's expected.json format)"},
+		},
+		Action: runInspect,
+	}
+}
+
 // runInspect validates an image file and lists its tree: one ls -l style
 // line per path, or with --json the JSON array of the upstream fixture's
 // expected.json format.
-func runInspect(ctx context.Context, args []string) error {
-	asJSON := false
-	var path string
-	for _, a := range args {
-		switch {
-		case a == "--json" || a == "-json":
-			asJSON = true
-		case len(a) > 0 && a[0] == '-':
-			return fmt.Errorf("%w: unknown flag %s", errUsage, a)
-		case path != "":
-			return fmt.Errorf("%w: more than one image", errUsage)
-		default:
-			path = a
-		}
+func runInspect(_ context.Context, cmd *cli.Command) error {
+	switch cmd.NArg() {
+	case 0:
+		return usage("no image given")
+	case 1:
+	default:
+		return usage("more than one image")
 	}
-	if path == "" {
-		return fmt.Errorf("%w: no image given", errUsage)
-	}
+	path, asJSON := cmd.Args().First(), cmd.Bool("json")
 	b, unmap, err := mmapFile(path)
 	if err != nil {
 		return err
