@@ -63,7 +63,8 @@ type daxfsDaemon struct {
 	exited    chan struct{}
 }
 
-// containerdConfig is the containerd configuration of DESIGN section 1 for
+// containerdConfig is the containerd configuration of the README's "Using
+// it with containerd 2.4" for
 // a daemon serving on socket with state in root. unpacks > 1 sets the
 // transfer service's max_concurrent_unpacks: with our rebase capability,
 // its pulls then unpack layers in parallel.
