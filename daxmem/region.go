@@ -106,10 +106,6 @@ type Region struct {
 	lockMu sync.Mutex // serialises this process's use of the region lock word
 	refMu  sync.Mutex // serialises this participant's reference bit changes
 
-	// testBeforeClaimCAS, when set, runs inside a claim just before the
-	// FREE -> WRITING CAS (tests use it to interleave a second claimant).
-	testBeforeClaimCAS func()
-
 	hbMu   sync.Mutex
 	hbSeen map[int]hbObservation // heartbeat values seen, for clock-skew-proof liveness
 
