@@ -35,8 +35,8 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 // root command's Writer.
 func Command() *cli.Command {
 	c := &cli.Command{
-		Name:      "region",
-		Usage:     "operate the shared memory region without the daemon",
+		Name:  "region",
+		Usage: "operate the shared memory region without the daemon",
 		Commands: []*cli.Command{
 			{
 				Name:   "init",
