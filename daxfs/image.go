@@ -2,6 +2,7 @@ package daxfs
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"unsafe"
 )
@@ -240,7 +241,7 @@ func (im *Image) Lookup(dir uint32, name string) (Dirent, error) {
 			}
 		}
 	} else {
-		for i := uint64(0); i < n; i++ {
+		for i := range n {
 			d, err := im.direntAt(in, i)
 			if err != nil {
 				return Dirent{}, err
@@ -314,7 +315,7 @@ func (im *Image) ReadDir(dir uint32) ([]Dirent, error) {
 	}
 	in, _ := im.Inode(dir)
 	out := make([]Dirent, 0, n)
-	for i := 0; i < n; i++ {
+	for i := range n {
 		d, err := im.direntAt(in, uint64(i))
 		if err != nil {
 			return nil, err
@@ -362,7 +363,7 @@ func (im *Image) Data(ino uint32) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return b[:len(b):len(b)], nil
+	return slices.Clip(b), nil
 }
 
 // HasExtension reports whether the image carries an extension block.
@@ -415,7 +416,7 @@ func (im *Image) Xattrs(ino uint32) ([]Xattr, error) {
 		return nil, corrupt("inode %d: %d xattrs do not fit the xattr area", ino, cnt)
 	}
 	out := make([]Xattr, 0, cnt)
-	for i := uint32(0); i < cnt; i++ {
+	for range cnt {
 		name, val, next, err := im.xattrAt(ino, off)
 		if err != nil {
 			return nil, err

@@ -255,7 +255,7 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 		var token [16]byte
 		_, _ = rand.Read(token[:])
 		// Prefer free slots; then slots whose owner is dead.
-		for pass := 0; pass < 2; pass++ {
+		for pass := range 2 {
 			for p := 0; p < r.g.participants; p++ {
 				w := load(r.mem, r.pOff(p)+pState)
 				st := pStateOf(w)

@@ -486,10 +486,10 @@ func TestIndexFull(t *testing.T) {
 	o.Entries = 4
 	r := mustCreate(t, o)
 	mustJoin(t, r)
-	for i := 0; i < 4; i++ {
+	for i := range 4 {
 		publish(t, r, KindLayer, key(string(rune('a'+i))), 4096, 4096, ClaimOptions{})
 	}
-	for i := 0; i < 4; i++ {
+	for i := range 4 {
 		if _, ok := r.Lookup(KindLayer, key(string(rune('a'+i)))); !ok {
 			t.Fatalf("lookup %d failed with a full index", i)
 		}

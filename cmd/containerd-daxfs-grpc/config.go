@@ -121,12 +121,10 @@ func LoadConfig(path string, explicit bool) (Config, error) {
 	dec := toml.NewDecoder(strings.NewReader(string(b)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&cfg); err != nil {
-		var sm *toml.StrictMissingError
-		if errors.As(err, &sm) {
+		if sm, ok := errors.AsType[*toml.StrictMissingError](err); ok {
 			return cfg, fmt.Errorf("config %s: %s", path, sm.String())
 		}
-		var de *toml.DecodeError
-		if errors.As(err, &de) {
+		if de, ok := errors.AsType[*toml.DecodeError](err); ok {
 			row, col := de.Position()
 			return cfg, fmt.Errorf("config %s:%d:%d: %v", path, row, col, de)
 		}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v3"
@@ -102,18 +103,20 @@ func listLine(e daxfs.TreeEntry) string {
 	default:
 		typ = '-'
 	}
-	line := fmt.Sprintf("%s %3s %5d %5d %12s", modeString(typ, e.Mode), linkCount(nlink), e.UID, e.GID, size)
+	var line strings.Builder
+	fmt.Fprintf(&line, "%s %3s %5d %5d %12s", modeString(typ, e.Mode), linkCount(nlink), e.UID, e.GID, size)
 	if e.HasExt {
-		line += " " + time.Unix(e.MTime.Sec, int64(e.MTime.Nsec)).UTC().Format("2006-01-02 15:04:05")
+		line.WriteString(" " + time.Unix(e.MTime.Sec, int64(e.MTime.Nsec)).UTC().Format("2006-01-02 15:04:05"))
 	}
-	line += " " + e.Path
+	line.WriteString(" " + e.Path)
 	if e.Type == "symlink" {
-		line += " -> " + e.Target
+		line.WriteString(" -> " + e.Target)
 	}
 	for _, x := range e.Xattrs {
-		line += fmt.Sprintf(" [%s=%q]", x.Name, x.Value)
+		fmt.Fprintf(&line, " [%s=%q]", x.Name, x.Value)
 	}
-	return line + "\n"
+	line.WriteByte('\n')
+	return line.String()
 }
 
 func linkCount(n uint32) string {
@@ -126,7 +129,7 @@ func linkCount(n uint32) string {
 func modeString(typ byte, perm uint32) string {
 	const rwx = "rwxrwxrwx"
 	s := []byte{typ, '-', '-', '-', '-', '-', '-', '-', '-', '-'}
-	for i := 0; i < 9; i++ {
+	for i := range 9 {
 		if perm&(1<<(8-i)) != 0 {
 			s[1+i] = rwx[i]
 		}

@@ -92,8 +92,7 @@ func execute(ctx context.Context, args []string, stderr io.Writer) int {
 	fmt.Fprintln(stderr, err)
 	if errors.Is(err, errUsage) || errors.Is(err, regioncmd.ErrUsage) {
 		cmd := name
-		var ce *cmdError
-		if errors.As(err, &ce) {
+		if ce, ok := errors.AsType[*cmdError](err); ok {
 			cmd = ce.cmd
 		}
 		fmt.Fprintf(stderr, "Run '%s --help' for its usage.\n", cmd)

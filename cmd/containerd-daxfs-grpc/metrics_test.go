@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -25,8 +24,7 @@ import (
 // metrics, in a text format a Prometheus parser and the tests' own
 // scraper (one "name value" per line) both read.
 func TestMetrics(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	ctx := t.Context()
 	region, err := daxmem.Create(ctx, daxmem.Options{Path: filepath.Join(t.TempDir(), "region"), Size: 16 << 20, Entries: 64})
 	if err != nil {
 		t.Fatal(err)

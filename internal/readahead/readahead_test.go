@@ -63,7 +63,7 @@ func TestReader(t *testing.T) {
 				t.Fatalf("read %d bytes and %v; want %d bytes and %v", len(got), err, len(tc.want), tc.wantErr)
 			}
 			// The end is sticky.
-			if _, err2 := r.Read(make([]byte, 1)); err2 != err && !(err == nil && err2 == io.EOF) {
+			if _, err2 := r.Read(make([]byte, 1)); err2 != err && (err != nil || err2 != io.EOF) {
 				t.Fatalf("read after the end: %v, want %v again", err2, err)
 			}
 		})

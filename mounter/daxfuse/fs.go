@@ -196,10 +196,7 @@ func (fs *FS) ReadSlice(nodeID uint64, off uint64, size uint32) ([]byte, fuse.St
 	if off >= uint64(len(data)) {
 		return nil, fuse.OK
 	}
-	end := off + uint64(size)
-	if end > uint64(len(data)) {
-		end = uint64(len(data))
-	}
+	end := min(off+uint64(size), uint64(len(data)))
 	return data[off:end], fuse.OK
 }
 

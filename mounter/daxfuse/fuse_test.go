@@ -292,7 +292,7 @@ func TestTruncatedSource(t *testing.T) {
 // fusectl file system.
 func abortConnection(mnt string) {
 	ms, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(ms), "\n") {
+	for line := range strings.SplitSeq(string(ms), "\n") {
 		f := strings.Fields(line)
 		if len(f) > 4 && f[4] == mnt {
 			_, minor, _ := strings.Cut(f[2], ":")

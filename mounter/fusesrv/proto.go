@@ -78,7 +78,7 @@ type MountRecord struct {
 type Request struct {
 	Op       string `json:"op"` // mount, unmount, list, ping, quit, stop-idle
 	Target   string `json:"target,omitempty"`
-	Source   Source `json:"source,omitempty"`
+	Source   Source `json:"source,omitzero"`
 	Validate bool   `json:"validate,omitempty"`
 }
 

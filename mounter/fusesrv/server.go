@@ -167,8 +167,7 @@ func (s *Server) handle(ctx context.Context, req *Request) *Response {
 		return &Response{PID: os.Getpid(), Mounts: s.list()}
 	case "mount":
 		if err := s.mount(ctx, req.Source, req.Target, req.Validate); err != nil {
-			var ce *codeError
-			if errors.As(err, &ce) {
+			if ce, ok := errors.AsType[*codeError](err); ok {
 				return errResp(ce.code, err)
 			}
 			return errResp("", err)
@@ -176,8 +175,7 @@ func (s *Server) handle(ctx context.Context, req *Request) *Response {
 		return &Response{}
 	case "unmount":
 		if err := s.unmount(req.Target); err != nil {
-			var ce *codeError
-			if errors.As(err, &ce) {
+			if ce, ok := errors.AsType[*codeError](err); ok {
 				return errResp(ce.code, err)
 			}
 			return errResp("", err)
