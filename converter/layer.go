@@ -53,7 +53,7 @@ func DetectFormat(head []byte) Format {
 		return FormatGzip
 	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == 0xfd2fb528:
 		return FormatZstd
-	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == daxfs.SuperMagic:
+	case daxfs.HasMagic(head):
 		return FormatDAXFS
 	}
 	return FormatTar
@@ -367,7 +367,7 @@ func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder, res *LayerRes
 	}
 
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg: // archive/tar reads a legacy '\x00' (TypeRegA) as TypeReg
 		if hdr.Size < 0 {
 			return fmt.Errorf("entry %q: negative size", hdr.Name)
 		}
@@ -500,7 +500,7 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 		}
 		img = buf[:n]
 	} else {
-		lr := io.Reader(r)
+		lr := r
 		if opts.MaxSize > 0 {
 			lr = io.LimitReader(r, opts.MaxSize+1)
 		}

@@ -133,7 +133,7 @@ func TestConvertLayerFormatsAndDiffID(t *testing.T) {
 		bad := bytes.Clone(ref)
 		// Point the root inode's data somewhere absurd.
 		inodes := daxfs.BaseOffset + int(binary.LittleEndian.Uint64(bad[daxfs.BaseOffset+24:]))
-		for i := 0; i < 8; i++ {
+		for i := range 8 {
 			bad[inodes+24+i] = 0xff
 		}
 		_, err := ConvertLayer(t.Context(), bytes.NewReader(bad), &memOut{}, LayerOptions{})
@@ -330,7 +330,7 @@ func TestConvertLayerBomb(t *testing.T) {
 	tw := tar.NewWriter(zw)
 	tw.WriteHeader(&tar.Header{Name: "big", Typeflag: tar.TypeReg, Size: 1 << 32, Mode: 0o644})
 	zero := make([]byte, 1<<20)
-	for i := 0; i < 256; i++ { // only the first 256 MiB: the converter must stop before
+	for range 256 { // only the first 256 MiB: the converter must stop before
 		zw.Write(zero)
 	}
 	zw.Close()

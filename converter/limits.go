@@ -9,7 +9,7 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
-// ErrLimit: the layer exceeds one of the operator's Limits. Such a layer
+// ErrLimit is the error of a layer that exceeds one of the operator's Limits. Such a layer
 // is refused as invalid, as containerd refuses a path the kernel cannot
 // create ("file name too long").
 var ErrLimit error = &classError{"layer exceeds a limit", errdefs.ErrInvalidArgument}

@@ -132,7 +132,7 @@ func cleanEntryPath(name string) (string, error) {
 	if p == ".." || strings.HasPrefix(p, "../") {
 		return "", fmt.Errorf("path %q escapes the root", name)
 	}
-	for _, c := range strings.Split(p, "/") {
+	for c := range strings.SplitSeq(p, "/") {
 		if len(c) > 255 {
 			return "", fmt.Errorf("path %q: component of %d bytes exceeds 255", name, len(c))
 		}

@@ -154,6 +154,11 @@ func (r *Region) reclaimDeadClaims(ctx context.Context, now time.Time) int {
 	return n
 }
 
+// testHookBeforeClaimCAS, set by tests only, runs inside a claim of r
+// just before the FREE -> WRITING CAS, to interleave a second claimant.
+// It is nil in production; tests that set it do not run in parallel.
+var testHookBeforeClaimCAS func(r *Region)
+
 func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, k Kind, key Key, size, extentLen int64, opts ClaimOptions) (*Claim, error) {
 	const op = "claim"
 	now := time.Now()
@@ -223,8 +228,8 @@ func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, 
 	store(r.mem, off+ePublished, 0)
 	r.bumpMaxProbe(dist)
 	mine := next(w, StateWriting, k, int(id))
-	if r.testBeforeClaimCAS != nil {
-		r.testBeforeClaimCAS()
+	if testHookBeforeClaimCAS != nil {
+		testHookBeforeClaimCAS(r)
 	}
 	if !cas(r.mem, off+eState, w, mine) {
 		return nil, errConflict

@@ -13,7 +13,7 @@
 //	                     its first ViewArea bytes (the view area) hold
 //	                     views only
 //
-// With the defaults (64 participants, 4096 entries, 1 GiB) the participant
+// With the defaults (64 participants, 4096 entries, 8 GiB) the participant
 // table is at 4096, the index at 20480 and the data area at 806912 (788
 // KiB of metadata), its first eighth the view area. Keep Entries at
 // about twice the number of images and aliases you expect: lookups probe

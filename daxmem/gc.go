@@ -62,7 +62,7 @@ func (r *Region) Ref(k Kind, key Key) error {
 // the lock could not be had.
 func (r *Region) waitDying(s int, w uint64) bool {
 	off := r.eOff(s) + eState
-	for i := 0; i < 100; i++ {
+	for range 100 {
 		if load(r.mem, off) != w {
 			return true
 		}

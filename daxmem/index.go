@@ -191,7 +191,7 @@ func (r *Region) gaps(ex []extent) []extent {
 // place picks where an extent of kind k goes among gaps (sorted by
 // offset): its start and length, or false when nothing fits.
 //
-// A view needs n bytes, ending at or below below (0: anywhere): a view lies
+// A view needs n bytes, ending at or below offset below (0: anywhere): a view lies
 // below the layers it references. It takes the lowest fit in the view area
 // at the bottom of the data area, where layers never go, or else the
 // tightest gap below its layers.

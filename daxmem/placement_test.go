@@ -215,7 +215,7 @@ func TestPlacementRandom(t *testing.T) {
 		mustJoin(t, r)
 		p := &placementSim{t: t, r: r, rng: rand.New(rand.NewSource(seed)), evict: true}
 		maxLayer := r.DataSize() * 4 / 10
-		for i := 0; i < 300; i++ {
+		for range 300 {
 			p.step(maxLayer)
 		}
 		asks, failures, retries = asks+p.asks, failures+p.failures, retries+p.retries

@@ -21,8 +21,8 @@ type Options struct {
 	Backend string
 	// Path is the backing file or device (default for "file": DefaultPath).
 	Path string
-	// Size of a new region in bytes (default 1 GiB; device DAX: the whole
-	// device). Open takes the size from the header.
+	// Size of a new region in bytes (default DefaultSize; device DAX: the
+	// whole device). Open takes the size from the header.
 	Size int64
 	// Entries is the number of index slots of a new region (default 4096).
 	Entries int
@@ -45,9 +45,11 @@ type Options struct {
 	SysRoot string
 }
 
-// Defaults.
+// Defaults. DefaultSize is the one default region size: of Create and
+// Open, of the daemon's config and of `region init`. A file region is
+// sparse: it takes memory only as images fill it.
 const (
-	DefaultSize              = 1 << 30
+	DefaultSize              = 8 << 30
 	DefaultEntries           = 4096
 	DefaultParticipants      = MaxParticipants
 	DefaultHeartbeatInterval = time.Second
@@ -103,10 +105,6 @@ type Region struct {
 
 	lockMu sync.Mutex // serialises this process's use of the region lock word
 	refMu  sync.Mutex // serialises this participant's reference bit changes
-
-	// testBeforeClaimCAS, when set, runs inside a claim just before the
-	// FREE -> WRITING CAS (tests use it to interleave a second claimant).
-	testBeforeClaimCAS func()
 
 	hbMu   sync.Mutex
 	hbSeen map[int]hbObservation // heartbeat values seen, for clock-skew-proof liveness

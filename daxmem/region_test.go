@@ -486,10 +486,10 @@ func TestIndexFull(t *testing.T) {
 	o.Entries = 4
 	r := mustCreate(t, o)
 	mustJoin(t, r)
-	for i := 0; i < 4; i++ {
+	for i := range 4 {
 		publish(t, r, KindLayer, key(string(rune('a'+i))), 4096, 4096, ClaimOptions{})
 	}
-	for i := 0; i < 4; i++ {
+	for i := range 4 {
 		if _, ok := r.Lookup(KindLayer, key(string(rune('a'+i)))); !ok {
 			t.Fatalf("lookup %d failed with a full index", i)
 		}
@@ -577,12 +577,21 @@ func TestStolenLeaseCannotDoubleClaim(t *testing.T) {
 	k := key("contended")
 	var bClaim *Claim
 	var bErr error
-	a.testBeforeClaimCAS = func() {
-		a.testBeforeClaimCAS = nil
+	// beforeCAS runs f once, inside A's next claim.
+	beforeCAS := func(f func()) {
+		testHookBeforeClaimCAS = func(r *Region) {
+			if r == a {
+				testHookBeforeClaimCAS = nil
+				f()
+			}
+		}
+	}
+	t.Cleanup(func() { testHookBeforeClaimCAS = nil })
+	beforeCAS(func() {
 		_, ainc, _ := a.me()
 		store(a.mem, hLock, a.lockWord(aid, ainc, time.Unix(0, a.g.created))) // A's lease expired
 		bClaim, bErr = b.Claim(ctx, KindLayer, k, 64<<10, ClaimOptions{})
-	}
+	})
 	aClaim, aErr := a.Claim(ctx, KindLayer, k, 64<<10, ClaimOptions{})
 	if bErr != nil {
 		t.Fatalf("B (took the lock over, claimed first): %v", bErr)
@@ -599,12 +608,11 @@ func TestStolenLeaseCannotDoubleClaim(t *testing.T) {
 	}
 	// Same race on different keys: both may keep their claims, but never
 	// overlapping extents.
-	a.testBeforeClaimCAS = func() {
-		a.testBeforeClaimCAS = nil
+	beforeCAS(func() {
 		_, ainc, _ := a.me()
 		store(a.mem, hLock, a.lockWord(aid, ainc, time.Unix(0, a.g.created)))
 		bClaim, bErr = b.Claim(ctx, KindLayer, key("b-only"), 64<<10, ClaimOptions{})
-	}
+	})
 	aClaim, aErr = a.Claim(ctx, KindLayer, key("a-only"), 64<<10, ClaimOptions{})
 	if aErr != nil || bErr != nil {
 		t.Fatalf("claims of different keys: %v, %v", aErr, bErr)

@@ -99,7 +99,7 @@ func stressChild() error {
 	logLine := func(op string, k Kind, kk Key) {
 		fmt.Fprintf(logf, "%s %s %s %d\n", op, k, kk, pid)
 	}
-	for i := 0; i < ops; i++ {
+	for range ops {
 		k, kk := stressKey(round, rng.Intn(nkeys))
 		var opts ClaimOptions
 		if k == KindView {
@@ -292,7 +292,7 @@ func TestMultiProcessStress(t *testing.T) {
 		for i := range procs {
 			cfg := stressConfig{Region: path, IDFile: filepath.Join(dir, fmt.Sprintf("participant-%d", i)), Log: logPath,
 				Seed: rng.Int63(), Round: round, Keys: 40, Ops: 30}
-			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd := exec.Command(os.Args[0], "-test.run=^$") //nolint:gosec // G702: this test binary, as a child
 			cmd.Env = cfg.env()
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr

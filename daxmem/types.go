@@ -125,7 +125,7 @@ func (e Entry) End() int64 { return e.Offset + e.Length }
 // RefList returns the participants referencing the entry.
 func (e Entry) RefList() []ParticipantID {
 	var l []ParticipantID
-	for i := 0; i < MaxParticipants; i++ {
+	for i := range MaxParticipants {
 		if e.Refs&(1<<uint(i)) != 0 {
 			l = append(l, ParticipantID(i))
 		}

@@ -68,7 +68,7 @@ func decodeStrict(data []byte) ([]runtime.Object, error) {
 
 func stripComments(doc []byte) []byte {
 	var out []byte
-	for _, l := range bytes.Split(doc, []byte("\n")) {
+	for l := range bytes.SplitSeq(doc, []byte("\n")) {
 		if !bytes.HasPrefix(bytes.TrimSpace(l), []byte("#")) {
 			out = append(append(out, l...), '\n')
 		}

@@ -8,11 +8,12 @@
 #     is not installed, so containerd's own unpacking is as it ships);
 #   - containerd v2.4.2 (containerd, ctr, containerd-shim-runc-v2), the
 #     distribution registry v3.1.2, crictl and critest of cri-tools v1.37.0
-#     and nerdctl v2.2.1, built from the Go module proxy into .cache/bin.
-#     .cache is git-ignored; in a clone that has none it is made a link to
-#     $CONTAINERD_DAXFS_CACHE (default /var/cache/containerd-daxfs), so
-#     builds outlive the clone (CI's clean clones reuse them); one lock
-#     there serialises concurrent runs. nerdctl is built in the wrapper
+#     and nerdctl v2.2.1, and golangci-lint v2.15.0 (`make check`), built
+#     from the Go module proxy into .cache/bin. .cache is git-ignored; in a
+#     clone that has none it is made a link to $CONTAINERD_DAXFS_CACHE
+#     (default /var/cache/containerd-daxfs), so builds outlive the clone
+#     (CI's clean clones reuse them); one lock there serialises concurrent
+#     runs. nerdctl is built in the wrapper
 #     module scripts/nerdctl (its own go.mod replaces a module with a
 #     local path, which `go install pkg@version` refuses); critest is a
 #     Go test binary (`go test -c`), built in a scratch module.
@@ -44,6 +45,7 @@ CONTAINERD_VERSION=v2.4.2
 REGISTRY_VERSION=v3.1.2
 CRI_TOOLS_VERSION=v1.37.0
 NERDCTL_VERSION=v2.2.1
+GOLANGCI_LINT_VERSION=v2.15.0
 pkgs=(runc fuse3 erofs-utils busybox-static debootstrap spin zstd kmod ca-certificates gcc libc6-dev libisal-dev containernetworking-plugins)
 
 log() { echo "deps: $*" >&2; }
@@ -135,6 +137,12 @@ if ! built_from "$bin/critest" "$cri_mod" "$CRI_TOOLS_VERSION"; then
 	rm -rf "$tmp"
 fi
 
+lint_mod=github.com/golangci/golangci-lint/v2
+if ! built_from "$bin/golangci-lint" "$lint_mod" "$GOLANGCI_LINT_VERSION"; then
+	log "building golangci-lint $GOLANGCI_LINT_VERSION"
+	go_install "$lint_mod" "$GOLANGCI_LINT_VERSION" "$lint_mod/cmd/golangci-lint"
+fi
+
 # nerdctl: built in the wrapper module scripts/nerdctl, whose go.mod
 # requires nerdctl at the pinned version and go.sum pins every module.
 nerdctl_mod=github.com/containerd/nerdctl/v2
@@ -158,6 +166,7 @@ built_from "$bin/registry" "$reg_mod" "$REGISTRY_VERSION" || die "$bin/registry 
 built_from "$bin/crictl" "$cri_mod" "$CRI_TOOLS_VERSION" || die "$bin/crictl is not crictl $CRI_TOOLS_VERSION after the build"
 built_from "$bin/critest" "$cri_mod" "$CRI_TOOLS_VERSION" || die "$bin/critest is not critest $CRI_TOOLS_VERSION after the build"
 built_from "$bin/nerdctl" "$nerdctl_mod" "$NERDCTL_VERSION" || die "$bin/nerdctl is not nerdctl $NERDCTL_VERSION after the build"
+built_from "$bin/golangci-lint" "$lint_mod" "$GOLANGCI_LINT_VERSION" || die "$bin/golangci-lint is not golangci-lint $GOLANGCI_LINT_VERSION after the build"
 
 # --- Kernel features ---------------------------------------------------------
 # overlayfs and fuse are needed by the mounter and the end-to-end tests.

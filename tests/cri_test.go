@@ -142,7 +142,7 @@ func TestDaxfsCRI(t *testing.T) {
 	}
 	// CRI log lines: "<time> stdout F <text>".
 	var lines []string
-	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+	for l := range strings.SplitSeq(strings.TrimSpace(string(b)), "\n") {
 		if f := strings.SplitN(l, " ", 4); len(f) == 4 {
 			lines = append(lines, f[3])
 		}

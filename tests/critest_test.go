@@ -77,7 +77,7 @@ func e2eBusybox(t *testing.T, extra ...testimage.Entry) testimage.Image {
 		testimage.File("etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\ndaemon:x:1:1:daemon:/usr/sbin:/bin/false\nbin:x:2:2:bin:/bin:/bin/false\nsys:x:3:3:sys:/dev:/bin/false\nsync:x:4:100:sync:/bin:/bin/sync\nmail:x:8:8:mail:/var/spool/mail:/bin/false\nwww-data:x:33:33:www-data:/var/www:/bin/false\noperator:x:37:37:Operator:/var:/bin/false\nnobody:x:65534:65534:nobody:/home:/bin/false\n"), 0o644),
 		testimage.File("etc/group", []byte("root:x:0:\ndaemon:x:1:\nbin:x:2:\nsys:x:3:\nadm:x:4:\ntty:x:5:\ndisk:x:6:\nlp:x:7:\nmail:x:8:\nkmem:x:9:\nwheel:x:10:root\ncdrom:x:11:\ndialout:x:18:\nfloppy:x:19:\nvideo:x:28:\naudio:x:29:\ntape:x:32:\nwww-data:x:33:\noperator:x:37:\nstaff:x:50:\nusers:x:100:\nnogroup:x:65534:\n"), 0o644),
 	}
-	for _, a := range strings.Fields(string(out)) {
+	for a := range strings.FieldsSeq(string(out)) {
 		if a != "busybox" && a != "pgrep" {
 			l := testimage.Hardlink("bin/"+a, "bin/busybox")
 			l.Header.Mode = 0o755 // a link's mode is applied to the inode it shares

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -63,7 +64,8 @@ type daxfsDaemon struct {
 	exited    chan struct{}
 }
 
-// containerdConfig is the containerd configuration of DESIGN section 1 for
+// containerdConfig is the containerd configuration of the README's "Using
+// it with containerd 2.4" for
 // a daemon serving on socket with state in root. unpacks > 1 sets the
 // transfer service's max_concurrent_unpacks: with our rebase capability,
 // its pulls then unpack layers in parallel.
@@ -309,8 +311,8 @@ func (d *daxfsDaemon) cleanup(t testing.TB) {
 	// daemon by design; end them here.
 	killMentioning(filepath.Join(d.Root, "fuse"))
 	mounts, _ := testenv.MountsUnder(d.Dir)
-	for i := len(mounts) - 1; i >= 0; i-- {
-		_ = mount.UnmountAll(mounts[i], syscall.MNT_DETACH)
+	for _, m := range slices.Backward(mounts) {
+		_ = mount.UnmountAll(m, syscall.MNT_DETACH)
 	}
 	_ = os.RemoveAll(d.Dir)
 	if d.ownRegion {
@@ -349,7 +351,7 @@ func (d *daxfsDaemon) metrics(t testing.TB) map[string]float64 {
 		t.Fatal(err)
 	}
 	out := map[string]float64{}
-	for _, line := range strings.Split(string(body), "\n") {
+	for line := range strings.SplitSeq(string(body), "\n") {
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}

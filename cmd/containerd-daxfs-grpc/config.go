@@ -4,13 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 )
 
 // defaultConfigPath is read when --config is not given; a missing file
@@ -93,7 +93,7 @@ func DefaultConfig() Config {
 		Region: RegionConfig{
 			Backend:      "file",
 			Path:         "/dev/shm/containerd-daxfs/region",
-			Size:         8 << 30,
+			Size:         daxmem.DefaultSize,
 			Entries:      4096,
 			Participants: 64,
 		},
@@ -121,12 +121,10 @@ func LoadConfig(path string, explicit bool) (Config, error) {
 	dec := toml.NewDecoder(strings.NewReader(string(b)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&cfg); err != nil {
-		var sm *toml.StrictMissingError
-		if errors.As(err, &sm) {
+		if sm, ok := errors.AsType[*toml.StrictMissingError](err); ok {
 			return cfg, fmt.Errorf("config %s: %s", path, sm.String())
 		}
-		var de *toml.DecodeError
-		if errors.As(err, &de) {
+		if de, ok := errors.AsType[*toml.DecodeError](err); ok {
 			row, col := de.Position()
 			return cfg, fmt.Errorf("config %s:%d:%d: %v", path, row, col, de)
 		}
@@ -167,42 +165,15 @@ func (c Config) check() error {
 }
 
 // Size is a byte count written as a number or a string with a unit
-// ("512MiB", "8GiB", "1G"). go-toml sets integers directly; strings go
-// through UnmarshalText.
+// ("512MiB", "8G"): daxmem.ParseSize, binary units. go-toml sets integers
+// directly; strings go through UnmarshalText.
 type Size int64
 
-// UnmarshalText parses sizes with binary (KiB, MiB, GiB, TiB) or decimal
-// (K, M, G, T, KB, MB, GB, TB) units.
+// UnmarshalText implements encoding.TextUnmarshaler.
 func (s *Size) UnmarshalText(b []byte) error {
-	v, err := ParseSize(string(b))
+	v, err := daxmem.ParseSize(string(b))
 	*s = Size(v)
 	return err
-}
-
-// ParseSize parses a size such as "8GiB" or "4096".
-func ParseSize(str string) (int64, error) {
-	t := strings.TrimSpace(str)
-	i := len(t)
-	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') {
-		i--
-	}
-	num, unit := t[:i], strings.ToLower(strings.TrimSpace(t[i:]))
-	n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("size %q: not a non-negative number with an optional unit", str)
-	}
-	mult := map[string]int64{
-		"": 1, "b": 1,
-		"k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-		"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-	}[unit]
-	if mult == 0 {
-		return 0, fmt.Errorf("size %q: unknown unit %q", str, unit)
-	}
-	if n > (1<<63-1)/mult {
-		return 0, fmt.Errorf("size %q overflows", str)
-	}
-	return n * mult, nil
 }
 
 // Duration is a time.Duration written as "10m", "1h30m".

@@ -8,30 +8,6 @@ import (
 	"time"
 )
 
-func TestParseSize(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want int64
-		err  bool
-	}{
-		{"4096", 4096, false},
-		{"8GiB", 8 << 30, false},
-		{"512 MiB", 512 << 20, false},
-		{"1G", 1e9, false},
-		{"2tb", 2e12, false},
-		{"", 0, true},
-		{"GiB", 0, true},
-		{"-1", 0, true},
-		{"3 parsecs", 0, true},
-		{"99999999999TiB", 0, true},
-	} {
-		got, err := ParseSize(tc.in)
-		if (err != nil) != tc.err || got != tc.want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.err)
-		}
-	}
-}
-
 func TestLoadConfig(t *testing.T) {
 	dir := t.TempDir()
 	write := func(s string) string {
@@ -71,6 +47,11 @@ reap_after = "2h"
 	}
 	if cfg, err = LoadConfig(write("[region]\nsize = 1048576\n"), true); err != nil || cfg.Region.Size != 1<<20 {
 		t.Fatalf("integer size: %+v %v", cfg.Region, err)
+	}
+	// One parser for every size: the config's "1G" is region init's.
+	if cfg, err = LoadConfig(write("[region]\nsize = \"1G\"\nmax_layer_size = \"512m\"\n"), true); err != nil ||
+		cfg.Region.Size != 1<<30 || cfg.Region.MaxLayerSize != 512<<20 {
+		t.Fatalf("sizes with units: %+v %v", cfg.Region, err)
 	}
 
 	for _, tc := range []struct{ body, want string }{

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	contentproxy "github.com/containerd/containerd/v2/core/content/proxy"
 	"github.com/containerd/log"
+	"github.com/urfave/cli/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -29,48 +29,58 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/snapshotter"
 )
 
+// serveFlags are the daemon's flags; they override the config file. On
+// the root command (the daemon is the default) they are its own, not its
+// sub-commands'.
+func serveFlags(root bool) []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "config", Value: defaultConfigPath, Usage: "configuration file", Local: root},
+		&cli.StringFlag{Name: "root", Usage: "state directory (overrides root)", Local: root},
+		&cli.StringFlag{Name: "address", Usage: "unix socket to serve on (overrides address)", Local: root},
+		&cli.StringFlag{Name: "containerd-address", Usage: "containerd's socket (overrides containerd_address)", Local: root},
+		&cli.StringFlag{Name: "log-level", Usage: "log level (overrides log_level)", Local: root},
+		&cli.StringFlag{Name: "region-path", Usage: "region file or device (overrides region.path)", Local: root},
+		&cli.StringFlag{Name: "region-size", Usage: "region size when creating it, e.g. 8G: binary units (overrides region.size)", Local: root},
+		&cli.StringFlag{Name: "mount-mode", Usage: "auto, kernel, erofs or fuse (overrides mount.mode)", Local: root},
+	}
+}
+
+func serveCommand() *cli.Command {
+	return &cli.Command{
+		Name:   "serve",
+		Usage:  "run the snapshotter daemon (the default command)",
+		Flags:  serveFlags(false),
+		Action: runServe,
+	}
+}
+
 // runServe runs the daemon: it joins the region, serves the snapshots and
 // diff services on one unix socket, collects garbage periodically, and
 // stops cleanly on SIGTERM or SIGINT (mounted views stay mounted: they are
 // served by the separate fuse-serve process and adopted at the next start).
-func runServe(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	configPath := fs.String("config", defaultConfigPath, "configuration file")
-	root := fs.String("root", "", "state directory (overrides root)")
-	address := fs.String("address", "", "unix socket to serve on (overrides address)")
-	ctrdAddress := fs.String("containerd-address", "", "containerd's socket (overrides containerd_address)")
-	logLevel := fs.String("log-level", "", "log level (overrides log_level)")
-	regionPath := fs.String("region-path", "", "region file or device (overrides region.path)")
-	regionSize := fs.String("region-size", "", "region size when creating it, e.g. 8GiB (overrides region.size)")
-	mountMode := fs.String("mount-mode", "", "auto, kernel, erofs or fuse (overrides mount.mode)")
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+func runServe(ctx context.Context, cmd *cli.Command) error {
+	if cmd.Args().Present() {
+		return usage("unknown command %q", cmd.Args().First())
 	}
-	explicit := false
-	fs.Visit(func(f *flag.Flag) {
-		if f.Name == "config" {
-			explicit = true
-		}
-	})
-	cfg, err := LoadConfig(*configPath, explicit)
+	cfg, err := LoadConfig(cmd.String("config"), cmd.IsSet("config"))
 	if err != nil {
 		return err
 	}
-	override := func(dst *string, v string) {
-		if v != "" {
-			*dst = v
+	for _, o := range []struct {
+		flag string
+		dst  *string
+	}{
+		{"root", &cfg.Root}, {"address", &cfg.Address}, {"containerd-address", &cfg.ContainerdAddress},
+		{"log-level", &cfg.LogLevel}, {"region-path", &cfg.Region.Path}, {"mount-mode", &cfg.Mount.Mode},
+	} {
+		if v := cmd.String(o.flag); v != "" {
+			*o.dst = v
 		}
 	}
-	override(&cfg.Root, *root)
-	override(&cfg.Address, *address)
-	override(&cfg.ContainerdAddress, *ctrdAddress)
-	override(&cfg.LogLevel, *logLevel)
-	override(&cfg.Region.Path, *regionPath)
-	override(&cfg.Mount.Mode, *mountMode)
-	if *regionSize != "" {
-		n, err := ParseSize(*regionSize)
+	if v := cmd.String("region-size"); v != "" {
+		n, err := daxmem.ParseSize(v)
 		if err != nil {
-			return err
+			return usage("--region-size: %v", err)
 		}
 		cfg.Region.Size = Size(n)
 	}
@@ -168,7 +178,11 @@ func serve(ctx context.Context, cfg Config) error {
 	defer stopGC()
 	go collectGarbage(gcCtx, region, time.Duration(cfg.GC.Interval), time.Duration(cfg.GC.ReapAfter))
 	if cfg.MetricsAddress != "" {
-		if err := serveMetrics(gcCtx, cfg.MetricsAddress, sn, region); err != nil {
+		reg, err := metricsRegistry(sn.Metrics(), regionCollector{region})
+		if err != nil {
+			return err
+		}
+		if _, err := serveMetrics(gcCtx, cfg.MetricsAddress, reg); err != nil {
 			return err
 		}
 	}

@@ -30,7 +30,8 @@ type ContainerdOptions struct {
 
 	// ExtraConfig is TOML appended verbatim to the generated config
 	// (version = 3), e.g. the [proxy_plugins.daxfs], diff-service and
-	// transfer unpack_config blocks of DESIGN section 1. It may add tables
+	// transfer unpack_config blocks the README's "Using it with containerd
+	// 2.4" shows. It may add tables
 	// only (top-level keys must precede all tables) and must not repeat the
 	// tables the harness writes: [grpc], [ttrpc], [debug] and [metrics].
 	ExtraConfig string

@@ -54,7 +54,7 @@ func MountsUnder(dir string) ([]string, error) {
 // an error when something is still mounted afterwards, so callers never
 // remove a directory tree through a live mount.
 func unmountUnder(dir string) error {
-	for attempt := 0; attempt < 3; attempt++ {
+	for range 3 {
 		points, err := MountsUnder(dir)
 		if err != nil {
 			return err

@@ -177,7 +177,7 @@ func listXattrs(p string) (map[string]string, error) {
 		return nil, nil
 	}
 	out := map[string]string{}
-	for _, name := range strings.Split(string(buf[:size]), "\x00") {
+	for name := range strings.SplitSeq(string(buf[:size]), "\x00") {
 		if name == "" {
 			continue
 		}
@@ -268,10 +268,10 @@ func diffInfo(p string, a, b FileInfo, skip Field) []string {
 	add(FieldSize, "size", a.Size, b.Size, "%d")
 	add(FieldContent, "sha256", a.SHA256, b.SHA256, "%s")
 	add(FieldLink, "link", a.Link, b.Link, "%q")
-	if !(isDir && skip&FieldDirNlink != 0) {
+	if !isDir || skip&FieldDirNlink == 0 {
 		add(FieldNlink, "nlink", a.Nlink, b.Nlink, "%d")
 	}
-	if !(isDir && skip&FieldDirMtime != 0) {
+	if !isDir || skip&FieldDirMtime == 0 {
 		add(FieldMtime, "mtime", a.Mtime, b.Mtime, "%d")
 	}
 	add(FieldRdev, "rdev", a.Rdev, b.Rdev, "%d")
