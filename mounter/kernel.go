@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -49,12 +50,7 @@ func hasFilesystem(procFilesystems []byte, name string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	for _, fs := range fss {
-		if fs == name {
-			return true, nil
-		}
-	}
-	return false, nil
+	return slices.Contains(fss, name), nil
 }
 
 // KernelMountData returns the mount(2) data for the kernel module:
@@ -110,7 +106,7 @@ func (kernelMounter) Mount(ctx context.Context, src Source, target string) error
 // super block options.
 func kernelSource(m *mountinfo.Info) Source {
 	src := Source{Path: m.Source}
-	for _, o := range strings.Split(m.VFSOptions, ",") {
+	for o := range strings.SplitSeq(m.VFSOptions, ",") {
 		k, v, _ := strings.Cut(o, "=")
 		switch k {
 		case "phys":

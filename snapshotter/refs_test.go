@@ -148,9 +148,7 @@ func TestReferenceRaces(t *testing.T) {
 		}
 	}
 	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := range rounds {
 				key := fmt.Sprintf("default/%d/extract-%d", 10+w, i)
 				name := fmt.Sprintf("default/%d/layer-%d", 10+w, i)
@@ -180,15 +178,13 @@ func TestReferenceRaces(t *testing.T) {
 					return
 				}
 			}
-		}()
+		})
 	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	wg.Go(func() {
 		if err := e.sn.Remove(e.ctx, first); err != nil {
 			t.Error(err)
 		}
-	}()
+	})
 	wg.Wait()
 	if e.referenced(daxmem.KindLayer, a.diffID) {
 		t.Fatal("layer still referenced after every snapshot went")

@@ -27,8 +27,10 @@ package snapshotter
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -201,9 +203,7 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 		}
 		if len(fieldpaths) == 0 || containsLabelsPath(fieldpaths) {
 			// A whole-labels replace must keep our private labels.
-			for k, v := range privateOf(cur.Labels) {
-				info.Labels[k] = v
-			}
+			maps.Copy(info.Labels, privateOf(cur.Labels))
 			if len(fieldpaths) == 0 {
 				paths = nil
 			}
@@ -220,12 +220,7 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 }
 
 func containsLabelsPath(paths []string) bool {
-	for _, p := range paths {
-		if p == "labels" {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(paths, "labels")
 }
 
 // Usage returns the resources a snapshot takes: for an active snapshot its

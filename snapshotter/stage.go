@@ -3,6 +3,7 @@ package snapshotter
 import (
 	"context"
 	"fmt"
+	"maps"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
@@ -131,9 +132,7 @@ func setStage(ctx context.Context, info snapshots.Info, st stage) error {
 			labels[k] = v
 		}
 	}
-	for k, v := range st.labels() {
-		labels[k] = v
-	}
+	maps.Copy(labels, st.labels())
 	_, err := storage.UpdateInfo(ctx, snapshots.Info{Name: info.Name, Labels: labels}, "labels")
 	return err
 }

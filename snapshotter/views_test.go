@@ -147,14 +147,12 @@ func TestConcurrentPreparesShareOneMount(t *testing.T) {
 	lowers := make([]string, n)
 	errs := make([]error, n)
 	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			m, err := e.sn.Prepare(e.ctx, fmt.Sprintf("default/2/c%d", i), top)
 			if errs[i] = err; err == nil {
 				lowers[i] = lowerOf(t, m)
 			}
-		}()
+		})
 	}
 	// Once every container waits for the mount, its starter goes away.
 	key := e.viewKeyOf(top)
@@ -192,9 +190,7 @@ func TestCleanupDuringPrepares(t *testing.T) {
 	top := e.pull("default/1", e.layer("a"))[0]
 	stop := make(chan struct{})
 	var cleaner sync.WaitGroup
-	cleaner.Add(1)
-	go func() {
-		defer cleaner.Done()
+	cleaner.Go(func() {
 		for {
 			select {
 			case <-stop:
@@ -206,12 +202,10 @@ func TestCleanupDuringPrepares(t *testing.T) {
 				return
 			}
 		}
-	}()
+	})
 	var wg sync.WaitGroup
 	for w := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := range 25 {
 				key := fmt.Sprintf("default/2/w%d-%d", w, i)
 				m, err := e.sn.Prepare(e.ctx, key, top)
@@ -227,7 +221,7 @@ func TestCleanupDuringPrepares(t *testing.T) {
 					return
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	close(stop)

@@ -199,8 +199,8 @@ func TestWarmViewOfImageTop(t *testing.T) {
 	if err := e.sn.Remove(e.ctx, "default/2/c"); err != nil {
 		t.Fatal(err)
 	}
-	for i := len(names) - 1; i >= 0; i-- {
-		if err := e.sn.Remove(e.ctx, names[i]); err != nil {
+	for _, name := range slices.Backward(names) {
+		if err := e.sn.Remove(e.ctx, name); err != nil {
 			t.Fatal(err)
 		}
 	}
