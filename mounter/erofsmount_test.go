@@ -14,7 +14,6 @@ import (
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
-	"github.com/containerd-daxfs/containerd-daxfs/mounter/fusesrv"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/internal/mtest"
 )
 
@@ -145,17 +144,7 @@ func TestAutoMountsWithEROFS(t *testing.T) {
 // in auto mode, and reads the same.
 func TestAutoFallsBackToFUSE(t *testing.T) {
 	testenv.RequireRoot(t)
-	t.Setenv(roleEnv, "1")
-	exe, _ := os.Executable()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	state, err := os.MkdirTemp("", "mounter-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(state)
-	fo := FUSEOptions{StateDir: state, Binary: exe}
-	defer fusesrv.NewClient(state, nil).Quit(context.Background())
+	ctx, fo := testMounterOptions(t)
 	m, err := New(ctx, ModeAuto, fo)
 	if err != nil {
 		t.Fatal(err)

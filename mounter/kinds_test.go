@@ -24,17 +24,7 @@ import (
 // off by DetachStale.
 func TestEveryModeKnowsEveryKind(t *testing.T) {
 	testenv.RequireRoot(t)
-	t.Setenv(roleEnv, "1")
-	exe, _ := os.Executable()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	state, err := os.MkdirTemp("", "mounter-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(state)
-	fo := FUSEOptions{StateDir: state, Binary: exe}
-	defer fusesrv.NewClient(state, nil).Quit(context.Background())
+	ctx, fo := testMounterOptions(t)
 	byEROFS, err := New(ctx, ModeEROFS, fo)
 	if err != nil {
 		t.Fatal(err)
@@ -117,4 +107,23 @@ func TestEveryModeKnowsEveryKind(t *testing.T) {
 	if ok, err := mountinfo.Mounted(tmpfsDir); err != nil || ok {
 		t.Errorf("%s still mounted after DetachStale (%v)", tmpfsDir, err)
 	}
+}
+
+// testMounterOptions returns a context bounded for a mounter test and the
+// options of a FUSE serving process of its own (this test binary in its
+// server role, state in a short temporary directory: socket paths are
+// limited), stopped and removed when the test ends.
+func testMounterOptions(t *testing.T) (context.Context, FUSEOptions) {
+	t.Helper()
+	t.Setenv(roleEnv, "1")
+	exe, _ := os.Executable()
+	state, err := os.MkdirTemp("", "mounter-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(state) })
+	t.Cleanup(func() { fusesrv.NewClient(state, nil).Quit(context.Background()) })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx, FUSEOptions{StateDir: state, Binary: exe}
 }

@@ -64,10 +64,7 @@ func writeJSON(t *testing.T, dir, name string, v any) string {
 func TestCrictl(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
-	pauseImg := testenv.BusyboxImage(t)
-	pauseImg.Config.Entrypoint = []string{"/bin/sleep"}
-	pauseImg.Config.Cmd = []string{"2147483647"}
-	pause, _ := pushImage(t, src, reg, pauseImg, "pause:crictl")
+	pause := pushPause(t, src, reg, "pause:crictl")
 	plain, built := pushImage(t, src, reg, greetingImage(t, testimage.Gzip), "greeting:crictl")
 	pre := reg + "/library/greeting:crictl-daxfs"
 	if out, err := exec.Command(daemonBinary(t), "convert", "--address", src.Address(), "--namespace", src.Namespace, plain, pre).CombinedOutput(); err != nil {
@@ -75,20 +72,10 @@ func TestCrictl(t *testing.T) {
 	}
 	src.CtrOK(t, "image", "push", "--plain-http", pre)
 
-	hosts := writeHostsDir(t, reg, reg)
 	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{
 		EnableCRI: true,
-		ExtraConfig: fmt.Sprintf(`
-[plugins."io.containerd.cri.v1.images"]
-  [plugins."io.containerd.cri.v1.images".pinned_images]
-    sandbox = %q
-  [plugins."io.containerd.cri.v1.images".registry]
-    config_path = %q
-# This sandbox may not lower oom_score_adj (the pause container asks for
-# -998): clamp it to containerd's own, as rootless setups do.
-[plugins."io.containerd.cri.v1.runtime"]
-  restrict_oom_score_adj = true
-`, pause, hosts),
+		// CRI's snapshotter comes from the drop-in.
+		ExtraConfig: criNodeConfig(pause, writeHostsDir(t, reg, reg), ""),
 	}, daxfsOptions{DropIn: true})
 
 	ctrd.CrictlOK(t, "pull", plain)

@@ -177,33 +177,32 @@ func runInit(ctx context.Context, cmd *cli.Command) error {
 	return emit(cmd, statusJSON(st), func(out io.Writer) { printStatus(out, st) })
 }
 
-func runStatus(ctx context.Context, cmd *cli.Command) error {
-	if err := noArgs(cmd); err != nil {
-		return err
+// reading runs a command that takes no arguments and only reads the
+// region: f gets the region opened without joining it.
+func reading(f func(cmd *cli.Command, r *daxmem.Region) error) cli.ActionFunc {
+	return func(ctx context.Context, cmd *cli.Command) error {
+		if err := noArgs(cmd); err != nil {
+			return err
+		}
+		o, _ := options(cmd, false)
+		r, err := open(ctx, o)
+		if err != nil {
+			return err
+		}
+		defer r.Close()
+		return f(cmd, r)
 	}
-	o, _ := options(cmd, false)
-	r, err := open(ctx, o)
-	if err != nil {
-		return err
-	}
-	defer r.Close()
-	st := r.Stats()
-	return emit(cmd, statusJSON(st), func(out io.Writer) { printStatus(out, st) })
 }
 
-func runLs(ctx context.Context, cmd *cli.Command) error {
-	if err := noArgs(cmd); err != nil {
-		return err
-	}
-	o, _ := options(cmd, false)
-	r, err := open(ctx, o)
-	if err != nil {
-		return err
-	}
-	defer r.Close()
+var runStatus = reading(func(cmd *cli.Command, r *daxmem.Region) error {
+	st := r.Stats()
+	return emit(cmd, statusJSON(st), func(out io.Writer) { printStatus(out, st) })
+})
+
+var runLs = reading(func(cmd *cli.Command, r *daxmem.Region) error {
 	es := r.Entries()
 	return emit(cmd, entriesJSON(es), func(out io.Writer) { printEntries(out, es) })
-}
+})
 
 // gcJSON is gc's --json output.
 type gcJSON struct {
