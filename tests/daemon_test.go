@@ -251,6 +251,7 @@ func (d *daxfsDaemon) start(t testing.TB) {
 	for time.Now().Before(deadline) {
 		if c, err := net.Dial("unix", d.Socket); err == nil {
 			c.Close()
+			d.waitContainerd(t, deadline)
 			return
 		}
 		select {
@@ -260,6 +261,29 @@ func (d *daxfsDaemon) start(t testing.TB) {
 		}
 	}
 	t.Fatalf("containerd-daxfs-grpc did not serve on %s:\n%s", d.Socket, d.logTail())
+}
+
+// waitContainerd waits until containerd reaches the daemon through its
+// proxy plugin. After a restart, containerd's connection to the old
+// daemon is broken and gRPC retries it with a backoff (up to 3 s in
+// containerd 2.4): until it reconnects, containerd fails calls to the
+// snapshotter at once ("connection refused"), as it would for a user who
+// restarts the daemon.
+func (d *daxfsDaemon) waitContainerd(t testing.TB, deadline time.Time) {
+	t.Helper()
+	if d.ctrd == nil {
+		return
+	}
+	for {
+		_, err := d.ctrd.Ctr(t, "snapshot", "--snapshotter", "daxfs", "ls")
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd does not reach the daxfs daemon: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // kill stops the daemon with SIGKILL (its FUSE serving process stays).
