@@ -20,11 +20,18 @@ build:
 deps:
 	scripts/deps.sh
 
-# check fails on unformatted files and vet findings.
+LINT      := .cache/bin/golangci-lint
+
+# check fails on unformatted files, vet findings and golangci-lint
+# findings (.golangci.yml: the linters containerd enables), in both builds
+# of the gzip reader. scripts/deps.sh installs the pinned golangci-lint.
 check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	GOFLAGS= $(GO) vet ./converter/gunzip/
+	@test -x $(LINT) || { echo "$(LINT) is missing: run make deps"; exit 1; }
+	$(LINT) run ./...
+	GOFLAGS= $(LINT) run ./converter/gunzip/
 
 # test is the whole suite: what CI runs (.ci/run) and what the README says.
 test: deps check build unit guests fuzz

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -72,7 +71,7 @@ func classify(ctx context.Context, err error) error {
 		return nil
 	case ctx.Err() != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)):
 		return err
-	case errors.Is(err, ErrTooLarge), errors.Is(err, ErrInvalidLayer), errors.As(err, &ioe):
+	case errors.Is(err, ErrTooLarge), errors.Is(err, ErrInvalidLayer), errors.Is(err, ErrLimit), errors.As(err, &ioe):
 		return err
 	case errors.Is(err, daxfs.ErrBacking):
 		// The output could not get memory (region or tmpfs full).
@@ -87,19 +86,24 @@ func classify(ctx context.Context, err error) error {
 type layerBuilder struct {
 	w       *daxfs.Writer
 	maxSize int64 // 0: unlimited
+	limits  Limits
 	// estimate is a lower bound of the image size so far (page-rounded file
 	// data plus one inode and one directory entry per entry), so an
 	// oversized layer stops early instead of after filling its output.
 	estimate int64
 	entries  int
-	// dirs records directory paths: explicit when an entry made them,
-	// not when the Writer created them as missing parents.
-	dirs map[string]dirState
-	gen  uint64
 }
 
-func newLayerBuilder(w *daxfs.Writer, maxSize int64) *layerBuilder {
-	return &layerBuilder{w: w, maxSize: maxSize, estimate: 2 * daxfs.BlockSize, dirs: make(map[string]dirState)}
+// newLayerBuilder returns a builder writing to out. The Writer marks the
+// directories it creates as missing parents (ImplicitDirXattr).
+func newLayerBuilder(out io.WriterAt, opts daxfs.WriterOptions, maxSize int64, limits Limits) *layerBuilder {
+	opts.ImplicitDirXattr = ImplicitDirXattr
+	return &layerBuilder{
+		w:        daxfs.NewWriter(&outputWriter{w: out}, opts),
+		maxSize:  maxSize,
+		limits:   limits.withDefaults(),
+		estimate: 2 * daxfs.BlockSize,
+	}
 }
 
 // ImplicitDirXattr marks, in a layer image, a directory that no entry of
@@ -110,77 +114,24 @@ func newLayerBuilder(w *daxfs.Writer, maxSize int64) *layerBuilder {
 // never carry it.
 const ImplicitDirXattr = "trusted.daxfs.implicit"
 
-// noted records that p was added (as a directory or not) so that the
-// parents the Writer made for it can be marked. Directories carry a
-// generation and their parent's generation at creation, so that a subtree
-// dropped when its directory was replaced is recognised as stale without
-// walking it (a hostile tar could otherwise make this quadratic).
-func (b *layerBuilder) noted(p string, isDir bool) {
-	parent := parentPath(p)
-	b.ensureDir(parent)
-	if !isDir {
-		delete(b.dirs, p)
-		return
+// checkPath applies the path limits to a clean entry path.
+func (b *layerBuilder) checkPath(p string) error {
+	if len(p) > b.limits.MaxPathLen {
+		return fmt.Errorf("%w: path of %d bytes exceeds the limit of %d (limits.max_path_len)", ErrLimit, len(p), b.limits.MaxPathLen)
 	}
-	if st, ok := b.dirs[p]; ok && st.parentGen == b.genOf(parent) {
-		st.explicit = true
-		b.dirs[p] = st
-		return
+	// Components, counted without allocating: a path within the length
+	// limit is walked once.
+	if depth := strings.Count(p, "/") + 1; depth > b.limits.MaxDepth {
+		return fmt.Errorf("%w: path of %d components exceeds the limit of %d (limits.max_depth)", ErrLimit, depth, b.limits.MaxDepth)
 	}
-	b.gen++
-	b.dirs[p] = dirState{explicit: true, gen: b.gen, parentGen: b.genOf(parent)}
-}
-
-// ensureDir records the directories up to p that the Writer made as
-// missing parents, top down.
-func (b *layerBuilder) ensureDir(p string) {
-	if p == "" {
-		return
-	}
-	b.ensureDir(parentPath(p))
-	pg := b.genOf(parentPath(p))
-	if st, ok := b.dirs[p]; ok && st.parentGen == pg {
-		return
-	}
-	b.gen++
-	b.dirs[p] = dirState{gen: b.gen, parentGen: pg}
-}
-
-func (b *layerBuilder) genOf(p string) uint64 {
-	if p == "" {
-		return 0
-	}
-	return b.dirs[p].gen
-}
-
-// live reports whether the recorded directory p is still in the tree.
-func (b *layerBuilder) live(p string) bool {
-	for ; p != ""; p = parentPath(p) {
-		st, ok := b.dirs[p]
-		if !ok || st.parentGen != b.genOf(parentPath(p)) {
-			return false
-		}
-	}
-	return true
-}
-
-type dirState struct {
-	explicit       bool
-	gen, parentGen uint64
-}
-
-func parentPath(p string) string {
-	if i := strings.LastIndexByte(p, '/'); i >= 0 {
-		return p[:i]
-	}
-	return ""
+	return nil
 }
 
 func (b *layerBuilder) grow(path string, n int64) error {
 	b.estimate += n + daxfs.InodeSize + daxfs.DirentStride
 	b.entries++
 	if b.maxSize > 0 && b.estimate > b.maxSize {
-		return fmt.Errorf("entry %q: %w (%d bytes)", path, ErrTooLarge, b.maxSize)
+		return fmt.Errorf("entry %s: %w (%d bytes)", quotePath(path), ErrTooLarge, b.maxSize)
 	}
 	return nil
 }
@@ -196,10 +147,21 @@ func (b *layerBuilder) add(h *daxfs.Header, data io.Reader) error {
 	if err := b.grow(h.Path, n); err != nil {
 		return err
 	}
-	if err := b.w.Add(h, data); err != nil {
-		return fmt.Errorf("entry %q: %w", h.Path, err)
+	if err := b.checkPath(h.Path); err != nil {
+		return fmt.Errorf("entry %s: %w", quotePath(h.Path), err)
 	}
-	b.noted(h.Path, h.Mode&daxfs.ModeTypeMask == daxfs.ModeDir)
+	if err := b.w.Add(h, data); err != nil {
+		return fmt.Errorf("entry %s: %w", quotePath(h.Path), err)
+	}
+	return b.checkNames(h.Path)
+}
+
+// checkNames applies the entry limit to the names the Writer holds: one
+// entry adds as many as its missing parents.
+func (b *layerBuilder) checkNames(path string) error {
+	if n := b.w.Names(); n > b.limits.MaxEntries {
+		return fmt.Errorf("entry %s: %w: more than %d names (limits.max_entries)", quotePath(path), ErrLimit, b.limits.MaxEntries)
+	}
 	return nil
 }
 
@@ -207,11 +169,13 @@ func (b *layerBuilder) link(path, target string, h *daxfs.Header) error {
 	if err := b.grow(path, 0); err != nil {
 		return err
 	}
-	if err := b.w.Link(path, target, h); err != nil {
-		return fmt.Errorf("entry %q: hard link to %q: %w", path, target, err)
+	if err := b.checkPath(path); err != nil {
+		return fmt.Errorf("entry %s: %w", quotePath(path), err)
 	}
-	b.noted(path, false)
-	return nil
+	if err := b.w.Link(path, target, h); err != nil {
+		return fmt.Errorf("entry %s: hard link to %s: %w", quotePath(path), quotePath(target), err)
+	}
+	return b.checkNames(path)
 }
 
 // whiteout adds an OCI whiteout or opaque marker. Markers get canonical
@@ -224,21 +188,6 @@ func (b *layerBuilder) whiteout(path string) error {
 
 // finish lays the image out, checks its size and writes the metadata.
 func (b *layerBuilder) finish() (int64, error) {
-	var implicit []string
-	for p, st := range b.dirs {
-		if !st.explicit && b.live(p) {
-			implicit = append(implicit, p)
-		}
-	}
-	sort.Strings(implicit)
-	for _, p := range implicit {
-		// A directory over a directory keeps its children: this only
-		// sets the marker on the Writer's default attributes.
-		h := &daxfs.Header{Path: p, Mode: daxfs.ModeDir | 0o755, Xattrs: map[string][]byte{ImplicitDirXattr: []byte("1")}}
-		if err := b.w.Add(h, nil); err != nil {
-			return 0, fmt.Errorf("marking implicit directory %q: %w", p, err)
-		}
-	}
 	size, err := b.w.Layout()
 	if err != nil {
 		return 0, fmt.Errorf("laying out image: %w", err)

@@ -19,6 +19,8 @@ import (
 type DirOptions struct {
 	// MaxSize bounds the image size in bytes; 0 means no bound.
 	MaxSize int64
+	// Limits bound entries and paths.
+	Limits Limits
 	// Writer is passed to daxfs.NewWriter.
 	Writer daxfs.WriterOptions
 }
@@ -53,7 +55,7 @@ func ConvertDir(ctx context.Context, dir string, out io.WriterAt, opts DirOption
 	d := &dirConverter{
 		ctx:   ctx,
 		root:  dir,
-		b:     newLayerBuilder(daxfs.NewWriter(&outputWriter{w: out}, opts.Writer), opts.MaxSize),
+		b:     newLayerBuilder(out, opts.Writer, opts.MaxSize, opts.Limits),
 		links: make(map[devIno]string),
 	}
 	opaque, err := isOpaqueDir(dir)

@@ -121,3 +121,22 @@ func ustar(tb testing.TB, ents []tarEnt) []byte {
 	buf.Write(make([]byte, 1024))
 	return buf.Bytes()
 }
+
+// FuzzTarSize: any blob gives a size estimate or none, never a panic, and
+// an estimate is never negative; ContentDigest of the blob ends.
+func FuzzTarSize(f *testing.F) {
+	seed := makeTar(f, []tarEnt{file("a", "x")})
+	f.Add(seed)
+	f.Add(gz(f, seed))
+	f.Add(zst(f, seed))
+	f.Add([]byte{0x1f, 0x8b})
+	f.Add([]byte{0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x05})
+	f.Fuzz(func(t *testing.T, blob []byte) {
+		if n, ok := TarSize(bytes.NewReader(blob), int64(len(blob))); ok && n < 0 {
+			t.Fatalf("negative size %d", n)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, _ = ContentDigest(ctx, bytes.NewReader(blob))
+	})
+}

@@ -1,39 +1,29 @@
 package converter
 
 import (
+	"context"
 	"crypto/sha256"
-	"errors"
 	"hash"
 	"io"
-	"sync"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/readahead"
 )
 
 // hashAhead reads its source in a goroutine of its own, a few chunks ahead
-// of the reader, and hashes each chunk there before handing it over. The
-// diffID's sha256 then runs beside the tar parser and the copy into the
-// image instead of in line with them: on two cores, with the decompressor
-// in a third goroutine, a conversion's critical path loses the hashing
-// (about a fifth of it for a gzip layer).
+// of the reader (package readahead), and hashes each chunk there before
+// handing it over. The diffID's sha256 then runs beside the tar parser and
+// the copy into the image instead of in line with them: on two cores, with
+// the decompressor in a third goroutine, a conversion's critical path
+// loses the hashing (about a fifth of it for a gzip layer).
 //
 // Read is for one goroutine. Close stops the goroutine and waits for it
 // (at most until the source's Read in progress returns), so the source is
-// not read after Close returns.
+// not read after Close returns. The source's errors reach the reader
+// unchanged, after the data before them: a decompressor's
+// io.ErrUnexpectedEOF is a truncated stream, not an end.
 type hashAhead struct {
-	h    hash.Hash
-	full chan *aheadChunk // filled and hashed, in stream order
-	free chan *aheadChunk
-	stop chan struct{}
-	done chan struct{}
-	once sync.Once
-
-	cur *aheadChunk // being read from
-	err error       // the source's error (io.EOF at its end), once reached
-}
-
-type aheadChunk struct {
-	b    []byte
-	r, n int // read position and fill of b
-	err  error
+	*readahead.Reader
+	h hash.Hash
 }
 
 const (
@@ -42,108 +32,25 @@ const (
 )
 
 func newHashAhead(src io.Reader) *hashAhead {
-	a := &hashAhead{
-		h:    sha256.New(),
-		full: make(chan *aheadChunk, aheadChunks),
-		free: make(chan *aheadChunk, aheadChunks),
-		stop: make(chan struct{}),
-		done: make(chan struct{}),
-	}
-	for range aheadChunks {
-		a.free <- &aheadChunk{b: make([]byte, aheadChunkSize)}
-	}
-	go a.fill(src)
-	return a
-}
-
-// fill reads src into free chunks, hashes them and queues them, until the
-// source ends or fails (that chunk carries its error unchanged: a
-// decompressor's io.ErrUnexpectedEOF is a truncated stream, not an end) or
-// Close.
-func (a *hashAhead) fill(src io.Reader) {
-	defer close(a.done)
-	for {
-		var c *aheadChunk
-		select {
-		case c = <-a.free:
-		case <-a.stop:
-			return
-		}
+	h := sha256.New()
+	fill := func(ctx context.Context, b []byte) (int, error) {
 		n := 0
 		var err error
-		for n < len(c.b) && err == nil {
+		for n < len(b) && err == nil && ctx.Err() == nil {
 			var k int
-			k, err = src.Read(c.b[n:])
+			k, err = src.Read(b[n:])
 			n += k
-			select {
-			case <-a.stop:
-				return
-			default:
-			}
 		}
-		a.h.Write(c.b[:n])
-		c.r, c.n, c.err = 0, n, err
-		select {
-		case a.full <- c:
-		case <-a.stop:
-			return
-		}
-		if err != nil {
-			return
-		}
+		h.Write(b[:n])
+		return n, err
 	}
+	return &hashAhead{Reader: readahead.New(context.Background(), aheadChunkSize, aheadChunks-1, fill), h: h}
 }
-
-func (a *hashAhead) Read(p []byte) (int, error) {
-	for {
-		if a.cur != nil && a.cur.r < a.cur.n {
-			n := copy(p, a.cur.b[a.cur.r:a.cur.n])
-			a.cur.r += n
-			return n, nil
-		}
-		if a.cur != nil {
-			if a.cur.err != nil {
-				a.err = a.cur.err
-			} else {
-				a.free <- a.cur
-			}
-			a.cur = nil
-		}
-		if a.err != nil {
-			return 0, a.err
-		}
-		if len(p) == 0 {
-			return 0, nil
-		}
-		select {
-		case a.cur = <-a.full:
-		case <-a.done:
-			// fill stopped without queueing a chunk: only after Close.
-			select {
-			case a.cur = <-a.full:
-			default:
-				return 0, errAheadClosed
-			}
-		}
-	}
-}
-
-var errAheadClosed = errors.New("converter: read of the layer stream after close")
 
 // Sum returns the sha256 of the stream once Read has returned io.EOF.
 // Called earlier, it stops reading and hashes what was read ahead, which
 // is of no use but to release the goroutine.
 func (a *hashAhead) Sum() []byte {
-	if a.err == nil {
-		a.Close() // not at the end: stop the goroutine before using h
-	}
-	<-a.done
+	a.Close() // the goroutine has returned: h is ours
 	return a.h.Sum(nil)
-}
-
-// Close stops the reading goroutine and waits for it to return.
-func (a *hashAhead) Close() error {
-	a.once.Do(func() { close(a.stop) })
-	<-a.done
-	return nil
 }

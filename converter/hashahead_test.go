@@ -7,6 +7,8 @@ import (
 	"io"
 	"testing"
 	"testing/iotest"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/readahead"
 )
 
 // TestHashAhead: what the reader sees is the source, in order, whatever
@@ -62,7 +64,7 @@ func TestHashAheadClose(t *testing.T) {
 	a.Close()
 	for {
 		if _, err := a.Read(buf); err != nil {
-			if !errors.Is(err, errAheadClosed) {
+			if !errors.Is(err, readahead.ErrClosed) {
 				t.Fatalf("read after close: %v", err)
 			}
 			break

@@ -2,7 +2,6 @@ package converter
 
 import (
 	"bufio"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -33,17 +32,15 @@ func ImageSize(r io.Reader) (size int64, ok bool, err error) {
 		return 0, false, err
 	}
 	defer closeStream()
-	var sb [24]byte
-	if _, err := io.ReadFull(stream, sb[:]); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return 0, false, nil // too short to be an image
-		}
+	var sb [64]byte // past the superblock's total size
+	n, err := io.ReadFull(stream, sb[:])
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
 		return 0, false, fmt.Errorf("reading layer: %w", err)
 	}
-	if binary.LittleEndian.Uint32(sb[0:]) != daxfs.SuperMagic {
-		return 0, false, nil
+	total, ok := daxfs.StatedSize(sb[:n])
+	if !ok {
+		return 0, false, nil // too short to be an image, or not one
 	}
-	total := binary.LittleEndian.Uint64(sb[16:])
 	if total == 0 || total > 1<<62 {
 		return 0, false, fmt.Errorf("daxfs layer: superblock states a total size of %d bytes", total)
 	}

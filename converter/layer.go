@@ -18,6 +18,7 @@ import (
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter/gunzip"
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
+	"github.com/containerd-daxfs/containerd-daxfs/mounter/erofs"
 )
 
 // Format is the encoding of a layer blob, detected from its first bytes.
@@ -52,19 +53,37 @@ func DetectFormat(head []byte) Format {
 		return FormatGzip
 	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == 0xfd2fb528:
 		return FormatZstd
-	case len(head) >= 4 && binary.LittleEndian.Uint32(head) == daxfs.SuperMagic:
+	case daxfs.HasMagic(head):
 		return FormatDAXFS
 	}
 	return FormatTar
 }
 
+// Content is what a layer blob holds once decompressed.
+type Content int
+
+const (
+	// ContentAny: told by the bytes (operator commands take any file).
+	ContentAny Content = iota
+	// ContentTar: a tar, as the OCI and Docker layer media types say.
+	ContentTar
+	// ContentImage: a DAXFS layer image (the pre-converted media types).
+	ContentImage
+)
+
 // LayerOptions tune ConvertLayer.
 type LayerOptions struct {
+	// Content is what the blob must hold, from its media type
+	// (ContentOf). A blob holding something else is refused: a DAXFS
+	// image is not taken for a tar, nor a tar for an image.
+	Content Content
 	// MaxSize bounds the image size in bytes (the extent the caller
 	// claimed); 0 means no bound. An oversized layer fails with an error
 	// wrapping ErrTooLarge, and the uncompressed stream is also bounded
 	// (see maxTarSize) so a decompression bomb cannot run forever.
 	MaxSize int64
+	// Limits bound entries and paths.
+	Limits Limits
 	// Writer is passed to daxfs.NewWriter.
 	Writer daxfs.WriterOptions
 }
@@ -83,6 +102,11 @@ type LayerResult struct {
 	TarSize int64
 	// Entries counts the tar entries (or image inodes) converted.
 	Entries int
+	// DroppedXattrs counts the xattrs of tar entries that were not kept:
+	// trusted.* and names outside the namespaces Linux knows.
+	DroppedXattrs int
+	// FirstDropped names the first of them ("entry: xattr"), for a log.
+	FirstDropped string
 }
 
 // maxTrailing bounds the bytes read after a tar's end-of-archive marker
@@ -125,47 +149,52 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerO
 	if err != nil && !errors.Is(err, io.EOF) {
 		return LayerResult{}, fmt.Errorf("reading layer: %w", err)
 	}
+	// Compression is told by the bytes, as containerd's applier does;
+	// what the stream holds is what the media type says (ContentAny:
+	// told by the bytes too).
 	format := DetectFormat(head)
 	res := LayerResult{Format: format}
-
-	if format == FormatDAXFS {
-		return copyImage(ctx, br, out, opts)
+	if format == FormatDAXFS || format == FormatTar {
+		format = FormatTar // not compressed
 	}
 	stream, closeStream, err := decompressed(br, format, 2)
 	if err != nil {
 		return res, err
 	}
 	defer closeStream()
-
+	zb := br
 	if format != FormatTar {
-		// A compressed DAXFS layer image (a pre-converted layer of
-		// MediaTypeLayerZstd, or gzip): validated and copied as the
-		// uncompressed one is, its diffID the image's digest.
-		zb := bufio.NewReaderSize(stream, 64<<10)
+		zb = bufio.NewReaderSize(stream, 64<<10)
+	}
+	content := opts.Content
+	if content == ContentAny {
 		head, err := zb.Peek(4)
 		if err != nil && !errors.Is(err, io.EOF) {
 			return res, fmt.Errorf("%s layer: %w", format, err)
 		}
+		content = ContentTar
 		if DetectFormat(head) == FormatDAXFS {
-			res, err := copyImage(ctx, zb, out, opts)
-			if err != nil {
-				return res, fmt.Errorf("%s compressed image: %w", format, err)
-			}
-			return res, nil
+			content = ContentImage
 		}
-		stream = zb
 	}
-	ah := newHashAhead(stream)
-	defer ah.Close()
-	cr := &countingReader{r: ah, limit: maxTarSize(opts.MaxSize)}
-	w := daxfs.NewWriter(&outputWriter{w: out}, opts.Writer)
-	b := newLayerBuilder(w, opts.MaxSize)
-	if err := addTar(ctx, cr, b, format); err != nil {
+	if content == ContentImage {
+		res, err := copyImage(ctx, zb, out, opts)
+		if err != nil && format != FormatTar {
+			return res, fmt.Errorf("%s compressed image: %w", format, err)
+		}
 		return res, err
 	}
-	if cr.zeroTail < 512 {
+	ah := newHashAhead(zb)
+	defer ah.Close()
+	cr := &countingReader{ctx: ctx, r: ah, limit: maxTarSize(opts.MaxSize)}
+	b := newLayerBuilder(out, opts.Writer, opts.MaxSize, opts.Limits)
+	if err := addTar(ctx, cr, b, format, &res); err != nil {
+		return res, err
+	}
+	if cr.zeroTail < 512 && cr.n > 0 {
 		// archive/tar reports a stream ending between two entries as
-		// a clean end; a complete tar ends with zero blocks.
+		// a clean end; a complete tar ends with zero blocks. An empty
+		// stream is an empty layer, as containerd's applier takes it.
 		return res, fmt.Errorf("%s layer: truncated: no end-of-archive marker after %d bytes", format, cr.n)
 	}
 	// The diffID covers the whole uncompressed stream, padding included;
@@ -212,6 +241,9 @@ func decompressed(br *bufio.Reader, format Format, zstdThreads int) (io.Reader, 
 // countingReader counts the uncompressed stream and enforces the bounds on
 // it (hashAhead below it hashes it).
 type countingReader struct {
+	// ctx is checked on every read, so that a cancelled conversion stops
+	// within one read of the stream, inside a large file too.
+	ctx      context.Context
 	r        io.Reader
 	n        int64
 	limit    int64 // 0: none
@@ -225,6 +257,9 @@ type countingReader struct {
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
 	n, err := c.r.Read(p)
 	if n > 0 {
 		c.n += int64(n)
@@ -250,7 +285,7 @@ func (c *countingReader) Read(p []byte) (int, error) {
 }
 
 // addTar feeds every entry of the tar read from cr to b.
-func addTar(ctx context.Context, cr *countingReader, b *layerBuilder, format Format) error {
+func addTar(ctx context.Context, cr *countingReader, b *layerBuilder, format Format, res *LayerResult) error {
 	tr := tar.NewReader(cr)
 	last := ""
 	for {
@@ -274,7 +309,7 @@ func addTar(ctx context.Context, cr *countingReader, b *layerBuilder, format For
 			return fmt.Errorf("%s layer: reading the tar header after entry %q: %w", format, last, err)
 		}
 		last = hdr.Name
-		if err := addTarEntry(hdr, tr, b); err != nil {
+		if err := addTarEntry(hdr, tr, b, res); err != nil {
 			if errors.Is(err, io.ErrUnexpectedEOF) {
 				return fmt.Errorf("%s layer: truncated: %w", format, err)
 			}
@@ -283,7 +318,7 @@ func addTar(ctx context.Context, cr *countingReader, b *layerBuilder, format For
 	}
 }
 
-func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
+func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder, res *LayerResult) error {
 	if hdr.Typeflag == tar.TypeXGlobalHeader {
 		return nil // containerd ignores global PAX headers too
 	}
@@ -304,44 +339,35 @@ func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
 	if kind != notWhiteout {
 		return b.whiteout(p)
 	}
-	if hdr.Uid < 0 || hdr.Gid < 0 || int64(hdr.Uid) > 1<<32-1 || int64(hdr.Gid) > 1<<32-1 {
-		return fmt.Errorf("entry %q: uid %d or gid %d out of range", hdr.Name, hdr.Uid, hdr.Gid)
+	uid, err := tarOwner(hdr.Uid)
+	if err != nil {
+		return fmt.Errorf("entry %s: %w", quotePath(hdr.Name), err)
+	}
+	gid, err := tarOwner(hdr.Gid)
+	if err != nil {
+		return fmt.Errorf("entry %s: %w", quotePath(hdr.Name), err)
+	}
+	xattrs, opaque, dropped, err := tarXattrs(hdr)
+	if err != nil {
+		return fmt.Errorf("entry %s: %w", quotePath(hdr.Name), err)
+	}
+	if dropped > 0 {
+		if res.DroppedXattrs == 0 {
+			res.FirstDropped = quotePath(hdr.Name)
+		}
+		res.DroppedXattrs += dropped
 	}
 	h := &daxfs.Header{
 		Path:    p,
 		Mode:    uint32(hdr.Mode) & daxfs.ModePermMask,
-		UID:     uint32(hdr.Uid),
-		GID:     uint32(hdr.Gid),
+		UID:     uid,
+		GID:     gid,
 		ModTime: boundTime(hdr.ModTime),
-	}
-	opaque := false
-	for k, v := range hdr.PAXRecords {
-		name, ok := strings.CutPrefix(k, "SCHILY.xattr.")
-		if !ok {
-			continue
-		}
-		if strings.HasPrefix(name, "trusted.") {
-			// containerd's applier never sets trusted.* xattrs from an
-			// archive ("admin attributes"): neither do we, so a layer
-			// cannot smuggle overlayfs or daxfs markers into a root.
-			continue
-		}
-		if isOverlayXattr(name) {
-			// An overlay upper holding this xattr would make the
-			// directory opaque: say so the OCI way.
-			if v == "y" && (name == opaqueXattrs[0] || name == opaqueXattrs[1]) && hdr.Typeflag == tar.TypeDir {
-				opaque = true
-			}
-			continue
-		}
-		if h.Xattrs == nil {
-			h.Xattrs = make(map[string][]byte)
-		}
-		h.Xattrs[name] = []byte(v)
+		Xattrs:  xattrs,
 	}
 
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse:
+	case tar.TypeReg: // archive/tar reads a legacy '\x00' (TypeRegA) as TypeReg
 		if hdr.Size < 0 {
 			return fmt.Errorf("entry %q: negative size", hdr.Name)
 		}
@@ -380,7 +406,10 @@ func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
 		return b.link(p, target, h)
 	case tar.TypeChar, tar.TypeBlock:
 		if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 1<<32-1 || hdr.Devminor > 1<<32-1 {
-			return fmt.Errorf("entry %q: device number out of range", hdr.Name)
+			return fmt.Errorf("entry %s: device number out of range", quotePath(hdr.Name))
+		}
+		if err := erofs.CheckDevice(unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))); err != nil {
+			return fmt.Errorf("entry %s: %w", quotePath(hdr.Name), err)
 		}
 		if hdr.Typeflag == tar.TypeChar && hdr.Devmajor == 0 && hdr.Devminor == 0 {
 			// A 0/0 character device is an overlay whiteout: once
@@ -402,7 +431,9 @@ func addTarEntry(hdr *tar.Header, data io.Reader, b *layerBuilder) error {
 		h.Mode |= daxfs.ModeFIFO
 		return b.add(h, nil)
 	}
-	return fmt.Errorf("entry %q: unsupported tar entry type %q", hdr.Name, hdr.Typeflag)
+	// containerd's applier words it so (old GNU sparse files, 'S', among
+	// them: archive/tar expands them, containerd does not take them).
+	return fmt.Errorf("entry %s: unhandled tar header type %d", quotePath(hdr.Name), hdr.Typeflag)
 }
 
 // readIntoWindow fills buf (the start of win's bytes) from r, backing the
@@ -469,7 +500,7 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 		}
 		img = buf[:n]
 	} else {
-		lr := io.Reader(r)
+		lr := r
 		if opts.MaxSize > 0 {
 			lr = io.LimitReader(r, opts.MaxSize+1)
 		}
@@ -495,6 +526,12 @@ func copyImage(ctx context.Context, r io.Reader, out io.WriterAt, opts LayerOpti
 	// A layer image stands alone: its size covers exactly the blob.
 	if im.TotalSize() != uint64(len(img)) {
 		return res, fmt.Errorf("daxfs layer: image total_size %d differs from the blob's %d bytes (a view, or truncated)", im.TotalSize(), len(img))
+	}
+	if err := opts.Limits.checkImage(im); err != nil {
+		return res, fmt.Errorf("daxfs layer: %w", err)
+	}
+	if err := checkImageAttrs(im); err != nil {
+		return res, fmt.Errorf("daxfs layer: %w", err)
 	}
 	if _, ok := out.(*daxfs.Window); !ok {
 		if _, err := (&outputWriter{w: out}).WriteAt(img, 0); err != nil {

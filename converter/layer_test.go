@@ -133,7 +133,7 @@ func TestConvertLayerFormatsAndDiffID(t *testing.T) {
 		bad := bytes.Clone(ref)
 		// Point the root inode's data somewhere absurd.
 		inodes := daxfs.BaseOffset + int(binary.LittleEndian.Uint64(bad[daxfs.BaseOffset+24:]))
-		for i := 0; i < 8; i++ {
+		for i := range 8 {
 			bad[inodes+24+i] = 0xff
 		}
 		_, err := ConvertLayer(t.Context(), bytes.NewReader(bad), &memOut{}, LayerOptions{})
@@ -175,7 +175,6 @@ func TestConvertLayerTarSemantics(t *testing.T) {
 		{"trusted xattrs from a tar are dropped", []tarEnt{withX(dir("d"), "trusted.overlay.opaque", "y"), withX(file("f", "x"), "trusted.daxfs-test", "t")}, []tarEnt{dir("d"), file("f", "x")}},
 		{"0/0 character device is a whiteout", []tarEnt{{name: "x", typ: tar.TypeChar}}, []tarEnt{{name: ".wh.x", typ: tar.TypeReg, mtime: time.Unix(0, 0)}}},
 		{"hard link header sets the shared inode's attributes", []tarEnt{file("a", "data"), withMode(hardlink("b", "a"), 0o600, 4)}, []tarEnt{withMode(file("a", "data"), 0o600, 4), withMode(hardlink("b", "a"), 0o600, 4)}},
-		{"hard link to a symlink", []tarEnt{symlink("l", "t"), hardlink("l2", "l")}, []tarEnt{symlink("l", "t"), hardlink("l2", "l")}},
 		{"global PAX header ignored", []tarEnt{{name: "pax_global_header", typ: tar.TypeXGlobalHeader}, file("a", "a")}, []tarEnt{file("a", "a")}},
 	}
 	for _, tc := range tests {
@@ -291,7 +290,6 @@ func TestConvertLayerHostile(t *testing.T) {
 		{"truncated tar in a header", good[:700], LayerOptions{}, "truncated"},
 		{"truncated tar in file data", good[:xs+100], LayerOptions{}, `tar layer: truncated: entry "d/f"`},
 		{"truncated tar between entries", good[:between], LayerOptions{}, "truncated: no end-of-archive marker"},
-		{"empty stream", nil, LayerOptions{}, "truncated"},
 		{"truncated after a file ending in zeros", zeroEnd[:len(zeroEnd)-1024], LayerOptions{}, "no end-of-archive marker"},
 		{"garbage", []byte(strings.Repeat("garbage!", 100)), LayerOptions{}, "tar layer: reading the first tar header"},
 		{"truncated gzip", truncGz, LayerOptions{}, "gzip layer"},
@@ -301,7 +299,7 @@ func TestConvertLayerHostile(t *testing.T) {
 		{"corrupt zstd", corruptZst, LayerOptions{}, "zstd layer"},
 		{"too large", good, LayerOptions{MaxSize: 4 * 4096}, "exceeds the maximum size"},
 		{"trailing garbage", trailing, LayerOptions{}, "after the end-of-archive marker"},
-		{"unsupported type", makeTar(t, []tarEnt{{name: "c", typ: tar.TypeCont}}), LayerOptions{}, `entry "c": unsupported tar entry type`},
+		{"unsupported type", makeTar(t, []tarEnt{{name: "c", typ: tar.TypeCont}}), LayerOptions{}, `entry "c": unhandled tar header type 55`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -332,7 +330,7 @@ func TestConvertLayerBomb(t *testing.T) {
 	tw := tar.NewWriter(zw)
 	tw.WriteHeader(&tar.Header{Name: "big", Typeflag: tar.TypeReg, Size: 1 << 32, Mode: 0o644})
 	zero := make([]byte, 1<<20)
-	for i := 0; i < 256; i++ { // only the first 256 MiB: the converter must stop before
+	for range 256 { // only the first 256 MiB: the converter must stop before
 		zw.Write(zero)
 	}
 	zw.Close()

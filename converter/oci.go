@@ -25,12 +25,26 @@ import (
 	"path"
 	"strings"
 	"time"
+
+	"github.com/containerd/containerd/v2/core/images"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
-// MediaTypeLayer is the media type of a layer blob that already is a DAXFS
-// layer image (pre-converted images). Such a blob is not compressed: its
-// diffID is the digest of the blob itself.
-const MediaTypeLayer = "application/vnd.containerd.daxfs.layer.v1"
+// MediaTypeLayer is the media type of a pre-converted layer whose blob is
+// a DAXFS layer image, not compressed: its diffID is the digest of the
+// blob itself.
+//
+// The "application/vnd.oci.image.layer." prefix is what containerd's
+// images.IsLayerType accepts for any suffix, in every containerd 2.x
+// (the one nerdctl links as much as the daemon's), so every client counts
+// these blobs as layers: client-side unpack (nerdctl, client.Pull), the
+// transfer service and CRI. Nothing but the daxfs differ can apply them:
+// containerd's walking and EROFS differs look the media type up
+// (images.DiffCompression) and refuse a base type they do not know
+// ("no processor for media-type"), so overlayfs never unpacks a DAXFS
+// image as if it were a tar. Nydus names its blobs the same way
+// (application/vnd.oci.image.layer.nydus.blob.v1).
+const MediaTypeLayer = "application/vnd.oci.image.layer.daxfs.v1"
 
 // MediaTypeLayerZstd is a zstd compressed DAXFS layer image: its diffID is
 // the digest of the image once decompressed. Registries store and send
@@ -39,9 +53,42 @@ const MediaTypeLayer = "application/vnd.containerd.daxfs.layer.v1"
 // tar, and padding to pages, which vanishes).
 const MediaTypeLayerZstd = MediaTypeLayer + "+zstd"
 
+// LegacyMediaTypeLayer and LegacyMediaTypeLayerZstd are the media types
+// pre-converted layers had before MediaTypeLayer: still read, no longer
+// written. containerd does not count them as layers unless told to (the
+// transfer service's unpack_config layer_types), and clients that unpack
+// themselves (nerdctl, client.Pull) drop them from the image.
+const (
+	LegacyMediaTypeLayer     = "application/vnd.containerd.daxfs.layer.v1"
+	LegacyMediaTypeLayerZstd = LegacyMediaTypeLayer + "+zstd"
+)
+
 // IsPreconverted reports whether mt is a media type of a pre-converted
-// layer: a DAXFS layer image, bare or zstd compressed.
-func IsPreconverted(mt string) bool { return mt == MediaTypeLayer || mt == MediaTypeLayerZstd }
+// layer: a DAXFS layer image, bare or zstd compressed, under its current
+// or its legacy media type.
+func IsPreconverted(mt string) bool {
+	switch mt {
+	case MediaTypeLayer, MediaTypeLayerZstd, LegacyMediaTypeLayer, LegacyMediaTypeLayerZstd:
+		return true
+	}
+	return false
+}
+
+// ContentOf returns what a layer blob of media type mt holds once
+// decompressed, and false for a media type that is not a layer we take.
+func ContentOf(mt string) (Content, bool) {
+	if IsPreconverted(mt) {
+		return ContentImage, true
+	}
+	switch mt {
+	case ocispec.MediaTypeImageLayer, ocispec.MediaTypeImageLayerGzip, ocispec.MediaTypeImageLayerZstd,
+		images.MediaTypeDockerSchema2Layer, images.MediaTypeDockerSchema2LayerGzip,
+		ocispec.MediaTypeImageLayerNonDistributable, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // still served by registries
+		ocispec.MediaTypeImageLayerNonDistributableZstd: //nolint:staticcheck
+		return ContentTar, true
+	}
+	return ContentAny, false
+}
 
 // OCI whiteout names (image-spec layer.md).
 const (
@@ -85,7 +132,7 @@ func cleanEntryPath(name string) (string, error) {
 	if p == ".." || strings.HasPrefix(p, "../") {
 		return "", fmt.Errorf("path %q escapes the root", name)
 	}
-	for _, c := range strings.Split(p, "/") {
+	for c := range strings.SplitSeq(p, "/") {
 		if len(c) > 255 {
 			return "", fmt.Errorf("path %q: component of %d bytes exceeds 255", name, len(c))
 		}

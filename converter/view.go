@@ -30,7 +30,23 @@ type vnode struct {
 	ino      uint32
 	mode     uint32
 	children map[string]*vnode // directories only
+	// parent and name place a directory in the tree, for error messages:
+	// paths are made only for those, never per entry (a path per entry
+	// costs time quadratic in the tree's depth).
+	parent *vnode
+	name   string
 }
+
+// path is n's path in the merged tree, made on demand.
+func (n *vnode) path() string {
+	if n == nil || n.parent == nil {
+		return ""
+	}
+	return joinPath(n.parent.path(), n.name)
+}
+
+// pathOf is the path of name in directory n.
+func (n *vnode) pathOf(name string) string { return joinPath(n.path(), name) }
 
 // PlanView merges layers (bottom first, each a validated layer image) with
 // the OCI rules: a ".wh.NAME" entry removes NAME of the layers below, a
@@ -60,15 +76,15 @@ func PlanView(layers []*daxfs.Image) (*ViewPlan, error) {
 			return nil, fmt.Errorf("view: layer %d: root is not a directory", i)
 		}
 		root.layer, root.ino, root.mode = i, daxfs.RootIno, in.Mode
-		if err := m.merge(root, daxfs.RootIno, ""); err != nil {
+		if err := m.merge(root, daxfs.RootIno); err != nil {
 			return nil, fmt.Errorf("view: layer %d: %w", i, err)
 		}
 	}
 
 	p := &ViewPlan{layers: layers, out: &deferredWriterAt{}}
 	p.w = daxfs.NewWriter(p.out, daxfs.WriterOptions{})
-	ew := emitter{p: p, links: make(map[linkKey]string)}
-	if err := ew.emit(root, ""); err != nil {
+	ew := emitter{p: p, links: make(map[linkKey]daxfs.Node)}
+	if err := ew.emit(root, nil, daxfs.Node{}, ""); err != nil {
 		return nil, fmt.Errorf("view: %w", err)
 	}
 	size, err := p.w.Layout()
@@ -125,14 +141,14 @@ type merger struct {
 	seen  map[uint32]bool // directory inodes visited: guards against cycles
 }
 
-func (m *merger) merge(dst *vnode, dir uint32, path string) error {
+func (m *merger) merge(dst *vnode, dir uint32) error {
 	if m.seen[dir] {
-		return fmt.Errorf("%q: directory inode %d reached twice", path, dir)
+		return fmt.Errorf("%q: directory inode %d reached twice", dst.path(), dir)
 	}
 	m.seen[dir] = true
 	ents, err := m.im.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("%q: %w", path, err)
+		return fmt.Errorf("%q: %w", dst.path(), err)
 	}
 	// Whiteouts and the opaque marker act on the layers below only, so
 	// apply them before this layer's own entries.
@@ -155,20 +171,20 @@ func (m *merger) merge(dst *vnode, dir uint32, path string) error {
 		}
 		in, err := m.im.Inode(e.Ino)
 		if err != nil {
-			return fmt.Errorf("%q: %w", joinPath(path, e.Name), err)
+			return fmt.Errorf("%q: %w", dst.pathOf(e.Name), err)
 		}
 		if in.IsDir() {
 			c := dst.children[e.Name]
 			if c == nil || c.children == nil {
-				c = &vnode{children: map[string]*vnode{}}
+				c = &vnode{children: map[string]*vnode{}, parent: dst, name: e.Name}
 				dst.children[e.Name] = c
 				c.layer, c.ino, c.mode = m.layer, e.Ino, in.Mode
 			} else if implicit, err := m.isImplicit(e.Ino); err != nil {
-				return fmt.Errorf("%q: %w", joinPath(path, e.Name), err)
+				return fmt.Errorf("%q: %w", dst.pathOf(e.Name), err)
 			} else if !implicit {
 				c.layer, c.ino, c.mode = m.layer, e.Ino, in.Mode
 			}
-			if err := m.merge(c, e.Ino, joinPath(path, e.Name)); err != nil {
+			if err := m.merge(c, e.Ino); err != nil {
 				return err
 			}
 			continue
@@ -200,25 +216,34 @@ type linkKey struct {
 
 type emitter struct {
 	p     *ViewPlan
-	links map[linkKey]string // first view path of each layer inode
+	links map[linkKey]daxfs.Node // first view entry of each layer inode
 }
 
-// emit adds n at path and its subtree, depth first in name order (so the
-// view is the same whatever order maps iterate in).
-func (e *emitter) emit(n *vnode, path string) error {
+// emit adds n as name in directory parent, up in the merged tree (the
+// root when name is "") and
+// its subtree, depth first in name order (so the view is the same whatever
+// order maps iterate in). Entries are added by directory and name: no path
+// is resolved.
+func (e *emitter) emit(n, up *vnode, parent daxfs.Node, name string) error {
 	e.p.nodes++
 	im := e.p.layers[n.layer]
+	where := func() string {
+		if name == "" {
+			return "/"
+		}
+		return up.pathOf(name)
+	}
 	in, err := im.Inode(n.ino)
 	if err != nil {
-		return fmt.Errorf("%q: layer %d: %w", path, n.layer, err)
+		return fmt.Errorf("%q: layer %d: %w", where(), n.layer, err)
 	}
-	h := &daxfs.Header{Path: path, Mode: in.Mode, UID: in.UID, GID: in.GID}
+	h := &daxfs.Header{Mode: in.Mode, UID: in.UID, GID: in.GID}
 	if ts, ok := im.ModTime(n.ino); ok && (ts.Sec != 0 || ts.Nsec != 0) {
 		h.ModTime = time.Unix(ts.Sec, int64(ts.Nsec))
 	}
 	xs, err := im.Xattrs(n.ino)
 	if err != nil {
-		return fmt.Errorf("%q: layer %d: %w", path, n.layer, err)
+		return fmt.Errorf("%q: layer %d: %w", where(), n.layer, err)
 	}
 	for _, x := range xs {
 		if x.Name == ImplicitDirXattr {
@@ -230,16 +255,22 @@ func (e *emitter) emit(n *vnode, path string) error {
 		h.Xattrs[x.Name] = x.Value
 	}
 	if n.children != nil {
-		if err := e.p.w.Add(h, nil); err != nil {
-			return fmt.Errorf("%q: %w", path, err)
+		dir := e.p.w.Root()
+		if name == "" {
+			err = e.p.w.Add(h, nil) // the root's attributes
+		} else {
+			dir, err = e.p.w.AddChild(parent, name, h, nil)
+		}
+		if err != nil {
+			return fmt.Errorf("%q: %w", where(), err)
 		}
 		names := make([]string, 0, len(n.children))
 		for name := range n.children {
 			names = append(names, name)
 		}
 		sort.Strings(names)
-		for _, name := range names {
-			if err := e.emit(n.children[name], joinPath(path, name)); err != nil {
+		for _, cn := range names {
+			if err := e.emit(n.children[cn], n, dir, cn); err != nil {
 				return err
 			}
 		}
@@ -248,13 +279,13 @@ func (e *emitter) emit(n *vnode, path string) error {
 	key := linkKey{n.layer, n.ino}
 	if in.Nlink > 1 {
 		if first, ok := e.links[key]; ok {
-			if err := e.p.w.Link(path, first, nil); err != nil {
-				return fmt.Errorf("%q: %w", path, err)
+			if err := e.p.w.LinkChild(parent, name, first); err != nil {
+				return fmt.Errorf("%q: %w", where(), err)
 			}
 			return nil
 		}
-		e.links[key] = path
 	}
+	var added daxfs.Node
 	switch in.Mode & daxfs.ModeTypeMask {
 	case daxfs.ModeRegular:
 		h.Size = int64(in.Size)
@@ -262,22 +293,25 @@ func (e *emitter) emit(n *vnode, path string) error {
 		if in.Size > 0 {
 			off = in.DataOffset + daxfs.BaseOffset
 		}
-		err = e.p.w.AddExternal(h, n.layer, off)
+		added, err = e.p.w.AddExternalChild(parent, name, h, n.layer, off)
 	case daxfs.ModeSymlink:
 		t, lerr := im.Readlink(n.ino)
 		if lerr != nil {
-			return fmt.Errorf("%q: layer %d: %w", path, n.layer, lerr)
+			return fmt.Errorf("%q: layer %d: %w", where(), n.layer, lerr)
 		}
 		h.Linkname = string(t)
-		err = e.p.w.Add(h, nil)
+		added, err = e.p.w.AddChild(parent, name, h, nil)
 	case daxfs.ModeChar, daxfs.ModeBlock:
 		h.Rdev = im.Rdev(n.ino)
-		err = e.p.w.Add(h, nil)
+		added, err = e.p.w.AddChild(parent, name, h, nil)
 	default:
-		err = e.p.w.Add(h, nil)
+		added, err = e.p.w.AddChild(parent, name, h, nil)
 	}
 	if err != nil {
-		return fmt.Errorf("%q: %w", path, err)
+		return fmt.Errorf("%q: %w", where(), err)
+	}
+	if in.Nlink > 1 {
+		e.links[key] = added
 	}
 	return nil
 }

@@ -18,7 +18,7 @@ func benchImage(b *testing.B, n int) ([]byte, []string) {
 	var paths []string
 	img := buildImage(b, WriterOptions{}, func(w *Writer) {
 		data := make([]byte, 100)
-		for i := 0; i < n; i++ {
+		for i := range n {
 			p := fmt.Sprintf("usr/share/d%03d/file-%06d.txt", i%200, i)
 			paths = append(paths, "/"+p)
 			if err := w.Add(&Header{Path: p, Mode: ModeRegular | 0o644, Size: 100, ModTime: time.Unix(int64(i), 0)}, bytes.NewReader(data)); err != nil {
@@ -46,7 +46,7 @@ func BenchmarkWriter(b *testing.B) {
 	b.ResetTimer()
 	for it := 0; it < b.N; it++ {
 		w := NewWriter(out, WriterOptions{})
-		for i := 0; i < n; i++ {
+		for i := range n {
 			h.Path = names[i]
 			r.Reset(data)
 			if err := w.Add(&h, &r); err != nil {
@@ -98,7 +98,7 @@ func BenchmarkWriterMemory(b *testing.B) {
 		runtime.ReadMemStats(&before)
 		var f memFile
 		w := NewWriter(&f, WriterOptions{})
-		for i := 0; i < n; i++ {
+		for i := range n {
 			h.Path = fmt.Sprintf("usr/lib/d%04d/file-%07d.so", i%1000, i)
 			if err := w.Add(&h, nil); err != nil {
 				b.Fatal(err)
@@ -189,7 +189,7 @@ func BenchmarkWriterView(b *testing.B) {
 	b.ResetTimer()
 	for it := 0; it < b.N; it++ {
 		w := NewWriter(out, WriterOptions{})
-		for i := 0; i < n; i++ {
+		for i := range n {
 			h.Path = names[i]
 			if err := w.AddExternal(&h, 0, uint64(i+1)*BlockSize); err != nil {
 				b.Fatal(err)

@@ -9,6 +9,9 @@
 //
 // All integers are little-endian. Offsets inside the base image are relative
 // to the base image start, which is BaseOffset (4096) bytes into the image.
+// format.go declares every field below once, as a constant whose value is
+// its offset and whose type is its width; the Writer, the reader and
+// Validate use nothing else.
 //
 //	superblock (image offset 0, 4096 bytes)
 //	  @0   u32 magic 0x64617835     @4   u32 version 5

@@ -40,7 +40,7 @@ var fuzzNames = []string{"a", "b", "c", "d.d", "ü", strings.Repeat("n", 255), "
 type fsModel map[string]string
 
 func validPath(p string) bool {
-	for _, c := range strings.Split(p, "/") {
+	for c := range strings.SplitSeq(p, "/") {
 		if c == ".." || strings.IndexByte(c, 0) >= 0 || len(c) > MaxNameLen {
 			return false
 		}
@@ -148,7 +148,7 @@ func FuzzWriter(f *testing.F) {
 			c := next()
 			depth := 1 + int(c>>6)
 			var parts []string
-			for i := 0; i < depth; i++ {
+			for range depth {
 				parts = append(parts, fuzzNames[int(next())%len(fuzzNames)])
 			}
 			return strings.Join(parts, "/")

@@ -2,6 +2,7 @@ package daxfs
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"unsafe"
 )
@@ -36,20 +37,20 @@ func Open(b []byte) (*Image, error) {
 		return nil, corrupt("image of %d bytes is smaller than its two superblocks", len(b))
 	}
 	switch {
-	case le.Uint32(b[0:]) != SuperMagic:
-		return nil, corrupt("superblock: bad magic %#x", le.Uint32(b[0:]))
-	case le.Uint32(b[4:]) != Version:
-		return nil, corrupt("superblock: version %d, want %d", le.Uint32(b[4:]), Version)
-	case le.Uint32(b[12:]) != BlockSize:
-		return nil, corrupt("superblock: block size %d, want %d", le.Uint32(b[12:]), BlockSize)
-	case le.Uint64(b[24:]) != BaseOffset:
-		return nil, corrupt("superblock: base_offset %d, want %d", le.Uint64(b[24:]), BaseOffset)
-	case le.Uint32(b[48:]) != 0 || le.Uint64(b[40:]) != 0:
+	case sbMagic.get(b) != SuperMagic:
+		return nil, corrupt("superblock: bad magic %#x", sbMagic.get(b))
+	case sbVersion.get(b) != Version:
+		return nil, corrupt("superblock: version %d, want %d", sbVersion.get(b), Version)
+	case sbBlockSize.get(b) != BlockSize:
+		return nil, corrupt("superblock: block size %d, want %d", sbBlockSize.get(b), BlockSize)
+	case sbBaseOffset.get(b) != BaseOffset:
+		return nil, corrupt("superblock: base_offset %d, want %d", sbBaseOffset.get(b), BaseOffset)
+	case sbBranchTableEntries.get(b) != 0 || sbBranchTableOffset.get(b) != 0:
 		return nil, corrupt("superblock: branch table present: not a static image")
-	case le.Uint64(b[80:]) != 0:
+	case sbDeltaRegionSize.get(b) != 0:
 		return nil, corrupt("superblock: delta region present: not a static image")
 	}
-	total, baseSize := le.Uint64(b[16:]), le.Uint64(b[32:])
+	total, baseSize := sbTotalSize.get(b), sbBaseSize.get(b)
 	switch {
 	case total > uint64(len(b)):
 		return nil, corrupt("superblock: total_size %d exceeds the %d bytes given", total, len(b))
@@ -59,20 +60,20 @@ func Open(b []byte) (*Image, error) {
 	im := &Image{b: b, base: b[BaseOffset : BaseOffset+baseSize], total: total}
 	bs := im.base
 	switch {
-	case le.Uint32(bs[0:]) != BaseMagic:
-		return nil, corrupt("base superblock: bad magic %#x", le.Uint32(bs[0:]))
-	case le.Uint32(bs[4:]) != Version:
-		return nil, corrupt("base superblock: version %d, want %d", le.Uint32(bs[4:]), Version)
-	case le.Uint32(bs[8:]) != 0:
-		return nil, corrupt("base superblock: flags %#x: external backing file not supported", le.Uint32(bs[8:]))
-	case le.Uint32(bs[12:]) != BlockSize:
-		return nil, corrupt("base superblock: block size %d, want %d", le.Uint32(bs[12:]), BlockSize)
-	case le.Uint64(bs[16:]) != baseSize:
-		return nil, corrupt("base superblock: total_size %d differs from base_size %d", le.Uint64(bs[16:]), baseSize)
-	case le.Uint32(bs[36:]) != RootIno:
-		return nil, corrupt("base superblock: root inode %d, want %d", le.Uint32(bs[36:]), RootIno)
+	case bsMagic.get(bs) != BaseMagic:
+		return nil, corrupt("base superblock: bad magic %#x", bsMagic.get(bs))
+	case bsVersion.get(bs) != Version:
+		return nil, corrupt("base superblock: version %d, want %d", bsVersion.get(bs), Version)
+	case bsFlags.get(bs) != 0:
+		return nil, corrupt("base superblock: flags %#x: external backing file not supported", bsFlags.get(bs))
+	case bsBlockSize.get(bs) != BlockSize:
+		return nil, corrupt("base superblock: block size %d, want %d", bsBlockSize.get(bs), BlockSize)
+	case bsTotalSize.get(bs) != baseSize:
+		return nil, corrupt("base superblock: total_size %d differs from base_size %d", bsTotalSize.get(bs), baseSize)
+	case bsRootIno.get(bs) != RootIno:
+		return nil, corrupt("base superblock: root inode %d, want %d", bsRootIno.get(bs), RootIno)
 	}
-	im.inodeOff, im.count, im.dataOff = le.Uint64(bs[24:]), le.Uint32(bs[32:]), le.Uint64(bs[40:])
+	im.inodeOff, im.count, im.dataOff = bsInodeOff.get(bs), bsInodeCount.get(bs), bsDataOff.get(bs)
 	switch {
 	case im.count == 0:
 		return nil, corrupt("base superblock: no inodes")
@@ -81,16 +82,16 @@ func Open(b []byte) (*Image, error) {
 	case im.dataOff > baseSize:
 		return nil, corrupt("base superblock: data_offset %d outside the base image of %d bytes", im.dataOff, baseSize)
 	}
-	if le.Uint32(bs[48:]) == ExtMagic {
-		if v := le.Uint32(bs[52:]); v != ExtVersion {
+	if bsExtMagic.get(bs) == ExtMagic {
+		if v := bsExtVersion.get(bs); v != ExtVersion {
 			return nil, corrupt("extension header: version %d, want %d", v, ExtVersion)
 		}
-		flags := le.Uint32(bs[56:])
+		flags := bsExtFlags.get(bs)
 		if flags&^uint32(ExtFlagSorted) != 0 {
 			return nil, corrupt("extension header: unknown flags %#x", flags)
 		}
 		im.sorted = flags&ExtFlagSorted != 0
-		off, size := le.Uint64(bs[64:]), le.Uint64(bs[72:])
+		off, size := bsExtOffset.get(bs), bsExtSize.get(bs)
 		if size != 0 || off != 0 {
 			if err := im.openExt(off, size); err != nil {
 				return nil, err
@@ -110,16 +111,16 @@ func (im *Image) openExt(off, size uint64) error {
 		return corrupt("extension block of %d bytes is shorter than its header", size)
 	}
 	switch {
-	case le.Uint32(e[0:]) != ExtMagic:
-		return corrupt("extension block: bad magic %#x", le.Uint32(e[0:]))
-	case le.Uint32(e[4:]) != ExtVersion:
-		return corrupt("extension block: version %d, want %d", le.Uint32(e[4:]), ExtVersion)
-	case le.Uint32(e[8:]) != im.count:
-		return corrupt("extension block: %d records for %d inodes", le.Uint32(e[8:]), im.count)
-	case le.Uint32(e[12:]) != extRecordSize:
-		return corrupt("extension block: record size %d, want %d", le.Uint32(e[12:]), extRecordSize)
+	case ehMagic.get(e) != ExtMagic:
+		return corrupt("extension block: bad magic %#x", ehMagic.get(e))
+	case ehVersion.get(e) != ExtVersion:
+		return corrupt("extension block: version %d, want %d", ehVersion.get(e), ExtVersion)
+	case ehInodeCount.get(e) != im.count:
+		return corrupt("extension block: %d records for %d inodes", ehInodeCount.get(e), im.count)
+	case ehRecordSize.get(e) != extRecordSize:
+		return corrupt("extension block: record size %d, want %d", ehRecordSize.get(e), extRecordSize)
 	}
-	xoff, xsize := le.Uint64(e[16:]), le.Uint64(e[24:])
+	xoff, xsize := ehXattrOff.get(e), ehXattrSize.get(e)
 	if want := extHeaderSize + uint64(im.count)*extRecordSize; xoff != want || xsize != size-xoff || xoff > size {
 		return corrupt("extension block: xattr area (%d bytes at %d) does not end the %d-byte block after %d records", xsize, xoff, size, im.count)
 	}
@@ -146,13 +147,13 @@ func (im *Image) Sorted() bool { return im.sorted }
 func (im *Image) rawInode(ino uint32) Inode {
 	r := im.base[im.inodeOff+uint64(ino-1)*InodeSize:]
 	return Inode{
-		Ino:        le.Uint32(r[0:]),
-		Mode:       le.Uint32(r[4:]),
-		UID:        le.Uint32(r[8:]),
-		GID:        le.Uint32(r[12:]),
-		Size:       le.Uint64(r[16:]),
-		DataOffset: le.Uint64(r[24:]),
-		Nlink:      le.Uint32(r[32:]),
+		Ino:        inIno.get(r),
+		Mode:       inMode.get(r),
+		UID:        inUID.get(r),
+		GID:        inGID.get(r),
+		Size:       inSize.get(r),
+		DataOffset: inData.get(r),
+		Nlink:      inNlink.get(r),
 	}
 }
 
@@ -199,19 +200,19 @@ func (im *Image) direntAt(in Inode, i uint64) (Dirent, error) {
 	if off < in.DataOffset {
 		return Dirent{}, corrupt("inode %d: entry %d offset overflows", in.Ino, i)
 	}
-	h, err := im.span(off, 16, "directory entry", in.Ino)
+	h, err := im.span(off, direntName, "directory entry", in.Ino)
 	if err != nil {
 		return Dirent{}, err
 	}
-	nl := uint64(le.Uint16(h[8:]))
+	nl := uint64(deNameLen.get(h))
 	if nl == 0 || nl > MaxNameLen {
 		return Dirent{}, corrupt("inode %d: entry %d: name length %d", in.Ino, i, nl)
 	}
-	name, err := im.span(off+16, nl, "directory entry name", in.Ino)
+	name, err := im.span(off+direntName, nl, "directory entry name", in.Ino)
 	if err != nil {
 		return Dirent{}, err
 	}
-	return Dirent{Name: unsafe.String(&name[0], len(name)), Ino: le.Uint32(h[0:]), Mode: le.Uint32(h[4:])}, nil
+	return Dirent{Name: unsafe.String(&name[0], len(name)), Ino: deIno.get(h), Mode: deMode.get(h)}, nil
 }
 
 // Lookup finds name in directory dir: binary search in images our Writer
@@ -240,7 +241,7 @@ func (im *Image) Lookup(dir uint32, name string) (Dirent, error) {
 			}
 		}
 	} else {
-		for i := uint64(0); i < n; i++ {
+		for i := range n {
 			d, err := im.direntAt(in, i)
 			if err != nil {
 				return Dirent{}, err
@@ -314,7 +315,7 @@ func (im *Image) ReadDir(dir uint32) ([]Dirent, error) {
 	}
 	in, _ := im.Inode(dir)
 	out := make([]Dirent, 0, n)
-	for i := 0; i < n; i++ {
+	for i := range n {
 		d, err := im.direntAt(in, uint64(i))
 		if err != nil {
 			return nil, err
@@ -362,7 +363,7 @@ func (im *Image) Data(ino uint32) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return b[:len(b):len(b)], nil
+	return slices.Clip(b), nil
 }
 
 // HasExtension reports whether the image carries an extension block.
@@ -384,7 +385,7 @@ func (im *Image) ModTime(ino uint32) (t Timespec, ok bool) {
 	if r == nil {
 		return Timespec{}, false
 	}
-	return Timespec{Sec: int64(le.Uint64(r[0:])), Nsec: le.Uint32(r[8:])}, true
+	return Timespec{Sec: int64(erMtimeSec.get(r)), Nsec: erMtimeNsec.get(r)}, true
 }
 
 // Rdev returns a device node's number (Linux dev_t encoding) from the
@@ -394,7 +395,7 @@ func (im *Image) Rdev(ino uint32) uint64 {
 	if r == nil {
 		return 0
 	}
-	return le.Uint64(r[16:])
+	return erRdev.get(r)
 }
 
 // Xattrs returns inode ino's extended attributes, sorted by name. Names and
@@ -407,7 +408,7 @@ func (im *Image) Xattrs(ino uint32) ([]Xattr, error) {
 	if r == nil {
 		return nil, nil
 	}
-	cnt, off := le.Uint32(r[12:]), le.Uint64(r[24:])
+	cnt, off := erXattrCount.get(r), erXattrOff.get(r)
 	if cnt == 0 {
 		return nil, nil
 	}
@@ -415,7 +416,7 @@ func (im *Image) Xattrs(ino uint32) ([]Xattr, error) {
 		return nil, corrupt("inode %d: %d xattrs do not fit the xattr area", ino, cnt)
 	}
 	out := make([]Xattr, 0, cnt)
-	for i := uint32(0); i < cnt; i++ {
+	for range cnt {
 		name, val, next, err := im.xattrAt(ino, off)
 		if err != nil {
 			return nil, err
@@ -432,7 +433,8 @@ func (im *Image) xattrAt(ino uint32, off uint64) (name string, val []byte, next 
 	if off > uint64(len(a)) || uint64(len(a))-off < xattrHdrSize {
 		return "", nil, 0, corrupt("inode %d: xattr at %d outside the xattr area of %d bytes", ino, off, len(a))
 	}
-	nl, vl := uint64(le.Uint16(a[off:])), uint64(le.Uint32(a[off+4:]))
+	x := a[off:]
+	nl, vl := uint64(xaNameLen.get(x)), uint64(xaValueLen.get(x))
 	if nl == 0 || nl > MaxNameLen || vl > MaxXattrValue {
 		return "", nil, 0, corrupt("inode %d: xattr at %d: name length %d, value length %d", ino, off, nl, vl)
 	}

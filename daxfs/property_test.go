@@ -379,7 +379,7 @@ func TestWriterOrderIndependent(t *testing.T) {
 // (a 77 KB path) round-trips.
 func TestWriterDeepPath(t *testing.T) {
 	var parts []string
-	for i := 0; i < 300; i++ {
+	for i := range 300 {
 		parts = append(parts, fmt.Sprintf("%03d", i)+strings.Repeat("d", 252))
 	}
 	deep := strings.Join(parts, "/")

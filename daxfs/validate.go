@@ -3,6 +3,7 @@ package daxfs
 import (
 	"bytes"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -55,7 +56,7 @@ func (im *Image) Validate() error {
 			}
 			clear(seen)
 		}
-		for i := uint64(0); i < cnt; i++ {
+		for i := range cnt {
 			de, err := im.direntAt(din, i)
 			if err != nil {
 				return fmt.Errorf("%s: %w", v.path(d), err)
@@ -169,7 +170,7 @@ func (im *Image) checkInodes() error {
 				return im.inodeErr(ino, "directory sizes add up to more than the base image (%d bytes)", len(im.base))
 			}
 			if c := in.Size / DirentSize; c > 0 {
-				if _, err := im.span(in.DataOffset, (c-1)*DirentStride+16, "directory entries", ino); err != nil {
+				if _, err := im.span(in.DataOffset, (c-1)*DirentStride+direntName, "directory entries", ino); err != nil {
 					return im.withPath(ino, err)
 				}
 			}
@@ -206,6 +207,13 @@ func (im *Image) inodeErr(ino uint32, format string, args ...any) error {
 }
 
 func (im *Image) withPath(ino uint32, err error) error {
+	return im.InodeError(ino, err)
+}
+
+// InodeError wraps err about inode ino with the inode's number and, when a
+// bounded search finds one, a path naming it: for errors about an image
+// (validated or not) that a user must be able to act on.
+func (im *Image) InodeError(ino uint32, err error) error {
 	if p := im.findPath(ino); p != "" {
 		return fmt.Errorf("inode %d (%s): %w", ino, p, err)
 	}
@@ -233,9 +241,9 @@ func (im *Image) findPath(ino uint32) string {
 		ino = parent
 	}
 	var sb strings.Builder
-	for i := len(parts) - 1; i >= 0; i-- {
+	for _, part := range slices.Backward(parts) {
 		sb.WriteByte('/')
-		sb.WriteString(parts[i])
+		sb.WriteString(part)
 	}
 	return sb.String()
 }
@@ -247,7 +255,7 @@ func (im *Image) findParent(ino uint32, budget *int) (uint32, string, bool) {
 			continue
 		}
 		cnt := in.Size / DirentSize
-		for i := uint64(0); i < cnt; i++ {
+		for i := range cnt {
 			if *budget--; *budget <= 0 {
 				return 0, "", false
 			}
@@ -283,9 +291,9 @@ func (v *validator) path(ino uint32) string {
 		ino = p
 	}
 	var sb strings.Builder
-	for i := len(parts) - 1; i >= 0; i-- {
+	for _, part := range slices.Backward(parts) {
 		sb.WriteByte('/')
-		sb.WriteString(parts[i])
+		sb.WriteString(part)
 	}
 	return sb.String()
 }
@@ -308,14 +316,14 @@ func (v *validator) checkExt() error {
 			}
 			continue
 		}
-		if nsec := le.Uint32(r[8:]); nsec >= 1e9 {
+		if nsec := erMtimeNsec.get(r); nsec >= 1e9 {
 			return corrupt("inode %d: mtime nanoseconds %d (rule: < 1e9)", ino, nsec)
 		}
 		typ := in.Mode & ModeTypeMask
-		if rdev := le.Uint64(r[16:]); rdev != 0 && typ != ModeChar && typ != ModeBlock {
+		if rdev := erRdev.get(r); rdev != 0 && typ != ModeChar && typ != ModeBlock {
 			return corrupt("inode %d: rdev %#x on a non-device (rule: rdev only for devices)", ino, rdev)
 		}
-		cnt, off := le.Uint32(r[12:]), le.Uint64(r[24:])
+		cnt, off := erXattrCount.get(r), erXattrOff.get(r)
 		if cnt == 0 {
 			if off != 0 {
 				return corrupt("inode %d: xattr offset %d with no xattrs", ino, off)
@@ -326,7 +334,7 @@ func (v *validator) checkExt() error {
 			return corrupt("inode %d: xattrs at %d, want %d (rule: xattr runs contiguous in inode order)", ino, off, cursor)
 		}
 		var prev string
-		for i := uint32(0); i < cnt; i++ {
+		for i := range cnt {
 			name, _, next, err := im.xattrAt(ino, cursor)
 			if err != nil {
 				return err

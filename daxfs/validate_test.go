@@ -67,7 +67,7 @@ func (p imgPos) dirent(dir, name string) int {
 	return 0
 }
 
-func (p imgPos) ext() int { return BaseOffset + int(le.Uint64(p.img[BaseOffset+64:])) }
+func (p imgPos) ext() int { return BaseOffset + int(bsExtOffset.get(p.img[BaseOffset:])) }
 
 func (p imgPos) rec(ino uint32) int { return p.ext() + extHeaderSize + int(ino-1)*extRecordSize }
 
@@ -78,9 +78,10 @@ func TestValidateRejectsCorruption(t *testing.T) {
 	}
 	im, _ := Open(good)
 	p := imgPos{img: good, im: im, t: t}
-	u32 := func(off int, v uint32) func([]byte) { return func(b []byte) { le.PutUint32(b[off:], v) } }
-	u64 := func(off int, v uint64) func([]byte) { return func(b []byte) { le.PutUint64(b[off:], v) } }
-	u16 := func(off int, v uint16) func([]byte) { return func(b []byte) { le.PutUint16(b[off:], v) } }
+	// set32(rec, f, v) sets field f of the record at image offset rec.
+	set32 := func(rec int, f u32, v uint32) func([]byte) { return func(b []byte) { f.put(b[rec:], v) } }
+	set64 := func(rec int, f u64, v uint64) func([]byte) { return func(b []byte) { f.put(b[rec:], v) } }
+	set16 := func(rec int, f u16, v uint16) func([]byte) { return func(b []byte) { f.put(b[rec:], v) } }
 	B := BaseOffset
 	root := p.inode(1)
 	a, bIno, lnk, null, etc := p.ino("/etc/a"), p.ino("/etc/b"), p.ino("/etc/l"), p.ino("/dev/null"), p.ino("/etc")
@@ -92,85 +93,85 @@ func TestValidateRejectsCorruption(t *testing.T) {
 		mutate func([]byte)
 		rule   string // a piece of the error message naming the rule
 	}{
-		{"superblock magic", u32(0, 0), "superblock: bad magic"},
-		{"superblock version", u32(4, 4), "superblock: version"},
-		{"superblock block size", u32(12, 512), "superblock: block size"},
-		{"superblock base_offset", u64(24, 8192), "base_offset"},
-		{"superblock total_size past the bytes", u64(16, uint64(len(good))+4096), "total_size"},
-		{"superblock base_size past total", u64(32, uint64(len(good))), "base_size"},
-		{"branch table", u32(48, 1), "branch table"},
-		{"base magic", u32(B, 1), "base superblock: bad magic"},
-		{"base version", u32(B+4, 6), "base superblock: version"},
-		{"base flags", u32(B+8, 1), "external backing file"},
-		{"base block size", u32(B+12, 1024), "base superblock: block size"},
-		{"base total_size", u64(B+16, 4096), "differs from base_size"},
-		{"root inode", u32(B+36, 2), "root inode"},
-		{"no inodes", u32(B+32, 0), "no inodes"},
-		{"inode count past the image", u32(B+32, 1<<30), "inode table"},
-		{"inode table offset", u64(B+24, uint64(len(good))), "inode table"},
-		{"data_offset", u64(B+40, 1<<40), "data_offset"},
-		{"ext version", u32(B+52, 9), "extension header: version"},
-		{"ext flags", u32(B+56, 6), "unknown flags"},
-		{"ext offset", u64(B+64, 1<<40), "extension block"},
-		{"ext block magic", u32(p.ext(), 0), "extension block: bad magic"},
-		{"ext record count", u32(p.ext()+8, 3), "records for"},
-		{"ext record size", u32(p.ext()+12, 16), "record size"},
-		{"ext xattr offset", u64(p.ext()+16, 8), "xattr area"},
-		{"ino mismatch", u32(p.inode(a), 77), "slot holds ino"},
-		{"nlink zero", u32(p.inode(a)+32, 0), "nlink 0"},
-		{"unknown type", u32(p.inode(a)+4, 0o644), "unknown file type"},
-		{"root not a directory", u32(root+4, ModeRegular|0o755), "root is not a directory"},
-		{"unaligned file data", u64(p.inode(a)+24, 4097), "not 4096-aligned"},
-		{"file data past the end", u64(p.inode(a)+16, 1<<30), "file data"},
-		{"directory size", u64(p.inode(etc)+16, 272), "multiple of 271"},
-		{"directory past the end", u64(p.inode(etc)+24, uint64(len(good))), "directory entries"},
-		{"directory sizes add up", u64(p.inode(etc)+16, uint64(len(good))/271*271), "add up"},
-		{"symlink empty", u64(p.inode(lnk)+16, 0), "symlink target length"},
+		{"superblock magic", set32(0, sbMagic, 0), "superblock: bad magic"},
+		{"superblock version", set32(0, sbVersion, 4), "superblock: version"},
+		{"superblock block size", set32(0, sbBlockSize, 512), "superblock: block size"},
+		{"superblock base_offset", set64(0, sbBaseOffset, 8192), "base_offset"},
+		{"superblock total_size past the bytes", set64(0, sbTotalSize, uint64(len(good))+4096), "total_size"},
+		{"superblock base_size past total", set64(0, sbBaseSize, uint64(len(good))), "base_size"},
+		{"branch table", set32(0, sbBranchTableEntries, 1), "branch table"},
+		{"base magic", set32(B, bsMagic, 1), "base superblock: bad magic"},
+		{"base version", set32(B, bsVersion, 6), "base superblock: version"},
+		{"base flags", set32(B, bsFlags, 1), "external backing file"},
+		{"base block size", set32(B, bsBlockSize, 1024), "base superblock: block size"},
+		{"base total_size", set64(B, bsTotalSize, 4096), "differs from base_size"},
+		{"root inode", set32(B, bsRootIno, 2), "root inode"},
+		{"no inodes", set32(B, bsInodeCount, 0), "no inodes"},
+		{"inode count past the image", set32(B, bsInodeCount, 1<<30), "inode table"},
+		{"inode table offset", set64(B, bsInodeOff, uint64(len(good))), "inode table"},
+		{"data_offset", set64(B, bsDataOff, 1<<40), "data_offset"},
+		{"ext version", set32(B, bsExtVersion, 9), "extension header: version"},
+		{"ext flags", set32(B, bsExtFlags, 6), "unknown flags"},
+		{"ext offset", set64(B, bsExtOffset, 1<<40), "extension block"},
+		{"ext block magic", set32(p.ext(), ehMagic, 0), "extension block: bad magic"},
+		{"ext record count", set32(p.ext(), ehInodeCount, 3), "records for"},
+		{"ext record size", set32(p.ext(), ehRecordSize, 16), "record size"},
+		{"ext xattr offset", set64(p.ext(), ehXattrOff, 8), "xattr area"},
+		{"ino mismatch", set32(p.inode(a), inIno, 77), "slot holds ino"},
+		{"nlink zero", set32(p.inode(a), inNlink, 0), "nlink 0"},
+		{"unknown type", set32(p.inode(a), inMode, 0o644), "unknown file type"},
+		{"root not a directory", set32(root, inMode, ModeRegular|0o755), "root is not a directory"},
+		{"unaligned file data", set64(p.inode(a), inData, 4097), "not 4096-aligned"},
+		{"file data past the end", set64(p.inode(a), inSize, 1<<30), "file data"},
+		{"directory size", set64(p.inode(etc), inSize, 272), "multiple of 271"},
+		{"directory past the end", set64(p.inode(etc), inData, uint64(len(good))), "directory entries"},
+		{"directory sizes add up", set64(p.inode(etc), inSize, uint64(len(good))/271*271), "add up"},
+		{"symlink empty", set64(p.inode(lnk), inSize, 0), "symlink target length"},
 		{"symlink not NUL terminated", func(b []byte) {
 			in, _ := im.Inode(lnk)
 			b[B+int(in.DataOffset)+1] = 'x'
 		}, "NUL terminated"},
 		{"symlink with NUL", func(b []byte) {
 			in, _ := im.Inode(lnk)
-			le.PutUint64(b[p.inode(lnk)+16:], 2)
+			inSize.put(b[p.inode(lnk):], 2)
 			b[B+int(in.DataOffset)+2] = 0
 		}, "NUL inside symlink"},
-		{"device with size", u64(p.inode(null)+16, 1), "special file with size"},
-		{"name length 0", u16(etcA+8, 0), "name length"},
-		{"name length 256", u16(etcA+8, 256), "name length"},
-		{"slash in name", func(b []byte) { b[etcA+16] = '/' }, "'/' or NUL"},
-		{"NUL in name", func(b []byte) { b[etcA+16] = 0 }, "'/' or NUL"},
-		{"dot entry", func(b []byte) { b[etcA+16] = '.' }, "no . or .."},
-		{"dotdot entry", func(b []byte) { le.PutUint16(b[etcA+8:], 2); b[etcA+16], b[etcA+17] = '.', '.' }, "no . or .."},
-		{"duplicate name", func(b []byte) { b[etcB+16] = 'a' }, "duplicate name"},
-		{"unsorted entries", func(b []byte) { b[etcA+16] = 'c' }, "sorted by name"},
-		{"duplicate name, unsorted image", func(b []byte) { le.PutUint32(b[B+56:], 0); b[etcB+16] = 'a' }, "duplicate name"},
-		{"entry inode 0", u32(etcA, 0), "entry inode in range"},
-		{"entry inode out of range", u32(etcA, 1000), "entry inode in range"},
+		{"device with size", set64(p.inode(null), inSize, 1), "special file with size"},
+		{"name length 0", set16(etcA, deNameLen, 0), "name length"},
+		{"name length 256", set16(etcA, deNameLen, 256), "name length"},
+		{"slash in name", func(b []byte) { b[etcA+direntName] = '/' }, "'/' or NUL"},
+		{"NUL in name", func(b []byte) { b[etcA+direntName] = 0 }, "'/' or NUL"},
+		{"dot entry", func(b []byte) { b[etcA+direntName] = '.' }, "no . or .."},
+		{"dotdot entry", func(b []byte) { deNameLen.put(b[etcA:], 2); b[etcA+direntName], b[etcA+direntName+1] = '.', '.' }, "no . or .."},
+		{"duplicate name", func(b []byte) { b[etcB+direntName] = 'a' }, "duplicate name"},
+		{"unsorted entries", func(b []byte) { b[etcA+direntName] = 'c' }, "sorted by name"},
+		{"duplicate name, unsorted image", func(b []byte) { bsExtFlags.put(b[B:], 0); b[etcB+direntName] = 'a' }, "duplicate name"},
+		{"entry inode 0", set32(etcA, deIno, 0), "entry inode in range"},
+		{"entry inode out of range", set32(etcA, deIno, 1000), "entry inode in range"},
 		{"entry at an unused slot", func(b []byte) { clear(b[p.inode(bIno) : p.inode(bIno)+InodeSize]) }, "unused slot"},
-		{"entry mode differs", u32(etcA+4, ModeRegular|0o600), "entry mode = inode mode"},
+		{"entry mode differs", set32(etcA, deMode, ModeRegular|0o600), "entry mode = inode mode"},
 		{"entry points at root", func(b []byte) {
-			le.PutUint32(b[etcA:], 1)
-			le.PutUint32(b[etcA+4:], le.Uint32(b[root+4:]))
+			deIno.put(b[etcA:], 1)
+			deMode.put(b[etcA:], inMode.get(b[root:]))
 		}, "reached twice"},
 		{"hard-linked directory", func(b []byte) {
 			e := p.dirent("/", "empty")
-			le.PutUint32(b[e:], etc)
+			deIno.put(b[e:], etc)
 		}, "reached twice"},
-		{"file nlink", u32(p.inode(bIno)+32, 2), "nlink counts names"},
-		{"directory nlink", u32(root+32, 9), "2 + "},
+		{"file nlink", set32(p.inode(bIno), inNlink, 2), "nlink counts names"},
+		{"directory nlink", set32(root, inNlink, 9), "2 + "},
 		{"unreachable inode", func(b []byte) {
-			le.PutUint32(b[etcB:], a)
-			le.PutUint32(b[etcB+4:], le.Uint32(b[p.inode(a)+4:]))
-			le.PutUint32(b[p.inode(a)+32:], 3)
+			deIno.put(b[etcB:], a)
+			deMode.put(b[etcB:], inMode.get(b[p.inode(a):]))
+			inNlink.put(b[p.inode(a):], 3)
 		}, "not reachable"},
-		{"mtime nanoseconds", u32(p.rec(a)+8, 1e9), "mtime nanoseconds"},
-		{"rdev on a file", u64(p.rec(a)+16, 5), "rdev only for devices"},
-		{"xattr run not contiguous", u64(p.rec(bIno)+24, 1), "xattr runs contiguous"},
-		{"xattr count too big", u32(p.rec(bIno)+12, 9), "xattr"},
-		{"xattr name length 0", u16(xattrArea, 0), "name length 0"},
-		{"xattrs unsorted", func(b []byte) { b[xattrArea+8+5] = 'z' }, "xattrs sorted"},
-		{"xattr value past the area", u32(xattrArea+4, 1<<16), "xattr"},
+		{"mtime nanoseconds", set32(p.rec(a), erMtimeNsec, 1e9), "mtime nanoseconds"},
+		{"rdev on a file", set64(p.rec(a), erRdev, 5), "rdev only for devices"},
+		{"xattr run not contiguous", set64(p.rec(bIno), erXattrOff, 1), "xattr runs contiguous"},
+		{"xattr count too big", set32(p.rec(bIno), erXattrCount, 9), "xattr"},
+		{"xattr name length 0", set16(xattrArea, xaNameLen, 0), "name length 0"},
+		{"xattrs unsorted", func(b []byte) { b[xattrArea+xattrHdrSize+5] = 'z' }, "xattrs sorted"},
+		{"xattr value past the area", set32(xattrArea, xaValueLen, 1<<16), "xattr"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -262,14 +263,14 @@ func TestValidateErrorNamesPath(t *testing.T) {
 	p := imgPos{img: good, im: im, t: t}
 	a := p.ino("/etc/a")
 	b := append([]byte(nil), good...)
-	le.PutUint64(b[p.inode(a)+24:], 4097)
+	inData.put(b[p.inode(a):], 4097)
 	err := Validate(b)
 	if err == nil || !strings.Contains(err.Error(), "/etc/") || !strings.Contains(err.Error(), "4096-aligned") {
 		t.Fatalf("error %v does not name the path and rule", err)
 	}
 	b = append([]byte(nil), good...)
 	e := p.dirent("/etc", "b")
-	le.PutUint32(b[e+4:], 0)
+	deMode.put(b[e:], 0)
 	if err := Validate(b); err == nil || !strings.Contains(err.Error(), "/etc/b") {
 		t.Fatalf("error %v does not name /etc/b", err)
 	}

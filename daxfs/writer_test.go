@@ -419,7 +419,7 @@ func TestWindowNoSpaceForMetadata(t *testing.T) {
 	if _, err := w.Close(); !errors.Is(err, ErrNoSpace) {
 		t.Fatalf("Close: %v, want ErrNoSpace", err)
 	}
-	if le.Uint32(win.Bytes()) == SuperMagic {
+	if HasMagic(win.Bytes()) {
 		t.Fatal("a failed Close wrote the superblock")
 	}
 	if err := Validate(win.Bytes()); err == nil {

@@ -292,7 +292,7 @@ func TestHugetlbfsBackend(t *testing.T) {
 	r, err := Create(ctx, Options{Backend: BackendHugetlbfs, Path: path, Size: huge + 4096, Entries: 64, Participants: 4})
 	freePages := func() int64 {
 		b, _ := os.ReadFile("/proc/meminfo")
-		for _, l := range strings.Split(string(b), "\n") {
+		for l := range strings.SplitSeq(string(b), "\n") {
 			if f := strings.Fields(l); len(f) == 2 && f[0] == "HugePages_Free:" {
 				n, _ := strconv.ParseInt(f[1], 10, 64)
 				return n

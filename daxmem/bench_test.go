@@ -98,7 +98,7 @@ func benchChild() error {
 		return err
 	}
 	defer r.Leave(ctx)
-	for i := 0; i < count; i++ {
+	for i := range count {
 		k := key(fmt.Sprintf("%d-%d", os.Getpid(), i))
 		c, err := r.Claim(ctx, KindLayer, k, 64<<10, ClaimOptions{})
 		if err != nil {
@@ -134,7 +134,7 @@ func BenchmarkClaimPublishProcesses(b *testing.B) {
 				cmds := make([]*exec.Cmd, n)
 				start := time.Now()
 				for i := range cmds {
-					cmds[i] = exec.Command(os.Args[0], "-test.run=^$", "-test.bench=^$")
+					cmds[i] = exec.Command(os.Args[0], "-test.run=^$", "-test.bench=^$") //nolint:gosec // G702: this test binary, as a child
 					cmds[i].Env = append(os.Environ(), benchChildEnv+"=1", "DAXMEM_REGION="+path, "DAXMEM_COUNT="+strconv.Itoa(perProc))
 					cmds[i].Stderr = os.Stderr
 					if err := cmds[i].Start(); err != nil {

@@ -22,6 +22,13 @@ type ClaimOptions struct {
 	// an image whose size is not known yet) then costs nothing until it
 	// is used; Publish gives the unused tail back either way.
 	Deferred bool
+	// Expect, for a layer whose size is known only once it is written,
+	// is about how many bytes it will take (at most the size asked). The
+	// claim takes the tightest free extent that holds Expect, or the
+	// largest one when none does, and as much of it as the size asked:
+	// Claim.Size says how much that is, and a writer that needs more
+	// claims again. 0: the size asked is needed whole.
+	Expect int64
 }
 
 // Claim is a WRITING entry owned by this participant: write the image into
@@ -73,8 +80,8 @@ func (r *Region) Claim(ctx context.Context, k Kind, key Key, size int64, opts Cl
 	if err != nil {
 		return nil, r.keyErr(op, k, key, nil, err, "")
 	}
-	if !k.valid() {
-		return nil, r.keyErr(op, k, key, nil, fmt.Errorf("invalid kind %d", k), "")
+	if !k.valid() || !k.hasExtent() {
+		return nil, r.keyErr(op, k, key, nil, fmt.Errorf("invalid kind %d for a claim", k), "")
 	}
 	if size <= 0 {
 		return nil, r.keyErr(op, k, key, nil, ErrInvalidSize, fmt.Sprintf("%d bytes", size))
@@ -126,6 +133,32 @@ func (r *Region) Claim(ctx context.Context, k Kind, key Key, size int64, opts Cl
 
 var errConflict = errors.New("claim conflict")
 
+// reclaimDeadClaims frees the WRITING entries whose writer is dead (or a
+// later incarnation of it). The caller holds the region lock.
+func (r *Region) reclaimDeadClaims(ctx context.Context, now time.Time) int {
+	n := 0
+	for s := 0; s < r.g.entries; s++ {
+		w := load(r.mem, r.eOff(s)+eState)
+		if eStateOf(w) != StateWriting {
+			continue
+		}
+		e, w, ok := r.readEntry(s)
+		if !ok || e.State != StateWriting || r.writerAlive(e, now) {
+			continue
+		}
+		if r.freeEntry(s, w) {
+			log.G(ctx).WithField("key", e.Key.String()).WithField("writer", int(e.Writer)).Info("reclaimed the image claim of a dead participant")
+			n++
+		}
+	}
+	return n
+}
+
+// testHookBeforeClaimCAS, set by tests only, runs inside a claim of r
+// just before the FREE -> WRITING CAS, to interleave a second claimant.
+// It is nil in production; tests that set it do not run in parallel.
+var testHookBeforeClaimCAS func(r *Region)
+
 func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, k Kind, key Key, size, extentLen int64, opts ClaimOptions) (*Claim, error) {
 	const op = "claim"
 	now := time.Now()
@@ -150,34 +183,37 @@ func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, 
 			r.resolveDying(e.Slot, w)
 		}
 	}
+	// Claims of dead writers hold extents no one will publish: give them
+	// back before placing, so a restarted or dead writer's half-written
+	// images never crowd out new ones.
+	r.reclaimDeadClaims(ctx, now)
 	ex := r.occupied(-1)
 	gaps := r.gaps(ex)
-	start, ok := place(gaps, k, extentLen, opts.Below)
+	need := extentLen
+	if k == KindLayer && opts.Expect > 0 && opts.Expect < size {
+		need = alignUp(opts.Expect, pageSize)
+	}
+	start, got, ok := place(gaps, k, need, extentLen, opts.Below, r.g.layerFloor(), opts.Expect > 0)
+	if ok && got < extentLen {
+		extentLen, size = got, got
+	}
 	if !ok {
 		var free int64
 		for _, g := range gaps {
 			free += g.end - g.off
 		}
-		where := ""
+		where, largestFit := "", largest(gaps)
+		if k == KindLayer {
+			where, largestFit = fmt.Sprintf(" above the view area (offset %d)", r.g.layerFloor()), largestAbove(gaps, r.g.layerFloor())
+		}
 		if opts.Below > 0 {
-			where = fmt.Sprintf(" ending at or below offset %d", opts.Below)
+			where += fmt.Sprintf(" ending at or below offset %d (the view lies below its layers)", opts.Below)
 		}
-		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("%s: need %d bytes%s; largest free extent %d, free %d of %d data bytes",
-			r.be.path, extentLen, where, largest(gaps), free, r.g.dataSize))
+		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("%s: need %d bytes%s; largest free extent there %d, free %d of %d data bytes",
+			r.be.path, need, where, largestFit, free, r.g.dataSize))
 	}
-	// A FREE slot along the probe chain.
-	h := r.home(k, key)
-	slot, dist := -1, 0
-	var w uint64
-	for i := 0; i < r.g.entries; i++ {
-		s := (h + i) % r.g.entries
-		w = load(r.mem, r.eOff(s)+eState)
-		if eStateOf(w) == StateFree {
-			slot, dist = s, i
-			break
-		}
-	}
-	if slot < 0 {
+	slot, dist, w, ok := r.freeSlot(k, key)
+	if !ok {
 		return nil, r.keyErr(op, k, key, nil, ErrFull, fmt.Sprintf("%s: index full, all %d entries in use", r.be.path, r.g.entries))
 	}
 	off := r.eOff(slot)
@@ -192,8 +228,8 @@ func (r *Region) claimLocked(ctx context.Context, id ParticipantID, inc uint32, 
 	store(r.mem, off+ePublished, 0)
 	r.bumpMaxProbe(dist)
 	mine := next(w, StateWriting, k, int(id))
-	if r.testBeforeClaimCAS != nil {
-		r.testBeforeClaimCAS()
+	if testHookBeforeClaimCAS != nil {
+		testHookBeforeClaimCAS(r)
 	}
 	if !cas(r.mem, off+eState, w, mine) {
 		return nil, errConflict
@@ -287,31 +323,61 @@ func (c *Claim) Reserve(off, n int64) error {
 // rounded up to the page (the tail is freed), our reference bit is set and
 // the entry turns READY with one atomic store.
 func (c *Claim) Publish(ctx context.Context, finalSize int64) (Entry, error) {
+	e, _, err := c.publish(ctx, finalSize, false)
+	return e, err
+}
+
+// PublishShared publishes a layer image as Publish does, unless the region
+// holds a READY layer image with the same bytes under another key (the
+// same layer reached by another diffID: a tar layer and its pre-converted
+// form): then the claim is given back, our key becomes an alias of that
+// image, our reference is set on it, and it is returned with shared true.
+func (c *Claim) PublishShared(ctx context.Context, finalSize int64) (e Entry, shared bool, err error) {
+	return c.publish(ctx, finalSize, c.kind == KindLayer)
+}
+
+func (c *Claim) publish(ctx context.Context, finalSize int64, dedup bool) (Entry, bool, error) {
 	const op = "publish"
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := c.r
 	if c.done {
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, ErrClaimDone, "")
+		return Entry{}, false, r.keyErr(op, c.kind, c.key, nil, ErrClaimDone, "")
 	}
 	id, _, err := r.me()
 	if err != nil {
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, err, "")
+		return Entry{}, false, r.keyErr(op, c.kind, c.key, nil, err, "")
 	}
 	if finalSize <= 0 || finalSize > c.size {
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, ErrInvalidSize, fmt.Sprintf("final size %d not in 1..%d (the claimed size)", finalSize, c.size))
+		return Entry{}, false, r.keyErr(op, c.kind, c.key, nil, ErrInvalidSize, fmt.Sprintf("final size %d not in 1..%d (the claimed size)", finalSize, c.size))
 	}
 	off := r.eOff(c.slot)
 	if load(r.mem, off+eState) != c.word {
 		c.done = true
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, ErrClaimLost, "")
+		return Entry{}, false, r.keyErr(op, c.kind, c.key, nil, ErrClaimLost, "")
 	}
 	sum, err := checksum(r.mem[c.off : c.off+finalSize])
 	if err != nil {
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, err, "")
+		return Entry{}, false, r.keyErr(op, c.kind, c.key, nil, err, "")
+	}
+	if dedup {
+		same, found, err := r.identicalLayer(c.key, r.mem[c.off:c.off+finalSize], sum)
+		if err != nil {
+			return Entry{}, false, err
+		}
+		// Referenced first, so GC cannot free it between our abort and
+		// the alias; if it went meanwhile, publish ours after all.
+		if found && r.Ref(KindLayer, same.Key) == nil {
+			c.done = true
+			r.freeEntry(c.slot, c.word)
+			if err := r.Alias(ctx, c.key, same.Key); err != nil {
+				return Entry{}, false, err
+			}
+			return same, true, nil
+		}
 	}
 	if err := r.be.flush(r.mem, c.off, finalSize); err != nil {
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, err, "")
+		return Entry{}, false, r.keyErr(op, c.kind, c.key, nil, err, "")
 	}
 	if ext := alignUp(finalSize, pageSize); ext < c.extent {
 		// The tail is still ours until the extent word shrinks.
@@ -329,11 +395,11 @@ func (c *Claim) Publish(ctx context.Context, finalSize int64) (Entry, error) {
 	r.refMu.Unlock()
 	c.done = true
 	if !ok {
-		return Entry{}, r.keyErr(op, c.kind, c.key, nil, ErrClaimLost, "")
+		return Entry{}, false, r.keyErr(op, c.kind, c.key, nil, ErrClaimLost, "")
 	}
 	r.bumpGen()
 	e, _, _ := r.readEntry(c.slot)
-	return e, nil
+	return e, false, nil
 }
 
 // Abort releases the claim and its extent. Nothing was visible to readers.

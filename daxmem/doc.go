@@ -6,15 +6,38 @@
 //
 // All offsets are from the start of the mapping and page (4096) aligned.
 //
-//	0                    header, one page (see header.go for the fields)
+//	0                    header, one page (see layout.go for the fields)
 //	4096                 participant table: Participants slots of 256 bytes
-//	4096 + P*256 (page)  index: Entries slots of 128 bytes
-//	after index (page)   data area: extents holding images, up to Size
+//	4096 + P*256 (page)  index: Entries slots of 192 bytes
+//	after index (page)   data area: extents holding images, up to Size;
+//	                     its first ViewArea bytes (the view area) hold
+//	                     views only
 //
-// With the defaults (64 participants, 4096 entries, 1 GiB) the participant
-// table is at 4096, the index at 20480 and the data area at 544768 (532
-// KiB of metadata). Keep Entries at about twice the number of images you
-// expect: lookups probe linearly and slow down as the table fills.
+// With the defaults (64 participants, 4096 entries, 8 GiB) the participant
+// table is at 4096, the index at 20480 and the data area at 806912 (788
+// KiB of metadata), its first eighth the view area. Keep Entries at
+// about twice the number of images and aliases you expect: lookups probe
+// linearly and slow down as the table fills.
+//
+// # Placement
+//
+// A view lies below every layer it references (the kernel module mounts
+// one window from the view's start to the end of its last layer). Layers
+// go at or above the view area, each claim at the start of the tightest
+// gap that holds the image's expected size (ClaimOptions.Expect); the
+// image is written from there and Publish gives back the unused tail,
+// which joins the free space above it. Views go in the view area, or in
+// the tightest gap below their layers. No image moves once published, so
+// fragmentation can refuse an image with more than its size free in all,
+// never one that a single free extent holds.
+//
+// # Aliases
+//
+// An alias entry (KindAlias) has no extent: it names a layer image by
+// another digest, the digest of a blob the image was made from or checked
+// against, or of an identical image (Claim.PublishShared). Resolve finds a
+// layer by its key or through an alias; GC frees an alias once its layer
+// is gone.
 //
 // Every word other processes may change concurrently is an 8-byte aligned
 // uint64 inside the mapping, read and written only with sync/atomic. Slots
@@ -54,6 +77,9 @@
 //     same READY generation; GC CASes READY -> DYING, re-reads the bitmap
 //     and either frees the slot or restores READY. Of the two orders, at
 //     least one side sees the other, so GC never frees a referenced entry.
+//   - A claim first frees the WRITING entries of dead writers (or of an
+//     earlier incarnation of a live one), as Join does for the joiner's own
+//     earlier incarnations, so a killed writer's extent is free at once.
 //   - Participants heartbeat. A participant is dead when its heartbeat is
 //     older than LeaseTimeout, or (same boot ID and PID namespace as us)
 //     when its process no longer exists. GC by any live participant moves a

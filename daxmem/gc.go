@@ -62,7 +62,7 @@ func (r *Region) Ref(k Kind, key Key) error {
 // the lock could not be had.
 func (r *Region) waitDying(s int, w uint64) bool {
 	off := r.eOff(s) + eState
-	for i := 0; i < 100; i++ {
+	for range 100 {
 		if load(r.mem, off) != w {
 			return true
 		}
@@ -123,6 +123,7 @@ type GCStats struct {
 	ClaimsReclaimed  int
 	EntriesFreed     int
 	BytesFreed       int64
+	AliasesFreed     int
 	Kept             int
 }
 
@@ -198,6 +199,16 @@ func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 				r.resolveDying(s, w)
 			}
 		case StateReady:
+			if e.Kind == KindAlias {
+				// An alias lives as long as its layer: it holds no
+				// reference of its own.
+				if _, _, ok := r.find(KindLayer, e.Target); !ok {
+					if opts.DryRun || r.freeEntry(s, w) {
+						st.AliasesFreed++
+					}
+				}
+				continue
+			}
 			if e.Refs != 0 {
 				continue
 			}
@@ -243,10 +254,17 @@ func (r *Region) Verify(k Kind, key Key) error {
 	return r.VerifyEntry(e)
 }
 
-// VerifyEntry checks one entry (from Entries or Lookup).
+// VerifyEntry checks one entry (from Entries or Lookup): an image's bytes
+// against its checksum, an alias's layer being there.
 func (r *Region) VerifyEntry(e Entry) error {
 	if !r.sane(e) {
 		return r.keyErr("verify", e.Kind, e.Key, &e, ErrCorrupt, fmt.Sprintf("index entry %d has an impossible extent [%d,+%d)", e.Slot, e.Offset, e.Extent))
+	}
+	if e.Kind == KindAlias {
+		if _, ok := r.Lookup(KindLayer, e.Target); !ok {
+			return r.keyErr("verify", e.Kind, e.Key, &e, ErrNotFound, "its layer "+e.Target.String()+" is gone (the next GC frees the alias)")
+		}
+		return nil
 	}
 	if r.closed.Load() {
 		return ErrClosed
@@ -263,22 +281,29 @@ func (r *Region) VerifyEntry(e Entry) error {
 
 // Stats summarises a region.
 type Stats struct {
-	Path         string
-	Backend      string
-	Durability   string
-	PhysAddr     uint64
-	PhysKnown    bool
-	Size         int64
+	Path       string
+	Backend    string
+	Durability string
+	PhysAddr   uint64
+	PhysKnown  bool
+	Size       int64
+	DataOffset int64
+	DataSize   int64
+	Used       int64 // bytes in non-FREE extents
+	Free       int64
+	// LargestFree is the largest free extent a layer can take: above the
+	// view area.
+	LargestFree int64
+	// ViewArea is the size of the view area at the bottom of the data
+	// area (views only); ViewFree the free bytes in it.
+	ViewArea     int64
+	ViewFree     int64
 	Align        int64 // the alignment the region records (see Options.Align)
-	DataOffset   int64
-	DataSize     int64
-	Used         int64 // bytes in non-FREE extents
-	Free         int64
-	LargestFree  int64
 	EntrySlots   int
-	Ready        int
+	Ready        int // images
 	Writing      int
 	Dying        int
+	Aliases      int
 	Participants []Participant
 	MaxProbe     int
 	Generation   uint64
@@ -288,26 +313,30 @@ type Stats struct {
 // Stats reads the region's state without locking.
 func (r *Region) Stats() Stats {
 	gaps := r.gaps(r.occupied(-1))
-	var free int64
+	var free, viewFree int64
 	for _, g := range gaps {
 		free += g.end - g.off
+		viewFree += max(0, min(g.end, r.g.layerFloor())-g.off)
 	}
 	s := Stats{
 		Path: r.be.path, Backend: r.be.name, Durability: r.be.Durability(),
 		PhysAddr: r.be.phys, PhysKnown: r.be.physKnown,
 		Size: r.g.size, Align: r.g.align, DataOffset: r.g.dataOff, DataSize: r.g.dataSize,
-		Free: free, Used: r.g.dataSize - free, LargestFree: largest(gaps),
+		Free: free, Used: r.g.dataSize - free, LargestFree: largestAbove(gaps, r.g.layerFloor()),
+		ViewArea: r.g.viewArea, ViewFree: viewFree,
 		EntrySlots: r.g.entries, Participants: r.Participants(),
 		MaxProbe: int(load(r.mem, hMaxProbe)), Generation: r.Generation(),
 		Created: time.Unix(0, r.g.created),
 	}
 	for _, e := range r.Entries() {
-		switch e.State {
-		case StateReady:
+		switch {
+		case e.Kind == KindAlias:
+			s.Aliases++
+		case e.State == StateReady:
 			s.Ready++
-		case StateWriting:
+		case e.State == StateWriting:
 			s.Writing++
-		case StateDying:
+		case e.State == StateDying:
 			s.Dying++
 		}
 	}

@@ -61,6 +61,9 @@ func (r *Region) readEntry(s int) (Entry, uint64, bool) {
 		if p := int64(load(r.mem, off+ePublished)); p != 0 {
 			e.Published = time.Unix(0, p)
 		}
+		if e.Kind == KindAlias {
+			loadBytes(r.mem, off+eTarget, e.Target[:])
+		}
 		if load(r.mem, off+eState) == w {
 			return e, w, true
 		}
@@ -70,6 +73,9 @@ func (r *Region) readEntry(s int) (Entry, uint64, bool) {
 // sane says whether an entry's extent lies in the data area: a damaged
 // index must not make us hand out slices of metadata or beyond the end.
 func (r *Region) sane(e Entry) bool {
+	if e.Kind == KindAlias {
+		return e.State == StateReady && e.Offset == 0 && e.Extent == 0 && e.Length == 0 && int(e.Writer) < MaxParticipants
+	}
 	return e.Kind.valid() && e.Offset >= r.g.dataOff && e.Offset%pageSize == 0 &&
 		e.Extent > 0 && e.Extent <= r.g.size-e.Offset && e.Length >= 0 && e.Length <= e.Extent &&
 		int(e.Writer) < MaxParticipants
@@ -138,7 +144,7 @@ func (r *Region) occupied(skip int) []extent {
 		}
 		off := r.eOff(s)
 		w := load(r.mem, off+eState)
-		if eStateOf(w) == StateFree {
+		if eStateOf(w) == StateFree || eKindOf(w) == KindAlias {
 			continue
 		}
 		o := int64(load(r.mem, off+eOffset))
@@ -182,38 +188,88 @@ func (r *Region) gaps(ex []extent) []extent {
 	return g
 }
 
-// place picks where n bytes go: layers at the top of the highest gap that
-// fits, views at the bottom of the lowest gap that fits and ends at or
-// below below (0: anywhere). Keeping the kinds at opposite ends keeps room
-// under the layers for the views that must lie below them.
-func place(gaps []extent, k Kind, n, below int64) (int64, bool) {
-	if k == KindLayer {
-		for i := len(gaps) - 1; i >= 0; i-- {
-			g := gaps[i]
-			start := (g.end - n) / pageSize * pageSize
-			if start >= g.off && g.end-g.off >= n {
-				if below > 0 && start+n > below {
-					// The top of this gap is too high; try its lowest fit.
-					if g.off+n <= below {
-						return g.off, true
-					}
-					continue
-				}
-				return start, true
+// place picks where an extent of kind k goes among gaps (sorted by
+// offset): its start and length, or false when nothing fits.
+//
+// A view needs n bytes, ending at or below offset below (0: anywhere): a view lies
+// below the layers it references. It takes the lowest fit in the view area
+// at the bottom of the data area, where layers never go, or else the
+// tightest gap below its layers.
+//
+// A layer needs n bytes and takes up to upTo at the start of a gap at or
+// above floor (the top of the view area). Its size is known only once it
+// is written: it is written from the start of its extent and Publish gives
+// back the tail, which then joins the free space above it instead of
+// leaving a hole. With flexible set, the layer's n is an estimate: it takes
+// the tightest gap that holds n (so gaps are used up whole, not split by
+// large bounds) or, when none does, the largest gap, and as much of it as
+// upTo; without it, the lowest gap that holds upTo.
+func place(gaps []extent, k Kind, n, upTo, below, floor int64, flexible bool) (start, length int64, ok bool) {
+	if k != KindLayer {
+		// The lowest fit in the view area; else the tightest gap below
+		// the view's layers, so views that spill into the layer area
+		// fill the holes layers leave rather than split large gaps.
+		fit := extent{}
+		for _, g := range gaps {
+			if below > 0 {
+				g.end = min(g.end, below)
+			}
+			size := g.end - g.off
+			if size < n {
+				continue
+			}
+			if g.off+n <= floor {
+				return g.off, n, true
+			}
+			if fit.end == 0 || size < fit.end-fit.off {
+				fit = g
 			}
 		}
-		return 0, false
+		if fit.end == 0 {
+			return 0, 0, false
+		}
+		return fit.off, n, true
 	}
+	best, largest := extent{}, extent{}
 	for _, g := range gaps {
-		if g.end-g.off < n {
+		g.off = max(g.off, floor)
+		size := g.end - g.off
+		if size <= 0 {
 			continue
 		}
-		if below > 0 && g.off+n > below {
-			return 0, false
+		if !flexible {
+			if size >= upTo {
+				return g.off, upTo, true
+			}
+			continue
 		}
-		return g.off, true
+		if size >= n && (best.end == 0 || size < best.end-best.off) {
+			best = g
+		}
+		if size > largest.end-largest.off {
+			largest = g
+		}
 	}
-	return 0, false
+	if !flexible {
+		return 0, 0, false
+	}
+	if best.end == 0 {
+		best = largest
+	}
+	if best.end == 0 {
+		return 0, 0, false
+	}
+	return best.off, min(upTo, best.end-best.off), true
+}
+
+// largestAbove is the largest free extent at or above floor.
+func largestAbove(gaps []extent, floor int64) int64 {
+	var m int64
+	for _, g := range gaps {
+		g.off = max(g.off, floor)
+		m = max(m, g.end-g.off)
+	}
+	return m
 }
 
 func largest(gaps []extent) int64 {

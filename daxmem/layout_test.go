@@ -4,11 +4,12 @@ import "testing"
 
 // TestDefaultLayout pins the offsets documented in doc.go.
 func TestDefaultLayout(t *testing.T) {
-	g, err := layout(DefaultSize, pageSize, DefaultParticipants, DefaultEntries)
+	g, err := layout(DefaultSize, pageSize, DefaultParticipants, DefaultEntries, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if g.partOff != 4096 || g.indexOff != 20480 || g.dataOff != 544768 || g.dataSize != DefaultSize-544768 {
+	if g.partOff != 4096 || g.indexOff != 20480 || g.dataOff != 806912 || g.dataSize != DefaultSize-806912 ||
+		g.viewArea != g.dataSize/8/pageSize*pageSize || g.layerFloor() != g.dataOff+g.viewArea {
 		t.Fatalf("default layout %+v", g)
 	}
 	// Every participant slot and index entry starts on a 64-byte line, so
@@ -33,7 +34,7 @@ func TestDefaultLayout(t *testing.T) {
 		{1 << 20, pageSize, 65, 1},
 		{1 << 20, pageSize, 1, 0},
 	} {
-		if _, err := layout(c.size, c.align, c.parts, c.ents); err == nil {
+		if _, err := layout(c.size, c.align, c.parts, c.ents, 0); err == nil {
 			t.Errorf("layout(%d, %d, %d, %d) accepted", c.size, c.align, c.parts, c.ents)
 		}
 	}

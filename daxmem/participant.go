@@ -195,7 +195,8 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 	}
 	// take moves slot p from old to ours; keepRefs says whether its
 	// reference bits are ours (re-claim) or a dead stranger's (clear them).
-	take := func(p int, old uint64, token [16]byte, keepRefs bool) (bool, error) {
+	// It fails when another participant changed the slot first.
+	take := func(p int, old uint64, token [16]byte, keepRefs bool) bool {
 		inc := pIncOf(old) + 1
 		if inc == 0 {
 			inc = 1
@@ -205,20 +206,20 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 		// for a dead one by its previous owner's heartbeat.
 		store(r.mem, r.pOff(p)+pHeartbeat, uint64(time.Now().UnixNano()))
 		if !cas(r.mem, r.pOff(p)+pState, old, joining) {
-			return false, nil
+			return false
 		}
 		fill(p, token)
 		if !keepRefs {
 			r.clearBits(p, func() bool { return load(r.mem, r.pOff(p)+pState) == joining })
 		}
 		if !cas(r.mem, r.pOff(p)+pState, joining, pWord(pAlive, inc)) {
-			return false, nil // reclaimed while joining: try again
+			return false // reclaimed while joining: try again
 		}
 		r.mu.Lock()
 		r.id, r.inc = ParticipantID(p), inc
 		r.mu.Unlock()
 		r.evicted.Store(false)
-		return true, nil
+		return true
 	}
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
@@ -237,19 +238,15 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 					return NoParticipant, fmt.Errorf("join region %s as participant %d: %w (pid %d, heartbeat %v ago)",
 						r.be.path, p, ErrInUse, load(r.mem, off+pPID), now.Sub(time.Unix(0, int64(load(r.mem, off+pHeartbeat)))).Round(time.Millisecond))
 				}
-				ok, err := take(p, w, pf.token, true)
-				if err != nil {
-					return NoParticipant, err
-				}
-				if ok {
+				if take(p, w, pf.token, true) {
 					log.G(ctx).WithField("participant", p).Info("re-joined region after restart")
-					return r.startHeartbeat(ctx), nil
+					return r.joined(ctx), nil
 				}
 				continue
 			}
 			if st == pFree {
-				if ok, _ := take(p, w, pf.token, false); ok {
-					return r.startHeartbeat(ctx), nil
+				if take(p, w, pf.token, false) {
+					return r.joined(ctx), nil
 				}
 				continue
 			}
@@ -258,7 +255,7 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 		var token [16]byte
 		_, _ = rand.Read(token[:])
 		// Prefer free slots; then slots whose owner is dead.
-		for pass := 0; pass < 2; pass++ {
+		for pass := range 2 {
 			for p := 0; p < r.g.participants; p++ {
 				w := load(r.mem, r.pOff(p)+pState)
 				st := pStateOf(w)
@@ -268,11 +265,7 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 				if pass == 1 && (st != pAlive || r.alive(p, nil, now)) {
 					continue
 				}
-				ok, err := take(p, w, token, false)
-				if err != nil {
-					return NoParticipant, err
-				}
-				if !ok {
+				if !take(p, w, token, false) {
 					continue
 				}
 				if idFile != "" {
@@ -281,7 +274,7 @@ func (r *Region) Join(ctx context.Context, info ParticipantInfo, idFile string) 
 						return NoParticipant, fmt.Errorf("join region %s: write participant file: %w", r.be.path, err)
 					}
 				}
-				return r.startHeartbeat(ctx), nil
+				return r.joined(ctx), nil
 			}
 		}
 		if attempt > 3 {
@@ -307,6 +300,25 @@ func (r *Region) aliveOther(p int, now time.Time) bool {
 }
 
 // ID is this process's participant ID (NoParticipant before Join).
+// joined starts the heartbeat of a participant that just took its slot and
+// frees the claims its earlier incarnations left WRITING: a daemon killed
+// while converting a layer must not find, once restarted, that extent
+// still taken (its images larger than the room left).
+func (r *Region) joined(ctx context.Context) ParticipantID {
+	id := r.startHeartbeat(ctx)
+	lctx, cancel := context.WithTimeout(ctx, 2*r.opts.LeaseTimeout)
+	defer cancel()
+	if unlock, err := r.lock(lctx); err == nil {
+		if n := r.reclaimDeadClaims(ctx, time.Now()); n > 0 {
+			log.G(ctx).WithField("claims", n).Info("freed image claims left by dead participants")
+		}
+		unlock()
+	} else {
+		log.G(ctx).WithError(err).Warn("could not take the region lock to free dead claims; the next claim frees them")
+	}
+	return id
+}
+
 func (r *Region) ID() ParticipantID {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -21,8 +21,8 @@ type Options struct {
 	Backend string
 	// Path is the backing file or device (default for "file": DefaultPath).
 	Path string
-	// Size of a new region in bytes (default 1 GiB; device DAX: the whole
-	// device). Open takes the size from the header.
+	// Size of a new region in bytes (default DefaultSize; device DAX: the
+	// whole device). Open takes the size from the header.
 	Size int64
 	// Entries is the number of index slots of a new region (default 4096).
 	Entries int
@@ -36,6 +36,10 @@ type Options struct {
 	// alignment, 2 MiB by default: Open refuses a region whose alignment
 	// is not a multiple of the backend's.
 	Align int64
+	// ViewArea is the size of a new region's view area: the bottom of the
+	// data area, kept for views, which must lie below the layers they
+	// reference (default: an eighth of the data area).
+	ViewArea int64
 	// HeartbeatInterval is how often a joined participant stamps its slot
 	// (default 1s). LeaseTimeout is how old a heartbeat may get before the
 	// participant counts as dead (default 10s, at least 3 heartbeats).
@@ -48,9 +52,11 @@ type Options struct {
 	SysRoot string
 }
 
-// Defaults.
+// Defaults. DefaultSize is the one default region size: of Create and
+// Open, of the daemon's config and of `region init`. A file region is
+// sparse: it takes memory only as images fill it.
 const (
-	DefaultSize              = 1 << 30
+	DefaultSize              = 8 << 30
 	DefaultEntries           = 4096
 	DefaultParticipants      = MaxParticipants
 	DefaultHeartbeatInterval = time.Second
@@ -109,10 +115,6 @@ type Region struct {
 
 	lockMu sync.Mutex // serialises this process's use of the region lock word
 	refMu  sync.Mutex // serialises this participant's reference bit changes
-
-	// testBeforeClaimCAS, when set, runs inside a claim just before the
-	// FREE -> WRITING CAS (tests use it to interleave a second claimant).
-	testBeforeClaimCAS func()
 
 	hbMu   sync.Mutex
 	hbSeen map[int]hbObservation // heartbeat values seen, for clock-skew-proof liveness
@@ -255,7 +257,7 @@ func createDevDAX(o Options) (*Region, error) {
 // initRegion maps a fresh backing object of n bytes and writes an empty
 // region into it: zeroed tables, the header, and the magic last.
 func initRegion(be *backend, n int64, o Options) (*Region, error) {
-	g, err := layout(n, be.align, o.Participants, o.Entries)
+	g, err := layout(n, be.align, o.Participants, o.Entries, o.ViewArea)
 	if err != nil {
 		return nil, err
 	}
@@ -406,6 +408,14 @@ func (r *Region) Close() error {
 }
 
 // Path is the backing file or device.
+// SameHeader reports whether b starts with this region's header as it
+// was written at creation (geometry, UUID, creation time): whether a
+// device read by other means (a block device over the same memory) holds
+// this region.
+func (r *Region) SameHeader(b []byte) bool {
+	return len(b) >= hImmutableEnd && string(b[:hImmutableEnd]) == string(r.mem[:hImmutableEnd])
+}
+
 func (r *Region) Path() string { return r.be.path }
 
 // Backend is the backend name.

@@ -399,18 +399,30 @@ func TestRefUnrefGC(t *testing.T) {
 	}
 }
 
+// TestViewsBelowLayers: layers are placed from the top of the view area
+// upward, each claim's unused tail rejoining the free space above it, and
+// views in the view area below every layer.
 func TestViewsBelowLayers(t *testing.T) {
 	ctx := context.Background()
 	r := mustCreate(t, testOpts(t, 8<<20))
 	mustJoin(t, r)
-	l1 := publish(t, r, KindLayer, key("l1"), 1<<20, 1<<20, ClaimOptions{})
+	floor := r.DataOffset() + r.Stats().ViewArea
+	// Claimed with a generous bound, published smaller: the tail goes back.
+	l1 := publish(t, r, KindLayer, key("l1"), 2<<20, 1<<20, ClaimOptions{})
 	l2 := publish(t, r, KindLayer, key("l2"), 1<<20, 1<<20, ClaimOptions{})
-	if l1.End() != r.Size() || l2.End() != l1.Offset {
-		t.Fatalf("layers not packed from the top: %d-%d, %d-%d", l1.Offset, l1.End(), l2.Offset, l2.End())
+	if l1.Offset != floor || l2.Offset != l1.Offset+l1.Extent {
+		t.Fatalf("layers not packed from the view area's top %d: %d-%d, %d-%d", floor, l1.Offset, l1.End(), l2.Offset, l2.End())
 	}
-	v := publish(t, r, KindView, key("v"), 64<<10, 5000, ClaimOptions{Below: l2.Offset})
-	if v.Offset != r.DataOffset() || v.End() > l2.Offset {
-		t.Fatalf("view at %d-%d, want bottom below %d", v.Offset, v.End(), l2.Offset)
+	if st := r.Stats(); st.LargestFree != r.Size()-l2.End() {
+		t.Fatalf("largest free %d, want everything above the layers (%d)", st.LargestFree, r.Size()-l2.End())
+	}
+	v := publish(t, r, KindView, key("v"), 64<<10, 5000, ClaimOptions{Below: l1.Offset})
+	if v.Offset != r.DataOffset() || v.End() > floor {
+		t.Fatalf("view at %d-%d, want the bottom of the view area", v.Offset, v.End())
+	}
+	// A layer never takes the view area, however full the rest is.
+	if _, err := r.Claim(ctx, KindLayer, key("big"), r.Size()-l2.End()+4096, ClaimOptions{}); !errors.Is(err, ErrFull) {
+		t.Fatalf("layer larger than the room above the view area: %v", err)
 	}
 	// Nothing fits below the bottom of the data area.
 	if _, err := r.Claim(ctx, KindView, key("v2"), 4096, ClaimOptions{Below: r.DataOffset() + 4096}); !errors.Is(err, ErrFull) {
@@ -474,10 +486,10 @@ func TestIndexFull(t *testing.T) {
 	o.Entries = 4
 	r := mustCreate(t, o)
 	mustJoin(t, r)
-	for i := 0; i < 4; i++ {
+	for i := range 4 {
 		publish(t, r, KindLayer, key(string(rune('a'+i))), 4096, 4096, ClaimOptions{})
 	}
-	for i := 0; i < 4; i++ {
+	for i := range 4 {
 		if _, ok := r.Lookup(KindLayer, key(string(rune('a'+i)))); !ok {
 			t.Fatalf("lookup %d failed with a full index", i)
 		}
@@ -565,12 +577,21 @@ func TestStolenLeaseCannotDoubleClaim(t *testing.T) {
 	k := key("contended")
 	var bClaim *Claim
 	var bErr error
-	a.testBeforeClaimCAS = func() {
-		a.testBeforeClaimCAS = nil
+	// beforeCAS runs f once, inside A's next claim.
+	beforeCAS := func(f func()) {
+		testHookBeforeClaimCAS = func(r *Region) {
+			if r == a {
+				testHookBeforeClaimCAS = nil
+				f()
+			}
+		}
+	}
+	t.Cleanup(func() { testHookBeforeClaimCAS = nil })
+	beforeCAS(func() {
 		_, ainc, _ := a.me()
 		store(a.mem, hLock, a.lockWord(aid, ainc, time.Unix(0, a.g.created))) // A's lease expired
 		bClaim, bErr = b.Claim(ctx, KindLayer, k, 64<<10, ClaimOptions{})
-	}
+	})
 	aClaim, aErr := a.Claim(ctx, KindLayer, k, 64<<10, ClaimOptions{})
 	if bErr != nil {
 		t.Fatalf("B (took the lock over, claimed first): %v", bErr)
@@ -587,12 +608,11 @@ func TestStolenLeaseCannotDoubleClaim(t *testing.T) {
 	}
 	// Same race on different keys: both may keep their claims, but never
 	// overlapping extents.
-	a.testBeforeClaimCAS = func() {
-		a.testBeforeClaimCAS = nil
+	beforeCAS(func() {
 		_, ainc, _ := a.me()
 		store(a.mem, hLock, a.lockWord(aid, ainc, time.Unix(0, a.g.created)))
 		bClaim, bErr = b.Claim(ctx, KindLayer, key("b-only"), 64<<10, ClaimOptions{})
-	}
+	})
 	aClaim, aErr = a.Claim(ctx, KindLayer, key("a-only"), 64<<10, ClaimOptions{})
 	if aErr != nil || bErr != nil {
 		t.Fatalf("claims of different keys: %v, %v", aErr, bErr)

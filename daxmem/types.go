@@ -16,6 +16,13 @@ const (
 	KindLayer Kind = 1
 	// KindView is a merged view image keyed by a chain ID.
 	KindView Kind = 2
+	// KindAlias is another digest a layer image is known by: the digest
+	// of a blob it was made from, or of an image with the same bytes. It
+	// has no extent: its Target is the layer's key. Aliases are made only
+	// from what a participant checked (it made the image from that blob,
+	// or hashed the blob's content to the layer's diffID), so finding a
+	// layer through an alias is as good as converting the blob again.
+	KindAlias Kind = 3
 )
 
 func (k Kind) String() string {
@@ -24,22 +31,16 @@ func (k Kind) String() string {
 		return "layer"
 	case KindView:
 		return "view"
+	case KindAlias:
+		return "alias"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
-func (k Kind) valid() bool { return k == KindLayer || k == KindView }
+func (k Kind) valid() bool { return k == KindLayer || k == KindView || k == KindAlias }
 
-// ParseKind is the inverse of Kind.String.
-func ParseKind(s string) (Kind, error) {
-	switch s {
-	case "layer":
-		return KindLayer, nil
-	case "view":
-		return KindView, nil
-	}
-	return 0, fmt.Errorf("unknown kind %q (want layer or view)", s)
-}
+// hasExtent says whether entries of kind k hold bytes of the data area.
+func (k Kind) hasExtent() bool { return k == KindLayer || k == KindView }
 
 // Key is the sha256 digest an image is looked up by: the layer's diffID or
 // the snapshot's chain ID.
@@ -114,6 +115,8 @@ type Entry struct {
 	Created           time.Time
 	Published         time.Time
 	Generation        uint64
+	// Target is an alias's layer key.
+	Target Key
 }
 
 // End is the region offset just past the image.
@@ -122,7 +125,7 @@ func (e Entry) End() int64 { return e.Offset + e.Length }
 // RefList returns the participants referencing the entry.
 func (e Entry) RefList() []ParticipantID {
 	var l []ParticipantID
-	for i := 0; i < MaxParticipants; i++ {
+	for i := range MaxParticipants {
 		if e.Refs&(1<<uint(i)) != 0 {
 			l = append(l, ParticipantID(i))
 		}

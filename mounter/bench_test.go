@@ -68,8 +68,7 @@ func BenchmarkOverlayLower(b *testing.B) {
 	}
 	b.Logf("image of %s built in %v", tree, time.Since(start).Round(time.Millisecond))
 
-	os.Setenv(roleEnv, "1")
-	defer os.Unsetenv(roleEnv)
+	b.Setenv(roleEnv, "1")
 	state, _ := os.MkdirTemp("", "mounter-bench-")
 	defer os.RemoveAll(state)
 	exe, _ := os.Executable()
@@ -147,7 +146,6 @@ func BenchmarkOverlayLower(b *testing.B) {
 		}
 		paths = strings.Count(string(out), "\n")
 	}
-	type result struct{ nsPerOp float64 }
 	results := map[string]float64{}
 	for _, op := range []string{"read-cold", "read-warm", "walk-cold", "walk-warm"} {
 		for _, kind := range kinds {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -16,11 +15,11 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/erofs"
 )
 
@@ -42,9 +41,6 @@ type DAXOptions struct {
 	Region *daxmem.Region
 }
 
-// KindEROFSDAX is the kind of the erofs-dax mounter's mounts.
-const KindEROFSDAX = "erofs-dax"
-
 // daxDMPrefix starts the names of our device-mapper devices; the hex
 // key of the metadata image in the region follows.
 const daxDMPrefix = "daxfs-erofs-"
@@ -56,11 +52,11 @@ type erofsDAXMounter struct {
 	validate bool
 }
 
-// NewEROFSDAX returns the erofs-dax mounter after checking that
+// newEROFSDAX returns the erofs-dax mounter after checking that
 // o.Device holds the region (its header read through the device matches)
 // and that dmsetup and erofs are there. It takes back the region
 // references of the metadata images of mounts a previous run left.
-func NewEROFSDAX(ctx context.Context, o DAXOptions, validate bool) (Mounter, error) {
+func newEROFSDAX(ctx context.Context, o DAXOptions, validate bool) (*erofsDAXMounter, error) {
 	if o.Device == "" || o.Region == nil {
 		return nil, fmt.Errorf("%w: the erofs-dax mounter needs a DAX block device holding the region (mount.dax_device)", errdefs.ErrInvalidArgument)
 	}
@@ -79,14 +75,14 @@ func NewEROFSDAX(ctx context.Context, o DAXOptions, validate bool) (Mounter, err
 		return nil, err
 	}
 	m := &erofsDAXMounter{dev: o.Device, devSize: size, region: o.Region, validate: validate}
-	infos, err := m.Mounted(ctx)
+	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter(EROFSFSType))
 	if err != nil {
 		return nil, err
 	}
-	for _, mi := range infos {
-		if k, ok := daxMetaKey(mi.Source.Path); ok {
+	for _, e := range ms {
+		if k, ok := daxMetaKey(e.Source); ok {
 			if err := m.region.Ref(daxmem.KindView, k); err != nil {
-				log.G(ctx).WithError(err).WithField("target", mi.Target).Warn("the erofs metadata of a mounted view is not in the region")
+				log.G(ctx).WithError(err).WithField("target", e.Mountpoint).Warn("the erofs metadata of a mounted view is not in the region")
 			}
 		}
 	}
@@ -115,13 +111,11 @@ func checkRegionDevice(dev string, r *daxmem.Region) (int64, error) {
 	if _, err := f.ReadAt(page, 0); err != nil {
 		return 0, fmt.Errorf("erofs-dax device %s: reading its first page: %w", dev, err)
 	}
-	st := r.Stats()
-	le := binary.LittleEndian
-	if le.Uint64(page[0:]) != daxmem.Magic || int64(le.Uint64(page[16:])) != st.Size || int64(le.Uint64(page[80:])) != st.Created.UnixNano() {
+	if !r.SameHeader(page) {
 		return 0, fmt.Errorf("%w: erofs-dax device %s does not start with region %s (its first bytes are not that region's header): it must be the same memory", errdefs.ErrInvalidArgument, dev, r.Path())
 	}
-	if size < st.Size {
-		return 0, fmt.Errorf("%w: erofs-dax device %s has %d bytes, the region %d", errdefs.ErrInvalidArgument, dev, size, st.Size)
+	if size < r.Size() {
+		return 0, fmt.Errorf("%w: erofs-dax device %s has %d bytes, the region %d", errdefs.ErrInvalidArgument, dev, size, r.Size())
 	}
 	return size, nil
 }
@@ -154,15 +148,15 @@ func (m *erofsDAXMounter) Mount(ctx context.Context, src Source, target string) 
 		return fmt.Errorf("image %s: %w", src, err)
 	}
 	if err := unix.Mount(dev, target, EROFSFSType, unix.MS_RDONLY, "dax=always"); err != nil {
-		dmRemove(ctx, name)
+		dmRemove(ctx, dev)
 		release()
 		return fmt.Errorf("mount -t erofs -o ro,dax=always %s %s (image %s): %w", dev, target, src, err)
 	}
 	if ok, err := mountOption(target, "dax=always"); err != nil || !ok {
 		// erofs says "DAX unsupported by block device. Turning off DAX."
 		// and mounts anyway: not what this mounter is for.
-		_ = unix.Unmount(target, unix.MNT_DETACH)
-		dmRemove(ctx, name)
+		_ = detach(target)
+		dmRemove(ctx, dev)
 		release()
 		return fmt.Errorf("image %s: %w: erofs on %s did not keep dax=always (%v): a device that is not DAX capable", src, errdefs.ErrNotImplemented, dev, err)
 	}
@@ -233,70 +227,24 @@ func (m *erofsDAXMounter) store(ctx context.Context, key daxmem.Key, meta []byte
 	}
 }
 
-// Unmount detaches lazily, then removes the device-mapper device once
-// the mount (and any overlay still using it) is gone, and drops the
-// reference to its metadata image.
-func (m *erofsDAXMounter) Unmount(ctx context.Context, target string) error {
-	abs, err := resolve(target)
-	if err != nil {
-		return err
+// release drops this participant's reference to the metadata image of
+// an erofs-dax mount of source that was taken off (unmount removed its
+// device-mapper device); other sources are not ours.
+func (m *erofsDAXMounter) release(ctx context.Context, source string) {
+	key, ok := daxMetaKey(source)
+	if !ok {
+		return
 	}
-	source := ""
-	if ms, err := mountinfo.Read(); err == nil {
-		for _, e := range ms {
-			if e.MountPoint == abs && e.FSType == EROFSFSType {
-				source = e.Source
-			}
-		}
+	if err := m.region.Unref(daxmem.KindView, key); err != nil && !errors.Is(err, daxmem.ErrNotFound) {
+		log.G(ctx).WithError(err).WithField("source", source).Warn("dropping the reference to an erofs metadata image")
 	}
-	if err := detachKernel(target); err != nil {
-		return err
-	}
-	if key, ok := daxMetaKey(source); ok {
-		dmRemove(ctx, daxDMPrefix+hex.EncodeToString(key[:]))
-		if err := m.region.Unref(daxmem.KindView, key); err != nil && !errors.Is(err, daxmem.ErrNotFound) {
-			log.G(ctx).WithError(err).WithField("target", abs).Warn("dropping the reference to an erofs metadata image")
-		}
-	}
-	return nil
 }
 
-// Mounted lists the erofs mounts of our device-mapper devices.
-func (m *erofsDAXMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return nil, err
-	}
-	var out []MountInfo
-	for _, e := range ms {
-		if e.FSType != EROFSFSType {
-			continue
-		}
-		if _, ok := daxMetaKey(e.Source); !ok {
-			continue
-		}
-		out = append(out, MountInfo{Target: e.MountPoint, Kind: KindEROFSDAX, State: "mounted", Source: Source{Path: e.Source}})
-	}
-	return out, nil
-}
-
-// isEROFSDAXMount reports whether target is a mount of ours.
-func isEROFSDAXMount(target string) bool {
-	abs, err := resolve(target)
-	if err != nil {
-		return false
-	}
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return false
-	}
-	for _, e := range ms {
-		if e.MountPoint == abs && e.FSType == EROFSFSType {
-			_, ok := daxMetaKey(e.Source)
-			return ok
-		}
-	}
-	return false
+// isDAXMetaDevice reports whether source is one of our device-mapper
+// devices, an erofs-dax mount's.
+func isDAXMetaDevice(source string) bool {
+	_, ok := daxMetaKey(source)
+	return ok
 }
 
 // daxMetaKey returns the region key of the metadata image of a mount of
@@ -319,17 +267,13 @@ func mountOption(target, opt string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	ms, err := mountinfo.Read()
+	top, err := topMount(target)
 	if err != nil {
 		return false, err
 	}
-	for _, e := range ms {
-		if e.MountPoint == target {
-			for _, o := range strings.Split(e.SuperOptions, ",") {
-				if o == opt {
-					return true, nil
-				}
-			}
+	for o := range strings.SplitSeq(top.VFSOptions+","+top.Options, ",") {
+		if o == opt {
+			return true, nil
 		}
 	}
 	return false, nil
@@ -359,9 +303,10 @@ func mknodes(ctx context.Context, name string) error {
 	return err
 }
 
-// dmRemove removes device-mapper device name, deferred while a (lazily
-// detached) mount still holds it. Best effort.
-func dmRemove(ctx context.Context, name string) {
+// dmRemove removes the device-mapper device at path /dev/mapper/NAME,
+// deferred while a (lazily detached) mount still holds it. Best effort.
+func dmRemove(ctx context.Context, path string) {
+	name := filepath.Base(path)
 	if _, err := dmsetup(ctx, "", "remove", "--deferred", name); err != nil {
 		log.G(ctx).WithError(err).WithField("device", name).Debug("removing a device-mapper device")
 	}

@@ -16,9 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/erofs"
-	"github.com/containerd-daxfs/containerd-daxfs/mounter/fusesrv"
 )
 
 // EROFSFSType is the file system type of erofs mounts in mountinfo.
@@ -35,13 +33,13 @@ const EROFSFSType = "erofs"
 // need no serving process: they outlive every daemon by construction.
 //
 // Both loop devices are set to autoclear, so they detach by themselves
-// once the mount (and any overlay still using it) is gone. Unmount is a
-// lazy detach, as for the other mounters.
+// once the mount (and any overlay still using it) is gone; Unmount is a
+// lazy detach, as for the other kinds.
 type erofsMounter struct {
 	// dir holds the metadata images between writing one and attaching
 	// it to its loop device (then it is unlinked: the loop device keeps
-	// it). Mounted recognises our mounts by it: their metadata loop
-	// device's backing file lies in dir.
+	// it). Mounted recognises our mounts by it (metadataDevIn): their
+	// metadata loop device's backing file lies in dir.
 	dir      string
 	validate bool
 }
@@ -50,12 +48,12 @@ type erofsMounter struct {
 // of the metadata images.
 const erofsDirName = "erofs"
 
-// NewEROFS returns the erofs mounter with its metadata images in dir. It
+// newEROFS returns the erofs mounter with its metadata images in dir. It
 // fails, with errdefs.ErrNotImplemented, unless
 // /proc/filesystems lists erofs and loop devices work: it mounts a tiny
 // image once to find out (a container without loop devices, or a kernel
 // without erofs, gets the FUSE mounter in auto mode).
-func NewEROFS(ctx context.Context, dir string, validate bool) (Mounter, error) {
+func newEROFS(ctx context.Context, dir string, validate bool) (*erofsMounter, error) {
 	b, err := os.ReadFile("/proc/filesystems")
 	if err != nil {
 		return nil, err
@@ -65,9 +63,6 @@ func NewEROFS(ctx context.Context, dir string, validate bool) (Mounter, error) {
 	}
 	if _, err := os.Stat("/dev/loop-control"); err != nil {
 		return nil, fmt.Errorf("%w: no loop devices: %v", errdefs.ErrNotImplemented, err)
-	}
-	if dir == "" {
-		dir = filepath.Join(fusesrv.DefaultStateDir, erofsDirName)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -277,33 +272,10 @@ func blockDevSize(f *os.File) (int64, error) {
 	return int64(n), nil
 }
 
-// Unmount detaches lazily: the loop devices go with the last user of the
-// mount (an overlay may still hold it).
-func (m *erofsMounter) Unmount(ctx context.Context, target string) error { return detachKernel(target) }
-
-// Mounted lists the erofs mounts whose metadata device is backed by a file
-// of ours (deleted after attaching, so the kernel shows it "(deleted)").
-func (m *erofsMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return nil, err
-	}
-	var out []MountInfo
-	for _, e := range ms {
-		if e.FSType != EROFSFSType {
-			continue
-		}
-		if !m.ours(e.Source) {
-			continue
-		}
-		out = append(out, MountInfo{Target: e.MountPoint, Kind: KindEROFS, State: "mounted", Source: Source{Path: e.Source}})
-	}
-	return out, nil
-}
-
-// ours reports whether loop device dev is backed by a metadata image of
-// m.dir.
-func (m *erofsMounter) ours(dev string) bool {
+// metadataDevIn reports whether loop device dev is backed by a metadata
+// image of dir: an erofs mount of ours. The image was deleted once
+// attached, so the kernel shows it "(deleted)".
+func metadataDevIn(dev, dir string) bool {
 	name, ok := strings.CutPrefix(dev, "/dev/")
 	if !ok || !strings.HasPrefix(name, "loop") {
 		return false
@@ -313,80 +285,5 @@ func (m *erofsMounter) ours(dev string) bool {
 		return false
 	}
 	backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
-	return filepath.Dir(backing) == m.dir
-}
-
-// resolve returns the absolute path p with symlinks resolved (as mountinfo
-// and sysfs show paths), or p made absolute when it does not exist.
-func resolve(p string) (string, error) {
-	abs, err := filepath.Abs(p)
-	if err != nil {
-		return "", err
-	}
-	if r, err := filepath.EvalSymlinks(abs); err == nil {
-		return r, nil
-	}
-	return abs, nil
-}
-
-// isEROFSMount reports whether target is an erofs mount point.
-func isEROFSMount(target string) (bool, error) { return mountedAs(target, EROFSFSType) }
-
-// mountedAs reports whether target (symlinks resolved) is a mount point
-// of file system type fstype.
-func mountedAs(target, fstype string) (bool, error) {
-	target, err := resolve(target)
-	if err != nil {
-		return false, err
-	}
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return false, err
-	}
-	for _, e := range ms {
-		if e.MountPoint == target && e.FSType == fstype {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
-// Detach unmounts whatever image mount is on target (daxfs module, erofs,
-// or FUSE served from fo.StateDir) without starting or probing anything:
-// the operator's umount. Like every Unmount it detaches lazily.
-func Detach(ctx context.Context, target string, fo FUSEOptions) error {
-	abs, err := resolve(target)
-	if err != nil {
-		return err
-	}
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return err
-	}
-	for i := len(ms) - 1; i >= 0; i-- {
-		m := ms[i]
-		if m.MountPoint != abs {
-			continue
-		}
-		switch m.FSType {
-		case KernelFSType, EROFSFSType:
-		case FSTypeFUSE:
-			st := fo.StateDir
-			if st == "" {
-				st = fusesrv.DefaultStateDir
-			}
-			// The serving process forgets the connection too; without
-			// one (it died), a plain detach still frees the path.
-			if err := fusesrv.NewClient(st, nil).Unmount(ctx, abs); err == nil {
-				return nil
-			}
-		default:
-			return fmt.Errorf("%s: %w: a %s mount, not an image mount", abs, errdefs.ErrInvalidArgument, m.FSType)
-		}
-		if err := unix.Unmount(abs, unix.MNT_DETACH); err != nil {
-			return fmt.Errorf("unmount %s: %w", abs, err)
-		}
-		return nil
-	}
-	return fmt.Errorf("%s: %w: not mounted", abs, errdefs.ErrNotFound)
+	return filepath.Dir(backing) == dir
 }

@@ -9,12 +9,11 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
-	"github.com/containerd-daxfs/containerd-daxfs/mounter/fusesrv"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/internal/mtest"
 )
 
@@ -77,7 +76,7 @@ func TestAutoMountsWithEROFS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.(*autoMounter).erofs == nil {
+	if m.(*imageMounter).erofs == nil {
 		t.Fatal("auto mode did not pick erofs on a kernel with erofs and loop devices")
 	}
 	dir := t.TempDir()
@@ -97,12 +96,12 @@ func TestAutoMountsWithEROFS(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Unmount(target, unix.MNT_DETACH) })
-	ms, err := mountinfo.Read()
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, e := range ms {
-		if e.MountPoint == target && e.FSType != EROFSFSType {
+		if e.Mountpoint == target && e.FSType != EROFSFSType {
 			t.Fatalf("%s is mounted as %s, want erofs", target, e.FSType)
 		}
 	}
@@ -145,17 +144,7 @@ func TestAutoMountsWithEROFS(t *testing.T) {
 // in auto mode, and reads the same.
 func TestAutoFallsBackToFUSE(t *testing.T) {
 	testenv.RequireRoot(t)
-	t.Setenv(roleEnv, "1")
-	exe, _ := os.Executable()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	state, err := os.MkdirTemp("", "mounter-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(state)
-	fo := FUSEOptions{StateDir: state, Binary: exe}
-	defer fusesrv.NewClient(state, nil).Quit(context.Background())
+	ctx, fo := testMounterOptions(t)
 	m, err := New(ctx, ModeAuto, fo)
 	if err != nil {
 		t.Fatal(err)

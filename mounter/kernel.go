@@ -7,13 +7,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
-
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 )
 
 // KernelFSType is the kernel module's file system type.
@@ -50,12 +50,7 @@ func hasFilesystem(procFilesystems []byte, name string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	for _, fs := range fss {
-		if fs == name {
-			return true, nil
-		}
-	}
-	return false, nil
+	return slices.Contains(fss, name), nil
 }
 
 // KernelMountData returns the mount(2) data for the kernel module:
@@ -76,11 +71,12 @@ func KernelMountData(src Source) (string, error) {
 // KernelMountFlags are the kernel mount's flags: read-only.
 const KernelMountFlags = unix.MS_RDONLY
 
+// kernelMounter mounts with the daxfs module.
 type kernelMounter struct{}
 
-// NewKernel returns the kernel daxfs mounter, or an error when the module
+// newKernel returns the kernel daxfs mounter, or an error when the module
 // is not loaded.
-func NewKernel(ctx context.Context) (Mounter, error) {
+func newKernel() (*kernelMounter, error) {
 	ok, err := KernelAvailable()
 	if err != nil {
 		return nil, err
@@ -106,51 +102,22 @@ func (kernelMounter) Mount(ctx context.Context, src Source, target string) error
 	return nil
 }
 
-func (kernelMounter) Unmount(ctx context.Context, target string) error { return detachKernel(target) }
-
-// detachKernel lazily detaches the kernel mount (daxfs module, erofs) on
-// target; NotFound when nothing is mounted there.
-func detachKernel(target string) error {
-	target, err := absTarget(target)
-	if err != nil {
-		return err
-	}
-	if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
-		if err == unix.EINVAL || err == unix.ENOENT {
-			return fmt.Errorf("%s: %w: not mounted", target, errdefs.ErrNotFound)
-		}
-		return fmt.Errorf("unmount %s: %w", target, err)
-	}
-	return nil
-}
-
-func (kernelMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
-	ms, err := mountinfo.Read()
-	if err != nil {
-		return nil, err
-	}
-	var out []MountInfo
-	for _, m := range ms {
-		if m.FSType != KernelFSType {
-			continue
-		}
-		src := Source{Path: m.Source}
-		for _, o := range strings.Split(m.SuperOptions, ",") {
-			k, v, _ := strings.Cut(o, "=")
-			switch k {
-			case "phys":
-				if p, err := strconv.ParseUint(strings.TrimPrefix(v, "0x"), 16, 64); err == nil {
-					src.PhysAddr, src.HasPhys = p, true
-				}
-			case "size":
-				if n, err := strconv.ParseInt(v, 0, 64); err == nil {
-					src.Length = n
-				}
+// kernelSource reads the window of a daxfs module mount back from its
+// super block options.
+func kernelSource(m *mountinfo.Info) Source {
+	src := Source{Path: m.Source}
+	for o := range strings.SplitSeq(m.VFSOptions, ",") {
+		k, v, _ := strings.Cut(o, "=")
+		switch k {
+		case "phys":
+			if p, err := strconv.ParseUint(strings.TrimPrefix(v, "0x"), 16, 64); err == nil {
+				src.PhysAddr, src.HasPhys = p, true
+			}
+		case "size":
+			if n, err := strconv.ParseInt(v, 0, 64); err == nil {
+				src.Length = n
 			}
 		}
-		out = append(out, MountInfo{Target: m.MountPoint, Source: src, Kind: KindKernel, State: "mounted"})
 	}
-	return out, nil
+	return src
 }
-
-func isKernelMount(target string) (bool, error) { return mountedAs(target, KernelFSType) }

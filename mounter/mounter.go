@@ -1,20 +1,29 @@
 // Package mounter puts a DAXFS image on a directory, read-only, so that
 // overlayfs can use it as a lower: with the kernel daxfs module when it is
-// loaded and the image's physical address is known, else with FUSE served
-// by a separate long-lived process (package fusesrv) so that mounts
+// loaded and the image's physical address is known; else, on a DAX block
+// device holding the region (mount.dax_device), with the kernel's erofs
+// and dax=always, reading the region in place; else with the kernel's
+// erofs over loop devices, from a small metadata image whose files point
+// into the DAXFS image (package erofs); else with FUSE served
+// by a separate long-lived process (package fusesrv), so that mounts
 // outlive the snapshotter daemon.
+//
+// Whatever the mode, a Mounter lists and unmounts every kind of image
+// mount it can make: a daemon restarted in another mode adopts the mounts
+// of an earlier run, and takes them off, through it.
 package mounter
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/daxfuse"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter/fusesrv"
@@ -45,15 +54,25 @@ const (
 	KindFUSE   = "fuse"
 	KindKernel = "kernel"
 	KindEROFS  = "erofs"
+	// KindEROFSDAX is erofs with dax=always over a device-mapper device
+	// that puts the view's metadata image in front of the region.
+	KindEROFSDAX = "erofs-dax"
 )
 
-// MountInfo describes one mount made by a Mounter.
+// States of a mount.
+const (
+	StateMounted = "mounted"
+	// StateDetached is a FUSE connection that was unmounted but is still
+	// served because an overlay uses it: no mount point to hand out.
+	StateDetached = fusesrv.StateDetached
+)
+
+// MountInfo describes one image mount.
 type MountInfo struct {
 	Target string
 	Source Source
 	Kind   string
-	// State is "mounted", or "detached" for a FUSE connection that was
-	// unmounted but is still served because an overlay uses it.
+	// State is StateMounted or StateDetached.
 	State string
 	Since time.Time
 }
@@ -65,10 +84,15 @@ type MountInfo struct {
 // served until then): callers that share a mount between overlays must
 // count their users and call Unmount after the last one is gone.
 type Mounter interface {
+	// Mount mounts the image at src on target.
 	Mount(ctx context.Context, src Source, target string) error
+	// Unmount takes the image mount on target off, whichever kind it is
+	// and whichever mode made it; errdefs.ErrNotFound when nothing is
+	// mounted there.
 	Unmount(ctx context.Context, target string) error
-	// Mounted lists what is mounted, including mounts made before the
-	// caller (re)started: a restarted daemon re-adopts them from here.
+	// Mounted lists the image mounts of every kind, including those made
+	// before the caller (re)started or in another mode: a restarted daemon
+	// adopts them from here.
 	Mounted(ctx context.Context) ([]MountInfo, error)
 }
 
@@ -106,6 +130,37 @@ type FUSEOptions struct {
 	DAX *DAXOptions
 }
 
+func (fo FUSEOptions) stateDir() string {
+	if fo.StateDir != "" {
+		return fo.StateDir
+	}
+	return fusesrv.DefaultStateDir
+}
+
+func (fo FUSEOptions) erofsDir() string {
+	if fo.EROFSDir != "" {
+		return fo.EROFSDir
+	}
+	return filepath.Join(fo.stateDir(), erofsDirName)
+}
+
+// imageMounter is the Mounter of every mode. The mode decides how images
+// are mounted; Mounted and Unmount know every kind.
+type imageMounter struct {
+	mode   string
+	kernel *kernelMounter   // nil unless the mode may use the daxfs module
+	dax    *erofsDAXMounter // nil unless the mode mounts with erofs-dax
+	erofs  *erofsMounter    // nil unless the mode mounts with erofs
+	fuse   *fuseMounter
+	// erofsDir (resolved) tells our erofs mounts: their metadata loop
+	// device's backing file lies in it.
+	erofsDir string
+	// fuseServed: the mode mounts with FUSE, so New started the serving
+	// process and listing needs it. Otherwise it starts when a mount
+	// first needs it, and only one already running is asked.
+	fuseServed bool
+}
+
 // New returns a Mounter for mode: "kernel" (the daxfs module), "erofs-dax"
 // (the kernel's erofs with dax=always over fo.DAX's block device), "erofs"
 // (the kernel's erofs over loop devices, indexing the image in place),
@@ -114,228 +169,244 @@ type FUSEOptions struct {
 // else erofs where it works, else FUSE (also the fallback for an image
 // erofs cannot index).
 func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
+	erofsDir, err := resolve(fo.erofsDir())
+	if err != nil {
+		return nil, err
+	}
+	m := &imageMounter{mode: mode, fuse: newFUSEClient(fo), erofsDir: erofsDir}
 	switch mode {
 	case ModeKernel:
-		return NewKernel(ctx)
+		if m.kernel, err = newKernel(); err != nil {
+			return nil, err
+		}
 	case ModeFUSE:
-		return NewFUSE(ctx, fo)
+		if err := m.serveFUSE(ctx); err != nil {
+			return nil, err
+		}
 	case ModeEROFS:
-		return NewEROFS(ctx, fo.erofsDir(), fo.Validate)
+		if m.erofs, err = newEROFS(ctx, fo.erofsDir(), fo.Validate); err != nil {
+			return nil, err
+		}
 	case ModeEROFSDAX:
 		if fo.DAX == nil {
 			return nil, fmt.Errorf("mount mode %s: %w: no DAX block device configured (mount.dax_device)", mode, errdefs.ErrInvalidArgument)
 		}
-		return NewEROFSDAX(ctx, *fo.DAX, fo.Validate)
-	case ModeAuto, "":
-		a := &autoMounter{fo: fo}
-		if k, err := NewKernel(ctx); err == nil {
-			a.kernel = k.(*kernelMounter)
-		} else {
-			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable")
-		}
-		if a.kernel == nil && fo.DAX != nil {
-			d, err := NewEROFSDAX(ctx, *fo.DAX, fo.Validate)
-			if err != nil {
-				return nil, fmt.Errorf("mount.dax_device is set but unusable: %w", err)
-			}
-			a.dax = d.(*erofsDAXMounter)
-			log.G(ctx).WithField("device", fo.DAX.Device).Info("mounting images with erofs dax=always (no daxfs kernel module)")
-		}
-		e, err := NewEROFS(ctx, fo.erofsDir(), fo.Validate)
-		if err == nil {
-			a.erofs = e.(*erofsMounter)
-			// FUSE is only the fallback now: its serving process starts
-			// when a mount first needs it.
-			a.fuse = newFUSEClient(fo)
-			log.G(ctx).Debug("mounting images with erofs over loop devices (no daxfs kernel module)")
-			return a, nil
-		}
-		log.G(ctx).WithError(err).Info("erofs not usable; mounting images with FUSE")
-		f, err := NewFUSE(ctx, fo)
-		if err != nil {
+		if m.dax, err = newEROFSDAX(ctx, *fo.DAX, fo.Validate); err != nil {
 			return nil, err
 		}
-		a.fuse = f.(*fuseMounter)
-		return a, nil
+	case ModeAuto, "":
+		m.mode = ModeAuto
+		if m.kernel, err = newKernel(); err != nil {
+			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable")
+		}
+		if m.kernel == nil && fo.DAX != nil {
+			if m.dax, err = newEROFSDAX(ctx, *fo.DAX, fo.Validate); err != nil {
+				return nil, fmt.Errorf("mount.dax_device is set but unusable: %w", err)
+			}
+			log.G(ctx).WithField("device", fo.DAX.Device).Info("mounting images with erofs dax=always (no daxfs kernel module)")
+		}
+		if m.erofs, err = newEROFS(ctx, fo.erofsDir(), fo.Validate); err == nil {
+			log.G(ctx).Debug("mounting images with erofs over loop devices (no daxfs kernel module)")
+			return m, nil
+		}
+		log.G(ctx).WithError(err).Info("erofs not usable; mounting images with FUSE")
+		if err := m.serveFUSE(ctx); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("mount mode %q: %w (want auto, kernel, erofs-dax, erofs or fuse)", mode, errdefs.ErrInvalidArgument)
 	}
-	return nil, fmt.Errorf("mount mode %q: %w (want auto, kernel, erofs-dax, erofs or fuse)", mode, errdefs.ErrInvalidArgument)
+	return m, nil
 }
 
-func (fo FUSEOptions) erofsDir() string {
-	if fo.EROFSDir != "" {
-		return fo.EROFSDir
+// serveFUSE starts the FUSE serving process if it does not run.
+func (m *imageMounter) serveFUSE(ctx context.Context) error {
+	if _, err := m.fuse.c.Ensure(ctx); err != nil {
+		return err
 	}
-	st := fo.StateDir
-	if st == "" {
-		st = fusesrv.DefaultStateDir
-	}
-	return filepath.Join(st, erofsDirName)
+	m.fuseServed = true
+	return nil
 }
 
-type autoMounter struct {
-	fo     FUSEOptions
-	kernel *kernelMounter
-	dax    *erofsDAXMounter // nil unless configured and no daxfs module
-	erofs  *erofsMounter    // nil where erofs does not work
-	fuse   *fuseMounter
-}
-
-func (a *autoMounter) Mount(ctx context.Context, src Source, target string) error {
-	if a.kernel != nil && src.HasPhys {
-		return a.kernel.Mount(ctx, src, target)
+func (m *imageMounter) Mount(ctx context.Context, src Source, target string) error {
+	switch m.mode {
+	case ModeKernel:
+		return m.kernel.Mount(ctx, src, target)
+	case ModeEROFS:
+		return m.erofs.Mount(ctx, src, target)
+	case ModeEROFSDAX:
+		return m.dax.Mount(ctx, src, target)
+	case ModeFUSE:
+		return m.fuse.Mount(ctx, src, target)
 	}
-	if a.dax != nil {
-		err := a.dax.Mount(ctx, src, target)
+	if m.kernel != nil && src.HasPhys {
+		return m.kernel.Mount(ctx, src, target)
+	}
+	if m.dax != nil {
+		err := m.dax.Mount(ctx, src, target)
 		if err == nil || errors.Is(err, errdefs.ErrDataLoss) {
 			return err
 		}
 		log.G(ctx).WithError(err).WithField("image", src.String()).Warn("erofs dax=always mount failed; mounting the image otherwise")
 	}
-	if a.erofs != nil {
-		err := a.erofs.Mount(ctx, src, target)
+	if m.erofs != nil {
+		err := m.erofs.Mount(ctx, src, target)
 		if err == nil || errors.Is(err, errdefs.ErrDataLoss) {
 			return err
 		}
 		log.G(ctx).WithError(err).WithField("image", src.String()).Warn("erofs mount failed; serving the image with FUSE")
 	}
-	return a.fuse.Mount(ctx, src, target)
+	return m.fuse.Mount(ctx, src, target)
 }
 
-func (a *autoMounter) Unmount(ctx context.Context, target string) error {
-	if a.kernel != nil {
-		if ok, _ := isKernelMount(target); ok {
-			return a.kernel.Unmount(ctx, target)
-		}
+func (m *imageMounter) Unmount(ctx context.Context, target string) error {
+	source, err := unmount(ctx, target, m.fuse.c.StateDir())
+	if err == nil && m.dax != nil {
+		m.dax.release(ctx, source)
 	}
-	if a.dax != nil && isEROFSDAXMount(target) {
-		return a.dax.Unmount(ctx, target)
-	}
-	if a.erofs != nil {
-		abs, err := absTarget(target)
-		if err != nil {
-			return err
-		}
-		if ok, _ := isEROFSMount(abs); ok {
-			return a.erofs.Unmount(ctx, target)
-		}
-		// A FUSE mount, if any, is served by a running server: do not
-		// start one to hear that nothing is mounted.
-		running := fusesrv.NewClient(a.fuse.c.StateDir(), nil)
-		if _, err := running.List(ctx); err != nil {
-			// One attempt (Ensure would retry a refused connection
-			// for seconds): no server, no FUSE mount.
-			return fmt.Errorf("%s: %w: not mounted", abs, errdefs.ErrNotFound)
-		}
-		return running.Unmount(ctx, abs)
-	}
-	return a.fuse.Unmount(ctx, target)
+	return err
 }
 
-func (a *autoMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
-	var out []MountInfo
-	if a.erofs != nil {
-		e, err := a.erofs.Mounted(ctx)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, e...)
-		// FUSE mounts of an earlier run, if its server still runs;
-		// asking must not start one.
-		if recs, err := fusesrv.NewClient(a.fuse.c.StateDir(), nil).List(ctx); err == nil {
-			out = append(out, fuseInfos(recs)...)
-		}
-	} else {
-		f, err := a.fuse.Mounted(ctx)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, f...)
+func (m *imageMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
+	out, err := kernelMounts(m.erofsDir)
+	if err != nil {
+		return nil, err
 	}
-	if a.kernel != nil {
-		k, err := a.kernel.Mounted(ctx)
+	if m.fuseServed {
+		f, err := m.fuse.Mounted(ctx)
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, k...)
+		return append(out, f...), nil
 	}
-	if a.dax != nil {
-		d, err := a.dax.Mounted(ctx)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, d...)
+	// FUSE mounts of an earlier run, if its server still runs; asking
+	// must not start one.
+	if recs, err := fusesrv.NewClient(m.fuse.c.StateDir(), nil).List(ctx); err == nil {
+		out = append(out, fuseInfos(recs)...)
 	}
 	return out, nil
 }
 
-// fuseMounter is the client of the serving process.
-type fuseMounter struct {
-	c        *fusesrv.Client
-	validate bool
-}
-
-// NewFUSE connects to the FUSE serving process of opts.StateDir, starting
-// it (detached, in its own session) when it does not run.
-func NewFUSE(ctx context.Context, opts FUSEOptions) (Mounter, error) {
-	m := newFUSEClient(opts)
-	if _, err := m.c.Ensure(ctx); err != nil {
-		return nil, err
-	}
-	return m, nil
-}
-
-// newFUSEClient returns the FUSE mounter without contacting the serving
-// process: the first call that needs it starts it.
-func newFUSEClient(opts FUSEOptions) *fuseMounter {
-	if opts.StateDir == "" {
-		opts.StateDir = fusesrv.DefaultStateDir
-	}
-	if opts.Binary == "" {
-		// os.Executable fails only where /proc is missing; the FUSE
-		// server then fails to start with the empty path, naming it.
-		opts.Binary, _ = os.Executable()
-	}
-	args := opts.Args
-	if args == nil {
-		args = []string{"fuse-serve"}
-	}
-	cmd := append(append([]string{opts.Binary}, args...), "--state", opts.StateDir)
-	return &fuseMounter{c: fusesrv.NewClient(opts.StateDir, cmd), validate: opts.Validate}
-}
-
-func (m *fuseMounter) Mount(ctx context.Context, src Source, target string) error {
-	target, err := absTarget(target)
-	if err != nil {
-		return err
-	}
-	return m.c.Mount(ctx, fusesrv.Source{Path: src.Path, Offset: src.Offset, Length: src.Length}, target, m.validate)
-}
-
-func (m *fuseMounter) Unmount(ctx context.Context, target string) error {
-	target, err := absTarget(target)
-	if err != nil {
-		return err
-	}
-	return m.c.Unmount(ctx, target)
-}
-
-func (m *fuseMounter) Mounted(ctx context.Context) ([]MountInfo, error) {
-	recs, err := m.c.List(ctx)
+// kernelMounts lists the mounts that need no serving process: every
+// daxfs module mount, every erofs-dax mount (of our device-mapper
+// devices), and the erofs mounts whose metadata images came from
+// erofsDir.
+func kernelMounts(erofsDir string) ([]MountInfo, error) {
+	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter(KernelFSType, EROFSFSType))
 	if err != nil {
 		return nil, err
 	}
-	return fuseInfos(recs), nil
+	var out []MountInfo
+	for _, e := range ms {
+		switch {
+		case e.FSType == KernelFSType:
+			out = append(out, MountInfo{Target: e.Mountpoint, Source: kernelSource(e), Kind: KindKernel, State: StateMounted})
+		case isDAXMetaDevice(e.Source):
+			out = append(out, MountInfo{Target: e.Mountpoint, Source: Source{Path: e.Source}, Kind: KindEROFSDAX, State: StateMounted})
+		case metadataDevIn(e.Source, erofsDir):
+			out = append(out, MountInfo{Target: e.Mountpoint, Source: Source{Path: e.Source}, Kind: KindEROFS, State: StateMounted})
+		}
+	}
+	return out, nil
 }
 
-func fuseInfos(recs []fusesrv.MountRecord) []MountInfo {
-	out := make([]MountInfo, 0, len(recs))
-	for _, r := range recs {
-		out = append(out, MountInfo{
-			Target: r.Target, Kind: KindFUSE, State: r.State, Since: r.Since,
-			Source: Source{Path: r.Source.Path, Offset: r.Source.Offset, Length: r.Source.Length},
-		})
+// unmount lazily detaches the image mount on target: a kernel mount (the
+// daxfs module, erofs) itself, an erofs-dax mount with its device-mapper
+// device (removed once no overlay holds it), a FUSE mount through the
+// serving process of stateDir (never started for it), or, when that
+// process is gone or does not know the mount, itself. It returns the
+// mount's source.
+func unmount(ctx context.Context, target, stateDir string) (string, error) {
+	abs, err := absTarget(target)
+	if err != nil {
+		return "", err
 	}
-	return out
+	top, err := topMount(abs)
+	if err != nil {
+		return "", err
+	}
+	switch top.FSType {
+	case KernelFSType:
+	case EROFSFSType:
+		if isDAXMetaDevice(top.Source) {
+			if err := detach(abs); err != nil {
+				return "", err
+			}
+			dmRemove(ctx, top.Source)
+			return top.Source, nil
+		}
+	case FSTypeFUSE:
+		// The serving process forgets the connection too.
+		err := fusesrv.NewClient(stateDir, nil).Unmount(ctx, abs)
+		if err == nil {
+			return top.Source, nil
+		}
+		log.G(ctx).WithError(err).WithField("target", abs).Debug("the FUSE serving process did not unmount: detaching")
+	default:
+		return "", fmt.Errorf("%s: %w: a %s mount, not an image mount", abs, errdefs.ErrInvalidArgument, top.FSType)
+	}
+	return top.Source, detach(abs)
+}
+
+// topMount returns the uppermost mount on target (symlinks resolved):
+// NotFound when there is none.
+func topMount(target string) (*mountinfo.Info, error) {
+	real, err := resolve(target)
+	if err != nil {
+		return nil, err
+	}
+	ms, err := mountinfo.GetMounts(func(i *mountinfo.Info) (skip, stop bool) { return i.Mountpoint != real, false })
+	if err != nil {
+		return nil, err
+	}
+	if len(ms) == 0 {
+		return nil, fmt.Errorf("%s: %w: not mounted", target, errdefs.ErrNotFound)
+	}
+	// mountinfo lists mounts in the order they were made.
+	return ms[len(ms)-1], nil
+}
+
+// detach lazily detaches the uppermost mount on target; NotFound when
+// nothing is mounted there.
+func detach(target string) error {
+	if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
+		if err == unix.EINVAL || err == unix.ENOENT {
+			return fmt.Errorf("%s: %w: not mounted", target, errdefs.ErrNotFound)
+		}
+		return fmt.Errorf("unmount %s: %w", target, err)
+	}
+	return nil
+}
+
+// Detach unmounts whatever image mount is on target (daxfs module, erofs,
+// or FUSE served from fo.StateDir) without starting or probing anything:
+// the operator's umount. Like every Unmount it detaches lazily.
+func Detach(ctx context.Context, target string, fo FUSEOptions) error {
+	_, err := unmount(ctx, target, fo.stateDir())
+	return err
+}
+
+// DetachStale lazily detaches every mount on target, of any kind: what an
+// earlier run left there and the caller did not adopt (a mount made in a
+// mode whose mounts are not listed here, or before target moved behind a
+// symlink). Mounting on top of it would leak it; overlays that still use
+// it keep it until they go.
+func DetachStale(ctx context.Context, target string) error {
+	real, err := resolve(target)
+	if err != nil {
+		return err
+	}
+	ms, err := mountinfo.GetMounts(func(i *mountinfo.Info) (skip, stop bool) { return i.Mountpoint != real, false })
+	if err != nil {
+		return err
+	}
+	for _, m := range ms {
+		log.G(ctx).WithField("target", target).WithField("fstype", m.FSType).Warn("detaching a stale mount")
+		if err := unix.Unmount(target, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+			return fmt.Errorf("detaching the stale mount on %s: %w", target, err)
+		}
+	}
+	return nil
 }
 
 func absTarget(target string) (string, error) {
@@ -345,6 +416,25 @@ func absTarget(target string) (string, error) {
 	abs, err := filepath.Abs(target)
 	if err != nil {
 		return "", err
+	}
+	return abs, nil
+}
+
+// resolve returns the absolute path p with symlinks resolved, as
+// mountinfo and sysfs show paths; where p does not exist, its nearest
+// existing ancestor is resolved.
+func resolve(p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", err
+	}
+	if r, err := filepath.EvalSymlinks(abs); err == nil {
+		return r, nil
+	}
+	if dir := filepath.Dir(abs); dir != abs {
+		if r, err := resolve(dir); err == nil {
+			return filepath.Join(r, filepath.Base(abs)), nil
+		}
 	}
 	return abs, nil
 }
@@ -360,8 +450,5 @@ var errNoKernel = errors.New("the daxfs kernel module is not loaded (not in /pro
 // serving process and its descriptor holder. For tests and operators:
 // the daemon itself never stops the serving process.
 func StopFUSE(ctx context.Context, stateDir string) error {
-	if stateDir == "" {
-		stateDir = fusesrv.DefaultStateDir
-	}
-	return fusesrv.NewClient(stateDir, nil).Quit(ctx)
+	return fusesrv.NewClient(FUSEOptions{StateDir: stateDir}.stateDir(), nil).Quit(ctx)
 }

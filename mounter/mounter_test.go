@@ -42,17 +42,7 @@ func TestFUSEMounter(t *testing.T) {
 	if ok, _ := KernelAvailable(); ok {
 		t.Fatal("this test expects no daxfs kernel module")
 	}
-	t.Setenv(roleEnv, "1")
-	exe, _ := os.Executable()
-	state, err := os.MkdirTemp("", "mounter-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(state)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	fo := FUSEOptions{StateDir: state, Binary: exe}
-	defer fusesrv.NewClient(state, nil).Quit(context.Background())
+	ctx, fo := testMounterOptions(t)
 
 	if _, err := New(ctx, ModeKernel, fo); !errdefs.IsNotImplemented(err) {
 		t.Errorf("kernel mode without the module: %v, want not implemented", err)

@@ -54,7 +54,7 @@ mkdir -p bin "$demo" "$run"
 # ISA-L for the gzip inflater (libisal-dev comes from deps.sh).
 go build -tags isal -o "$daxfs" ./cmd/containerd-daxfs-grpc
 
-# containerd, configured as DESIGN section 1 / docs/containerd.md says.
+# containerd, configured as the README's "Using it with containerd 2.4" says.
 if ! [ -S "$ctrd_sock" ] || ! "${ctr[@]}" version >/dev/null 2>&1; then
 	cat >"$demo/config.toml" <<EOF
 version = 3
@@ -72,6 +72,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri"]
   capabilities = ["rebase"]
   [proxy_plugins.daxfs.exports]
     root = "$daxfs_root"
+    enable_remote_snapshot_annotations = "true"
 [proxy_plugins.daxfs-diff]
   type = "diff"
   address = "$daxfs_sock"

@@ -10,7 +10,8 @@
 #                                  are reachable; else print why, exit 3
 #
 # The kit lives outside the clone, under $DAXFS_GUEST_CACHE (default
-# /var/cache/containerd-daxfs/guest), in kit-<key>: the key hashes this
+# $CONTAINERD_DAXFS_CACHE/guest, that is /var/cache/containerd-daxfs/guest,
+# beside the tools scripts/deps.sh builds), in kit-<key>: the key hashes this
 # script, the module source and the kernel series, so a change to either
 # builds a new kit and later runs and CI reuse an existing one. A build goes
 # to a scratch directory renamed into place when complete, under a lock, so
@@ -40,7 +41,7 @@
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
-cache=${DAXFS_GUEST_CACHE:-/var/cache/containerd-daxfs/guest}
+cache=${DAXFS_GUEST_CACHE:-${CONTAINERD_DAXFS_CACHE:-/var/cache/containerd-daxfs}/guest}
 mirror=${DAXFS_GUEST_MIRROR:-http://deb.debian.org/debian}
 series=${DAXFS_GUEST_KERNEL:-7.2}
 suite=trixie

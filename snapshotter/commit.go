@@ -32,7 +32,7 @@ func (s *Snapshotter) commitUpper(ctx context.Context, id string) (digest.Digest
 		f.Close()
 		os.Remove(tmp)
 	}()
-	res, err := converter.ConvertDir(ctx, s.upperPath(id), f, converter.DirOptions{MaxSize: s.maxSize})
+	res, err := converter.ConvertDir(ctx, s.upperPath(id), f, converter.DirOptions{MaxSize: s.maxSize, Limits: s.limits})
 	if err != nil {
 		return "", 0, err
 	}

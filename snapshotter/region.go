@@ -2,10 +2,14 @@ package snapshotter
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/containerd/containerd/v2/core/content"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -57,6 +61,109 @@ func (s *Snapshotter) lookupLayer(layer digest.Digest) (daxmem.Entry, bool, erro
 	return e, ok, nil
 }
 
+// provenHit returns the region's image of layer diffID when an extraction
+// may take it without containerd fetching anything. A diffID alone proves
+// nothing: an image config can list any diffID over any blob. The layer's
+// blob digest proves it, when the region's image was made from (or
+// checked against) that blob, and it is the blob the caller's image names:
+// containerd's image handler for remote snapshotters labels the extraction
+// with the manifest's digest and the layer's (CRI pulls, and pulls through
+// the transfer service with enable_remote_snapshot_annotations in the
+// snapshotter's exports), and that manifest, in the caller's namespace,
+// must list that blob at the place its config lists diffID. Anything less
+// is no hit: containerd then provides the blob and our differ proves it by
+// its content or converts it.
+func (s *Snapshotter) provenHit(ctx context.Context, diffID digest.Digest, labels map[string]string) (daxmem.Entry, bool) {
+	blob, err := digest.Parse(labels[labelLayerDigest])
+	if err != nil || s.content == nil {
+		return daxmem.Entry{}, false
+	}
+	manifest, err := digest.Parse(labels[labelManifestDigest])
+	if err != nil {
+		return daxmem.Entry{}, false
+	}
+	lk, err := regionKey(diffID)
+	if err != nil {
+		return daxmem.Entry{}, false
+	}
+	bk, err := regionKey(blob)
+	if err != nil {
+		return daxmem.Entry{}, false
+	}
+	e, ok := s.region.Resolve(lk)
+	if !ok {
+		return daxmem.Entry{}, false
+	}
+	logger := log.G(ctx).WithField("diffID", diffID).WithField("blob", blob)
+	if be, ok := s.region.Resolve(bk); !ok || be.Key != e.Key {
+		logger.Debug("the region holds the layer, not made from this blob: no hit")
+		return daxmem.Entry{}, false
+	}
+	if err := s.imageNames(ctx, manifest, blob, diffID); err != nil {
+		logger.WithError(err).Info("the labels of a layer extraction do not match its image: no hit")
+		return daxmem.Entry{}, false
+	}
+	return e, true
+}
+
+// maxManifestSize bounds the manifest and config read to check a hit.
+const maxManifestSize = 4 << 20
+
+// imageNames checks that manifest (in the caller's namespace) lists blob
+// as a layer, at the index where its config lists diffID.
+func (s *Snapshotter) imageNames(ctx context.Context, manifest, blob, diffID digest.Digest) error {
+	provider, err := s.content(ctx)
+	if err != nil {
+		return err
+	}
+	var m ocispec.Manifest
+	if err := readJSON(ctx, provider, manifest, &m); err != nil {
+		return fmt.Errorf("manifest %s: %w", manifest, err)
+	}
+	var cfg ocispec.Image
+	if err := readJSON(ctx, provider, m.Config.Digest, &cfg); err != nil {
+		return fmt.Errorf("config %s: %w", m.Config.Digest, err)
+	}
+	for i, l := range m.Layers {
+		if l.Digest == blob && i < len(cfg.RootFS.DiffIDs) && cfg.RootFS.DiffIDs[i] == diffID {
+			return nil
+		}
+	}
+	return fmt.Errorf("manifest %s lists no layer %s with diffID %s", manifest, blob, diffID)
+}
+
+// readJSON decodes blob d of the caller's namespace, at most
+// maxManifestSize bytes.
+func readJSON(ctx context.Context, provider content.Provider, d digest.Digest, v any) error {
+	ip, ok := provider.(content.InfoProvider)
+	if !ok {
+		return errors.New("content store cannot tell blob sizes")
+	}
+	info, err := ip.Info(ctx, d)
+	if err != nil {
+		return err
+	}
+	if info.Size > maxManifestSize {
+		return fmt.Errorf("%d bytes, more than %d", info.Size, maxManifestSize)
+	}
+	b, err := content.ReadBlob(ctx, provider, ocispec.Descriptor{Digest: d, Size: info.Size})
+	if err != nil {
+		return err
+	}
+	if digest.FromBytes(b) != d {
+		return errors.New("content does not match its digest")
+	}
+	return json.Unmarshal(b, v)
+}
+
+// lookup finds a READY image: a layer by its key or an alias of it.
+func (s *Snapshotter) lookup(kind daxmem.Kind, key daxmem.Key) (daxmem.Entry, bool) {
+	if kind == daxmem.KindLayer {
+		return s.region.Resolve(key)
+	}
+	return s.region.Lookup(kind, key)
+}
+
 // image opens the image of a READY entry.
 func (s *Snapshotter) image(e daxmem.Entry) (*daxfs.Image, error) {
 	b, err := s.region.Slice(e.Offset, e.Length)
@@ -72,7 +179,7 @@ func (s *Snapshotter) image(e daxmem.Entry) (*daxfs.Image, error) {
 // the extent to claim each time a claim is attempted.
 func (s *Snapshotter) claim(ctx context.Context, kind daxmem.Kind, key daxmem.Key, size func() (int64, daxmem.ClaimOptions, error)) (*daxmem.Claim, daxmem.Entry, error) {
 	for {
-		if e, ok := s.region.Lookup(kind, key); ok {
+		if e, ok := s.lookup(kind, key); ok {
 			return nil, e, nil
 		}
 		n, opts, err := size()

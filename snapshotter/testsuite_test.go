@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -19,26 +20,33 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/overlay"
 )
 
-// daemonBinary is the containerd-daxfs-grpc binary TestMain builds: the
-// snapshotter starts it as the FUSE serving process, as the daemon does.
-var daemonBinary string
-
-func TestMain(m *testing.M) {
+// daemonBinary builds the containerd-daxfs-grpc binary once, for the tests
+// that need it: the snapshotter starts it as the FUSE serving process, as
+// the daemon does. The tests against a fake mounter need neither it nor
+// root.
+var daemonBinary = sync.OnceValues(func() (string, error) {
 	dir, err := os.MkdirTemp("", "daxfs-snapshotter-bin-")
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+		return "", err
 	}
-	daemonBinary = filepath.Join(dir, "containerd-daxfs-grpc")
-	build := exec.Command("go", "build", "-o", daemonBinary, "./cmd/containerd-daxfs-grpc")
+	binDir = dir
+	bin := filepath.Join(dir, "containerd-daxfs-grpc")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/containerd-daxfs-grpc")
 	build.Dir = testenv.ModuleRoot()
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building containerd-daxfs-grpc:", err)
-		os.Exit(1)
+	if out, err := build.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building containerd-daxfs-grpc: %v: %s", err, out)
 	}
+	return bin, nil
+})
+
+// binDir holds the binary daemonBinary built, if it did.
+var binDir string
+
+func TestMain(m *testing.M) {
 	code := m.Run()
-	os.RemoveAll(dir)
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
 	os.Exit(code)
 }
 
@@ -59,8 +67,13 @@ func newTestSnapshotter(ctx context.Context, root string, configure ...func(*Con
 		region.Close()
 		return nil, nil, err
 	}
+	bin, err := daemonBinary()
+	if err != nil {
+		region.Close()
+		return nil, nil, err
+	}
 	fuseState := filepath.Join(root, "fuse")
-	mnt, err := mounter.NewFUSE(ctx, mounter.FUSEOptions{StateDir: fuseState, Binary: daemonBinary, Validate: true})
+	mnt, err := mounter.New(ctx, mounter.ModeFUSE, mounter.FUSEOptions{StateDir: fuseState, Binary: bin, Validate: true})
 	if err != nil {
 		region.Close()
 		return nil, nil, err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -101,4 +102,184 @@ func TestWarmTopOfParallelUnpack(t *testing.T) {
 	if b, mo := m.ViewsBuilt.Load(), m.ViewsMounted.Load(); b != 1 || mo != 1 {
 		t.Fatalf("the first container built %d views and mounted %d in all; want the warm view reused", b, mo)
 	}
+}
+
+// TestWarmerFiresAndCancels: a scheduled warming runs after the delay,
+// once; a cancelled one (by name or by chain) and one the caller says is
+// awaited never run; nothing is scheduled after stop.
+func TestWarmerFiresAndCancels(t *testing.T) {
+	warmed := make(chan string, 10)
+	w := newWarmer(time.Millisecond, func(name string) { warmed <- name })
+	w.schedule("top", "chain-top", func() bool { return false })
+	select {
+	case got := <-warmed:
+		if got != "top" {
+			t.Fatalf("warmed %q, want top", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the scheduled warming did not run")
+	}
+
+	w = newWarmer(time.Hour, func(name string) { warmed <- name })
+	w.schedule("a", "chain-a", func() bool { return false })
+	w.schedule("b", "chain-b", func() bool { return false })
+	w.schedule("c", "chain-c", func() bool { return true })
+	w.schedule("d", "", func() bool { t.Error("awaited asked for a snapshot without a chain"); return true })
+	if got := pendingNames(w); !slices.Equal(got, []string{"a", "b", "d"}) {
+		t.Fatalf("pending %v, want a, b, d (c is awaited)", got)
+	}
+	w.cancel("a")
+	w.cancelChain("chain-b")
+	if got := pendingNames(w); !slices.Equal(got, []string{"d"}) {
+		t.Fatalf("pending %v after cancelling a and chain-b, want d", got)
+	}
+	w.stop()
+	w.schedule("e", "", nil)
+	if got := pendingNames(w); len(got) != 0 {
+		t.Fatalf("pending %v after stop", got)
+	}
+	var nilWarmer *warmer // views are not warmed: every call is a no-op
+	nilWarmer.schedule("x", "", nil)
+	nilWarmer.cancel("x")
+	nilWarmer.cancelChain("x")
+	nilWarmer.stop()
+}
+
+func pendingNames(w *warmer) []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []string
+	for name := range w.pending {
+		out = append(out, name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// holdWarmings makes the snapshotter's warmings wait an hour: a test
+// then sees what is pending, however slow the machine.
+func holdWarmings(e *testEnv) {
+	e.sn.warmer.mu.Lock()
+	e.sn.warmer.delay = time.Hour
+	e.sn.warmer.mu.Unlock()
+}
+
+// TestWarmViewOfImageTop: after a sequential unpack (each layer prepared
+// over the one committed before it) only the top layer's view is to be
+// warmed; warming it mounts it; the first container uses it; Cleanup keeps
+// it while the image is there, and takes it off once the image goes.
+func TestWarmViewOfImageTop(t *testing.T) {
+	e := newTestEnv(t, func(c *Config) { c.WarmViews = time.Minute })
+	holdWarmings(e)
+	names := e.pull("default/1", e.layer("a"), e.layer("b"), e.layer("c"))
+	top := names[len(names)-1]
+	if got := pendingNames(e.sn.warmer); !slices.Equal(got, []string{top}) {
+		t.Fatalf("warmings pending after the unpack: %v, want the top's only", got)
+	}
+	e.sn.warmView(top) // what its timer does
+	if got := e.sn.Metrics().ViewsWarmed.Load(); got != 1 {
+		t.Fatalf("%d views warmed, want 1", got)
+	}
+	dir := filepath.Join(e.root, "mnt", e.viewKeyOf(top).Encoded())
+	if m, _, targets := e.mnt.state(); m != 1 || len(targets) != 1 || targets[0] != dir {
+		t.Fatalf("%d mounts, mounted %v; want the top's view %s", m, targets, dir)
+	}
+	if err := e.sn.Cleanup(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !e.mnt.isMounted(dir) {
+		t.Fatal("Cleanup took off the warm view of an image that is still here")
+	}
+	if got := lowerOf(t, e.prepare("default/2/c", top, nil)); got != dir {
+		t.Fatalf("the first container's lower is %s, want the warm view", got)
+	}
+	if m, _, _ := e.mnt.state(); m != 1 {
+		t.Fatalf("%d mounts; the first container should have used the warm view", m)
+	}
+	if err := e.sn.Remove(e.ctx, "default/2/c"); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range slices.Backward(names) {
+		if err := e.sn.Remove(e.ctx, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.sn.Cleanup(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e.mnt.isMounted(dir) {
+		t.Fatal("the warm view outlived its image")
+	}
+}
+
+// TestWarmCancelled: the warming of a committed snapshot is cancelled when
+// the next layer's extraction is prepared over it, when it is removed, when a parallel unpack's
+// extraction awaits its chain (prepared after the commit, or before it:
+// then it is never scheduled), or when the snapshotter closes.
+func TestWarmCancelled(t *testing.T) {
+	warm := func(c *Config) { c.WarmViews = time.Minute }
+	for _, tc := range []struct {
+		name string
+		// after runs after the commit of layer a (chain ID chain) as
+		// name over no parent.
+		after func(e *testEnv, name string, chain digest.Digest)
+	}{
+		{"extraction on it", func(e *testEnv, name string, chain digest.Digest) {
+			b := e.layer("b")
+			e.prepare("default/2/extract", name, extractLabels(b, identity.ChainID([]digest.Digest{chain, b.diffID})))
+		}},
+		{"removed", func(e *testEnv, name string, _ digest.Digest) {
+			if err := e.sn.Remove(e.ctx, name); err != nil {
+				e.t.Fatal(err)
+			}
+		}},
+		{"parallel extraction after", func(e *testEnv, _ string, chain digest.Digest) {
+			b := e.layer("b")
+			labels := extractLabels(b, identity.ChainID([]digest.Digest{chain, b.diffID}))
+			labels[labelParentChain] = chain.String()
+			e.prepare("default/2/extract", "", labels)
+		}},
+		{"closed", func(e *testEnv, _ string, _ digest.Digest) {
+			if err := e.sn.Close(); err != nil {
+				e.t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newTestEnv(t, warm)
+			holdWarmings(e)
+			a := e.layer("a")
+			name := e.pull("default/1", a)[0]
+			if got := pendingNames(e.sn.warmer); !slices.Equal(got, []string{name}) {
+				t.Fatalf("warmings pending after the commit: %v, want %s", got, name)
+			}
+			tc.after(e, name, a.diffID)
+			if got := pendingNames(e.sn.warmer); len(got) != 0 {
+				t.Fatalf("warmings pending: %v, want none", got)
+			}
+		})
+	}
+	t.Run("parallel extraction before", func(t *testing.T) {
+		e := newTestEnv(t, warm)
+		holdWarmings(e)
+		a, b := e.layer("a"), e.layer("b")
+		chainA := identity.ChainID([]digest.Digest{a.diffID})
+		labels := extractLabels(b, identity.ChainID([]digest.Digest{a.diffID, b.diffID}))
+		labels[labelParentChain] = chainA.String()
+		mb := e.prepare("default/1/extract-b", "", labels)
+		e.pull("default/1", a)
+		if got := pendingNames(e.sn.warmer); len(got) != 0 {
+			t.Fatalf("warmings pending: %v; the commit of a chain an extraction awaits is not the top", got)
+		}
+		// The awaited layer commits over it: now it is the top.
+		if _, err := e.differ.Apply(e.ctx, b.desc, mb); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.sn.Commit(e.ctx, "default/1/top", "default/1/extract-b", snapshots.WithParent("default/1/"+chainA.String())); err != nil {
+			t.Fatal(err)
+		}
+		if got := pendingNames(e.sn.warmer); !slices.Equal(got, []string{"default/1/top"}) {
+			t.Fatalf("warmings pending: %v, want the top's", got)
+		}
+	})
 }

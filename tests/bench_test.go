@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -207,8 +208,8 @@ type cleanupScope struct {
 func (s *cleanupScope) Cleanup(f func()) { s.cleanups = append(s.cleanups, f) }
 
 func (s *cleanupScope) done() {
-	for i := len(s.cleanups) - 1; i >= 0; i-- {
-		s.cleanups[i]()
+	for _, v := range slices.Backward(s.cleanups) {
+		v()
 	}
 	s.cleanups = nil
 }

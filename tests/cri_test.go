@@ -32,32 +32,27 @@ func pushImage(t testing.TB, src *testenv.Containerd, reg string, img testimage.
 	return remote, built
 }
 
-// TestDaxfsCRI drives containerd's CRI plugin, configured as a Kubernetes
-// node with snapshotter = "daxfs", through the CRI gRPC API the kubelet
-// uses: pull images from a registry, run a pod sandbox, create and start a
-// container that reads its image, and read its log.
-func TestDaxfsCRI(t *testing.T) {
-	reg := testenv.StartRegistry(t)
-	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
-	pauseImg := testenv.BusyboxImage(t)
-	pauseImg.Config.Entrypoint = []string{"/bin/sleep"}
-	pauseImg.Config.Cmd = []string{"2147483647"}
-	pause, _ := pushImage(t, src, reg, pauseImg, "pause:cri")
-	app, appBuilt := pushImage(t, src, reg, greetingImage(t, testimage.Gzip), "greeting:cri")
+// pushPause pushes busybox sleeping for ever, the sandbox image of the
+// CRI tests, and returns its reference.
+func pushPause(t testing.TB, src *testenv.Containerd, reg, nameTag string) string {
+	t.Helper()
+	img := testenv.BusyboxImage(t)
+	img.Config.Entrypoint = []string{"/bin/sleep"}
+	img.Config.Cmd = []string{"2147483647"}
+	ref, _ := pushImage(t, src, reg, img, nameTag)
+	return ref
+}
 
-	hosts := t.TempDir()
-	if err := os.MkdirAll(filepath.Join(hosts, reg), 0o755); err != nil {
-		t.Fatal(err)
+// criNodeConfig is the CRI part of a test node's containerd config: pause
+// pinned as the sandbox image, registries from the hosts directory, and,
+// when snapshotter is set, CRI's snapshotter.
+func criNodeConfig(pause, hosts, snapshotter string) string {
+	sn := ""
+	if snapshotter != "" {
+		sn = fmt.Sprintf("\n  snapshotter = %q", snapshotter)
 	}
-	hostsToml := fmt.Sprintf("server = %q\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n", "http://"+reg, "http://"+reg)
-	if err := os.WriteFile(filepath.Join(hosts, reg, "hosts.toml"), []byte(hostsToml), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{
-		EnableCRI: true,
-		ExtraConfig: fmt.Sprintf(`
-[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "daxfs"
+	return fmt.Sprintf(`
+[plugins."io.containerd.cri.v1.images"]%s
   [plugins."io.containerd.cri.v1.images".pinned_images]
     sandbox = %q
   [plugins."io.containerd.cri.v1.images".registry]
@@ -66,7 +61,21 @@ func TestDaxfsCRI(t *testing.T) {
 # -998): clamp it to containerd's own, as rootless setups do.
 [plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = true
-`, pause, hosts),
+`, sn, pause, hosts)
+}
+
+// TestDaxfsCRI drives containerd's CRI plugin, configured as a Kubernetes
+// node with snapshotter = "daxfs", through the CRI gRPC API the kubelet
+// uses: pull images from a registry, run a pod sandbox, create and start a
+// container that reads its image, and read its log.
+func TestDaxfsCRI(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	src := testenv.StartContainerd(t, testenv.ContainerdOptions{})
+	pause := pushPause(t, src, reg, "pause:cri")
+	app, appBuilt := pushImage(t, src, reg, greetingImage(t, testimage.Gzip), "greeting:cri")
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{
+		EnableCRI:   true,
+		ExtraConfig: criNodeConfig(pause, writeHostsDir(t, reg, reg), "daxfs"),
 	})
 
 	conn, err := grpc.NewClient("unix://"+ctrd.Address(), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -142,7 +151,7 @@ func TestDaxfsCRI(t *testing.T) {
 	}
 	// CRI log lines: "<time> stdout F <text>".
 	var lines []string
-	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+	for l := range strings.SplitSeq(strings.TrimSpace(string(b)), "\n") {
 		if f := strings.SplitN(l, " ", 4); len(f) == 4 {
 			lines = append(lines, f[3])
 		}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -63,7 +64,8 @@ type daxfsDaemon struct {
 	exited    chan struct{}
 }
 
-// containerdConfig is the containerd configuration of DESIGN section 1 for
+// containerdConfig is the containerd configuration of the README's "Using
+// it with containerd 2.4" for
 // a daemon serving on socket with state in root. unpacks > 1 sets the
 // transfer service's max_concurrent_unpacks: with our rebase capability,
 // its pulls then unpack layers in parallel.
@@ -79,6 +81,7 @@ func containerdConfig(socket, root string, unpacks int) string {
   capabilities = ["rebase"]
   [proxy_plugins.daxfs.exports]
     root = %q
+    enable_remote_snapshot_annotations = "true"
 [proxy_plugins.daxfs-diff]
   type = "diff"
   address = %q
@@ -93,8 +96,35 @@ func containerdConfig(socket, root string, unpacks int) string {
     platform = "linux/amd64"
     snapshotter = "daxfs"
     differ = "daxfs-diff"
+    # pre-converted images made before the current media types
     layer_types = [%q, %q]
-`, socket, root, socket, parallel, converter.MediaTypeLayer, converter.MediaTypeLayerZstd)
+`, socket, root, socket, parallel, converter.LegacyMediaTypeLayer, converter.LegacyMediaTypeLayerZstd)
+}
+
+// nodeDropIn writes deploy/containerd-daxfs.toml into dir with the
+// daemon's socket and root in place of the host paths it names, and
+// returns its path.
+func nodeDropIn(t testing.TB, dir, socket, root string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(testenv.ModuleRoot(), "deploy", "containerd-daxfs.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	for from, to := range map[string]string{
+		"/run/containerd-daxfs/containerd-daxfs-grpc.sock": socket,
+		"/var/lib/containerd-daxfs":                        root,
+	} {
+		if !strings.Contains(s, from) {
+			t.Fatalf("deploy/containerd-daxfs.toml does not name %s", from)
+		}
+		s = strings.ReplaceAll(s, fmt.Sprintf("%q", from), fmt.Sprintf("%q", to))
+	}
+	p := filepath.Join(dir, "containerd-daxfs.toml")
+	if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // daxfsOptions tune startWithDaxfs.
@@ -111,6 +141,10 @@ type daxfsOptions struct {
 	// MaxConcurrentUnpacks is containerd's transfer service setting
 	// (default 1: sequential unpacks).
 	MaxConcurrentUnpacks int
+	// DropIn configures containerd with deploy/containerd-daxfs.toml, the
+	// drop-in of a Kubernetes node, imported as from conf.d (its socket
+	// and root moved to the daemon's), instead of containerdConfig.
+	DropIn bool
 }
 
 // startWithDaxfs starts a containerd wired to a fresh daxfs daemon and the
@@ -143,7 +177,18 @@ func startWithDaxfs(t testing.TB, opts testenv.ContainerdOptions, dopts ...daxfs
 	for _, o := range dopts {
 		unpacks = max(unpacks, o.MaxConcurrentUnpacks)
 	}
-	opts.ExtraConfig = containerdConfig(d.Socket, d.Root, unpacks) + opts.ExtraConfig
+	dropIn := false
+	for _, o := range dopts {
+		dropIn = dropIn || o.DropIn
+	}
+	if dropIn {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		opts.Imports = append(opts.Imports, nodeDropIn(t, dir, d.Socket, d.Root))
+	} else {
+		opts.ExtraConfig = containerdConfig(d.Socket, d.Root, unpacks) + opts.ExtraConfig
+	}
 	ctrd := testenv.StartContainerd(t, opts)
 	d.ctrd = ctrd
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -206,6 +251,7 @@ func (d *daxfsDaemon) start(t testing.TB) {
 	for time.Now().Before(deadline) {
 		if c, err := net.Dial("unix", d.Socket); err == nil {
 			c.Close()
+			d.waitContainerd(t, deadline)
 			return
 		}
 		select {
@@ -215,6 +261,29 @@ func (d *daxfsDaemon) start(t testing.TB) {
 		}
 	}
 	t.Fatalf("containerd-daxfs-grpc did not serve on %s:\n%s", d.Socket, d.logTail())
+}
+
+// waitContainerd waits until containerd reaches the daemon through its
+// proxy plugin. After a restart, containerd's connection to the old
+// daemon is broken and gRPC retries it with a backoff (up to 3 s in
+// containerd 2.4): until it reconnects, containerd fails calls to the
+// snapshotter at once ("connection refused"), as it would for a user who
+// restarts the daemon.
+func (d *daxfsDaemon) waitContainerd(t testing.TB, deadline time.Time) {
+	t.Helper()
+	if d.ctrd == nil {
+		return
+	}
+	for {
+		_, err := d.ctrd.Ctr(t, "snapshot", "--snapshotter", "daxfs", "ls")
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd does not reach the daxfs daemon: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // kill stops the daemon with SIGKILL (its FUSE serving process stays).
@@ -266,8 +335,8 @@ func (d *daxfsDaemon) cleanup(t testing.TB) {
 	// daemon by design; end them here.
 	killMentioning(filepath.Join(d.Root, "fuse"))
 	mounts, _ := testenv.MountsUnder(d.Dir)
-	for i := len(mounts) - 1; i >= 0; i-- {
-		_ = mount.UnmountAll(mounts[i], syscall.MNT_DETACH)
+	for _, m := range slices.Backward(mounts) {
+		_ = mount.UnmountAll(m, syscall.MNT_DETACH)
 	}
 	_ = os.RemoveAll(d.Dir)
 	if d.ownRegion {
@@ -306,7 +375,7 @@ func (d *daxfsDaemon) metrics(t testing.TB) map[string]float64 {
 		t.Fatal(err)
 	}
 	out := map[string]float64{}
-	for _, line := range strings.Split(string(body), "\n") {
+	for line := range strings.SplitSeq(string(body), "\n") {
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}

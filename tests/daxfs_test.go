@@ -16,6 +16,7 @@ import (
 	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/platforms"
+	"github.com/moby/sys/mountinfo"
 
 	"github.com/opencontainers/go-digest"
 
@@ -23,15 +24,21 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/converter/imageconv"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
 
 // regionHasLayer reports whether the daemon's region holds a READY layer
-// image keyed by diffID, looking at the shared region as another
-// participant would.
+// image for diffID (keyed by it, or an identical image it is an alias
+// of), looking at the shared region as another participant would.
 func regionHasLayer(t *testing.T, d *daxfsDaemon, diffID digest.Digest) bool {
+	t.Helper()
+	_, ok := regionLayer(t, d, diffID)
+	return ok
+}
+
+// regionLayer returns the region entry of diffID's layer image.
+func regionLayer(t *testing.T, d *daxfsDaemon, diffID digest.Digest) (daxmem.Entry, bool) {
 	t.Helper()
 	r, err := daxmem.Open(context.Background(), daxmem.Options{Path: d.Region})
 	if err != nil {
@@ -42,8 +49,7 @@ func regionHasLayer(t *testing.T, d *daxfsDaemon, diffID digest.Digest) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, ok := r.Lookup(daxmem.KindLayer, k)
-	return ok
+	return r.Resolve(k)
 }
 
 // mountModes are the mounters the end-to-end tests run with: the default
@@ -58,17 +64,17 @@ var mountModes = []struct{ mode, fstype string }{
 // file system type fstype, and there is at least one.
 func requireViewFSType(t *testing.T, d *daxfsDaemon, fstype string) {
 	t.Helper()
-	ms, err := mountinfo.Read()
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	n := 0
 	for _, m := range ms {
-		if filepath.Dir(m.MountPoint) != filepath.Join(d.Root, "mnt") {
+		if filepath.Dir(m.Mountpoint) != filepath.Join(d.Root, "mnt") {
 			continue
 		}
 		if m.FSType != fstype {
-			t.Fatalf("view %s is mounted as %s, want %s", m.MountPoint, m.FSType, fstype)
+			t.Fatalf("view %s is mounted as %s, want %s", m.Mountpoint, m.FSType, fstype)
 		}
 		n++
 	}
@@ -469,4 +475,30 @@ func TestDaxfsPreconvertedManyFiles(t *testing.T) {
 	if out != "file 42/199\n200\n" {
 		t.Fatalf("container output %q", out)
 	}
+}
+
+// TestDaxfsClientUnpack unpacks with the Go client's Image.Unpack, which
+// names its extraction snapshots ("extract-<unique> <chain ID>") but
+// labels them with nothing, not even the layer's diffID: our differ learns
+// each diffID from its blob and converts the layer straight into the
+// region, instead of leaving it to the walking differ.
+func TestDaxfsClientUnpack(t *testing.T) {
+	ctrd, d := startWithDaxfs(t, testenv.ContainerdOptions{})
+	ref := "docker.io/library/greeting:unpack"
+	archive, built := testenv.WriteImageArchive(t, greetingImage(t, testimage.Gzip), ref)
+	ctrd.CtrOK(t, "image", "import", "--no-unpack", archive)
+	cl := ctrd.Client(t)
+	ctx := ctrd.Context(context.Background())
+	img, err := cl.GetImage(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Unpack(ctx, "daxfs"); err != nil {
+		t.Fatalf("Image.Unpack: %v", err)
+	}
+	requireApplied(t, d, built)
+	if m := d.metrics(t); m["daxfs_layers_converted_total"] != float64(len(built.DiffIDs)) {
+		t.Fatalf("%v layers converted, want %d (by our differ, none at commit)", m["daxfs_layers_converted_total"], len(built.DiffIDs))
+	}
+	runGreetingOn(t, ctrd, "daxfs", ref, "unpacked")
 }

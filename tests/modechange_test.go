@@ -6,7 +6,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
+	"github.com/moby/sys/mountinfo"
+
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
@@ -52,13 +53,13 @@ func TestDaxfsModeChange(t *testing.T) {
 	if got := d.metrics(t)["daxfs_views_unmounted_total"]; got < 1 {
 		t.Fatalf("Cleanup unmounted %v views, want the adopted erofs view", got)
 	}
-	ms, err := mountinfo.Read()
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, m := range ms {
-		if filepath.Dir(m.MountPoint) == filepath.Join(d.Root, "mnt") {
-			t.Fatalf("%s (%s) is still mounted after Cleanup", m.MountPoint, m.FSType)
+		if filepath.Dir(m.Mountpoint) == filepath.Join(d.Root, "mnt") {
+			t.Fatalf("%s (%s) is still mounted after Cleanup", m.Mountpoint, m.FSType)
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -100,8 +101,8 @@ func startSuiteDaemon(ctx context.Context, bin, root string) (snapshots.Snapshot
 		}
 		killMentioning(filepath.Join(root, "fuse"))
 		mounts, _ := testenv.MountsUnder(root)
-		for i := len(mounts) - 1; i >= 0; i-- {
-			_ = mount.UnmountAll(mounts[i], syscall.MNT_DETACH)
+		for _, m := range slices.Backward(mounts) {
+			_ = mount.UnmountAll(m, syscall.MNT_DETACH)
 		}
 		errs = append(errs, os.RemoveAll(sockDir))
 		return errors.Join(errs...)

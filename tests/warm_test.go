@@ -5,7 +5,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
+	"github.com/moby/sys/mountinfo"
+
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
@@ -47,13 +48,13 @@ func TestDaxfsWarmView(t *testing.T) {
 	if got := d.metrics(t)["daxfs_views_unmounted_total"]; got != 1 {
 		t.Fatalf("Cleanup after removing the image unmounted %v views, want the warm one", got)
 	}
-	ms, err := mountinfo.Read()
+	ms, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, mi := range ms {
-		if filepath.Dir(mi.MountPoint) == filepath.Join(d.Root, "mnt") {
-			t.Fatalf("%s is still mounted after the image went", mi.MountPoint)
+		if filepath.Dir(mi.Mountpoint) == filepath.Join(d.Root, "mnt") {
+			t.Fatalf("%s is still mounted after the image went", mi.Mountpoint)
 		}
 	}
 }

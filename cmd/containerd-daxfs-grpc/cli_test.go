@@ -4,15 +4,17 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
 	"testing"
+	"time"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
 )
 
@@ -139,33 +141,69 @@ func TestMountUmount(t *testing.T) {
 			if err := os.Mkdir(mnt, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			run(t, bin, "mount", "--mode", tc.mode, "--fuse-state", state, img, mnt)
+			run(t, bin, "mount", "--mode", tc.mode, "--state", state, img, mnt)
 			t.Cleanup(func() { _ = unix.Unmount(mnt, unix.MNT_DETACH) })
 			if b, err := os.ReadFile(filepath.Join(mnt, "etc", "greeting")); err != nil || string(b) != "hello from the image\n" {
 				t.Fatalf("read through the mount: %q %v", b, err)
 			}
-			ms, err := mountinfo.Read()
+			ms, err := mountinfo.GetMounts(nil)
 			if err != nil {
 				t.Fatal(err)
 			}
 			found := false
 			for _, m := range ms {
-				if m.MountPoint == mnt {
+				if m.Mountpoint == mnt {
 					found = m.FSType == tc.fstype
 				}
 			}
 			if !found {
 				t.Fatalf("%s is not a %s mount", mnt, tc.fstype)
 			}
-			run(t, bin, "umount", "--fuse-state", state, mnt)
+			run(t, bin, "umount", "--state", state, mnt)
 			if _, err := os.Stat(filepath.Join(mnt, "etc")); !os.IsNotExist(err) {
 				t.Fatalf("after umount %s/etc: %v, want it gone", mnt, err)
 			}
-			out, err := exec.Command(bin, "umount", "--fuse-state", state, mnt).CombinedOutput()
+			out, err := exec.Command(bin, "umount", "--state", state, mnt).CombinedOutput()
 			if err == nil || !bytes.Contains(out, []byte("not mounted")) {
 				t.Fatalf("second umount: %v %s, want a not-mounted error", err, out)
 			}
+			// The last umount stopped the FUSE serving process (and its
+			// holder): nothing answers on its socket, nobody holds its
+			// locks.
+			if conn, err := net.Dial("unix", filepath.Join(state, "serve.sock")); err == nil {
+				conn.Close()
+				t.Fatal("the FUSE serving process still runs after the last umount")
+			}
+			for _, lock := range []string{"serve.lock", "holder.lock"} {
+				if held(t, filepath.Join(state, lock)) {
+					t.Fatalf("%s still held after the last umount", lock)
+				}
+			}
 		})
+	}
+}
+
+// held reports whether a process holds the flock on path (waiting a
+// little for one that is exiting).
+func held(t *testing.T, path string) bool {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if os.IsNotExist(err) {
+		return false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err == nil {
+			unix.Flock(int(f.Fd()), unix.LOCK_UN)
+			return false
+		}
+		if time.Now().After(deadline) {
+			return true
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

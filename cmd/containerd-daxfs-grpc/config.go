@@ -4,11 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 )
 
 // defaultConfigPath is read when --config is not given; a missing file
@@ -24,12 +26,25 @@ type Config struct {
 	// from its content store's files when they are there (faster than
 	// containerd's content API). Empty: always use the API.
 	ContainerdRoot string `toml:"containerd_root"`
-	LogLevel       string `toml:"log_level"`
+	// SocketGroup is the group (name or number) that, besides root, may
+	// use the socket (mode 0660). Empty: root only.
+	SocketGroup string `toml:"socket_group"`
+	LogLevel    string `toml:"log_level"`
+	// MetricsAddress is a TCP address for /metrics; a port alone
+	// (":9100") listens on loopback only.
 	MetricsAddress string `toml:"metrics_address"`
 
 	Region RegionConfig `toml:"region"`
 	Mount  MountConfig  `toml:"mount"`
 	GC     GCConfig     `toml:"gc"`
+	Limits LimitsConfig `toml:"limits"`
+}
+
+// LimitsConfig bounds what one layer may hold (converter.Limits).
+type LimitsConfig struct {
+	MaxEntries int `toml:"max_entries"`
+	MaxPathLen int `toml:"max_path_len"`
+	MaxDepth   int `toml:"max_depth"`
 }
 
 // RegionConfig selects the shared memory region.
@@ -47,6 +62,8 @@ type RegionConfig struct {
 	// the backend's). A region on a file that device DAX maps too (a file
 	// shared as guest memory) needs the device's, "2MiB".
 	Align Size `toml:"align"`
+	// ViewArea is the part of a new region kept for views (0: an eighth).
+	ViewArea Size `toml:"view_area"`
 }
 
 // MountConfig selects how views are mounted.
@@ -84,12 +101,17 @@ func DefaultConfig() Config {
 		Region: RegionConfig{
 			Backend:      "file",
 			Path:         "/dev/shm/containerd-daxfs/region",
-			Size:         8 << 30,
+			Size:         daxmem.DefaultSize,
 			Entries:      4096,
 			Participants: 64,
 		},
 		Mount: MountConfig{Mode: "auto", Validate: &t, WarmViews: Duration(10 * time.Minute)},
 		GC:    GCConfig{Interval: Duration(10 * time.Minute), ReapAfter: Duration(time.Hour)},
+		Limits: LimitsConfig{
+			MaxEntries: converter.DefaultMaxEntries,
+			MaxPathLen: converter.DefaultMaxPathLen,
+			MaxDepth:   converter.DefaultMaxDepth,
+		},
 	}
 }
 
@@ -107,12 +129,10 @@ func LoadConfig(path string, explicit bool) (Config, error) {
 	dec := toml.NewDecoder(strings.NewReader(string(b)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&cfg); err != nil {
-		var sm *toml.StrictMissingError
-		if errors.As(err, &sm) {
+		if sm, ok := errors.AsType[*toml.StrictMissingError](err); ok {
 			return cfg, fmt.Errorf("config %s: %s", path, sm.String())
 		}
-		var de *toml.DecodeError
-		if errors.As(err, &de) {
+		if de, ok := errors.AsType[*toml.DecodeError](err); ok {
 			row, col := de.Position()
 			return cfg, fmt.Errorf("config %s:%d:%d: %v", path, row, col, de)
 		}
@@ -147,46 +167,27 @@ func (c Config) check() error {
 	if a := int64(c.Region.Align); a != 0 && (a < 4096 || a&(a-1) != 0 || a > 1<<30) {
 		return fmt.Errorf("config: region.align %d: want 0 or a power of two from 4KiB to 1GiB", a)
 	}
+	for _, l := range []struct {
+		key string
+		v   int
+	}{{"limits.max_entries", c.Limits.MaxEntries}, {"limits.max_path_len", c.Limits.MaxPathLen}, {"limits.max_depth", c.Limits.MaxDepth}} {
+		if l.v <= 0 {
+			return fmt.Errorf("config: %s must be positive, not %d", l.key, l.v)
+		}
+	}
 	return nil
 }
 
 // Size is a byte count written as a number or a string with a unit
-// ("512MiB", "8GiB", "1G"). go-toml sets integers directly; strings go
-// through UnmarshalText.
+// ("512MiB", "8G"): daxmem.ParseSize, binary units. go-toml sets integers
+// directly; strings go through UnmarshalText.
 type Size int64
 
-// UnmarshalText parses sizes with binary (KiB, MiB, GiB, TiB) or decimal
-// (K, M, G, T, KB, MB, GB, TB) units.
+// UnmarshalText implements encoding.TextUnmarshaler.
 func (s *Size) UnmarshalText(b []byte) error {
-	v, err := ParseSize(string(b))
+	v, err := daxmem.ParseSize(string(b))
 	*s = Size(v)
 	return err
-}
-
-// ParseSize parses a size such as "8GiB" or "4096".
-func ParseSize(str string) (int64, error) {
-	t := strings.TrimSpace(str)
-	i := len(t)
-	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') {
-		i--
-	}
-	num, unit := t[:i], strings.ToLower(strings.TrimSpace(t[i:]))
-	n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("size %q: not a non-negative number with an optional unit", str)
-	}
-	mult := map[string]int64{
-		"": 1, "b": 1,
-		"k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-		"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-	}[unit]
-	if mult == 0 {
-		return 0, fmt.Errorf("size %q: unknown unit %q", str, unit)
-	}
-	if n > (1<<63-1)/mult {
-		return 0, fmt.Errorf("size %q overflows", str)
-	}
-	return n * mult, nil
 }
 
 // Duration is a time.Duration written as "10m", "1h30m".

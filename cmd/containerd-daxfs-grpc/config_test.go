@@ -8,30 +8,6 @@ import (
 	"time"
 )
 
-func TestParseSize(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want int64
-		err  bool
-	}{
-		{"4096", 4096, false},
-		{"8GiB", 8 << 30, false},
-		{"512 MiB", 512 << 20, false},
-		{"1G", 1e9, false},
-		{"2tb", 2e12, false},
-		{"", 0, true},
-		{"GiB", 0, true},
-		{"-1", 0, true},
-		{"3 parsecs", 0, true},
-		{"99999999999TiB", 0, true},
-	} {
-		got, err := ParseSize(tc.in)
-		if (err != nil) != tc.err || got != tc.want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.err)
-		}
-	}
-}
-
 func TestLoadConfig(t *testing.T) {
 	dir := t.TempDir()
 	write := func(s string) string {
@@ -72,6 +48,11 @@ reap_after = "2h"
 	if cfg, err = LoadConfig(write("[region]\nsize = 1048576\n"), true); err != nil || cfg.Region.Size != 1<<20 {
 		t.Fatalf("integer size: %+v %v", cfg.Region, err)
 	}
+	// One parser for every size: the config's "1G" is region init's.
+	if cfg, err = LoadConfig(write("[region]\nsize = \"1G\"\nmax_layer_size = \"512m\"\n"), true); err != nil ||
+		cfg.Region.Size != 1<<30 || cfg.Region.MaxLayerSize != 512<<20 {
+		t.Fatalf("sizes with units: %+v %v", cfg.Region, err)
+	}
 	if cfg, err = LoadConfig(write("[region]\nalign = \"2MiB\"\n"), true); err != nil || cfg.Region.Align != 2<<20 {
 		t.Fatalf("region.align: %+v %v", cfg.Region, err)
 	}
@@ -87,11 +68,28 @@ reap_after = "2h"
 		{"[region]\nalign = \"3MiB\"\n", "region.align"},
 		{"[region]\nalign = 512\n", "region.align"},
 		{"[mount]\nmode = \"erofs-dax\"\n", "mount.dax_device"},
+		{"[limits]\nmax_entries = 0\n", "limits.max_entries"},
+		{"[limits]\nmax_path_len = -1\n", "limits.max_path_len"},
+		{"[limits]\nmax_depht = 3\n", "max_depht"},
 	} {
 		_, err := LoadConfig(write(tc.body), true)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("config %q: error %v, want one mentioning %q", tc.body, err, tc.want)
 		}
+	}
+}
+
+// TestExampleConfig: config.toml.example parses to exactly the defaults,
+// so the file documents what the daemon does.
+func TestExampleConfig(t *testing.T) {
+	cfg, err := LoadConfig(filepath.Join("..", "..", "config.toml.example"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	def := DefaultConfig()
+	if cfg.Limits != def.Limits || cfg.Region.ViewArea != def.Region.ViewArea || cfg.SocketGroup != def.SocketGroup ||
+		cfg.Region.Size != def.Region.Size || cfg.Mount.Mode != def.Mount.Mode {
+		t.Fatalf("the example config is not the defaults:\n%+v\n%+v", cfg, def)
 	}
 }
 

@@ -2,9 +2,7 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 
@@ -13,6 +11,7 @@ import (
 	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/platforms"
+	"github.com/urfave/cli/v3"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/converter/imageconv"
@@ -24,27 +23,35 @@ import (
 // `ctr-remote image optimize` do for their snapshotters. SRC's content
 // must be local (`ctr image pull` or `ctr image import` first); push DST
 // with `ctr image push`.
-func runConvert(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("convert", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	address := fs.String("address", DefaultConfig().ContainerdAddress, "containerd's socket")
-	namespace := fs.String("namespace", namespaces.Default, "containerd namespace of SRC and DST")
-	bare := fs.Bool("uncompressed", false, "store bare DAXFS images ("+converter.MediaTypeLayer+"), not zstd compressed ones")
-	platform := fs.String("platform", "", "convert this platform of a multi-platform image (default: the host's)")
-	all := fs.Bool("all-platforms", false, "convert every platform (their content must all be local)")
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+func convertCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "convert",
+		Usage:     "make a pre-converted image DST from SRC in containerd's image store",
+		ArgsUsage: "SRC DST",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "address", Value: DefaultConfig().ContainerdAddress, Usage: "containerd's socket"},
+			&cli.StringFlag{Name: "namespace", Value: namespaces.Default, Usage: "containerd namespace of SRC and DST"},
+			&cli.BoolFlag{Name: "uncompressed", Usage: "store bare DAXFS images (" + converter.MediaTypeLayer + "), not zstd compressed ones"},
+			&cli.StringFlag{Name: "platform", Usage: "convert this platform of a multi-platform image (default: the host's)"},
+			&cli.BoolFlag{Name: "all-platforms", Usage: "convert every platform (their content must all be local)"},
+		},
+		Action: runConvert,
 	}
-	if fs.NArg() != 2 {
-		return fmt.Errorf("%w: want SRC and DST", errUsage)
+}
+
+func runConvert(ctx context.Context, cmd *cli.Command) error {
+	if cmd.NArg() != 2 {
+		return usage("want SRC and DST")
 	}
-	src, dst := fs.Arg(0), fs.Arg(1)
-	if *all && *platform != "" {
-		return fmt.Errorf("%w: --platform and --all-platforms together", errUsage)
+	src, dst := cmd.Args().Get(0), cmd.Args().Get(1)
+	address, namespace, platform := cmd.String("address"), cmd.String("namespace"), cmd.String("platform")
+	all := cmd.Bool("all-platforms")
+	if all && platform != "" {
+		return usage("--platform and --all-platforms together")
 	}
 
 	var copts []imageconv.Option
-	if *bare {
+	if cmd.Bool("uncompressed") {
 		copts = append(copts, imageconv.WithCompression(imageconv.None))
 	}
 	opts := []ctrconverter.Opt{
@@ -54,12 +61,12 @@ func runConvert(ctx context.Context, args []string) error {
 		ctrconverter.WithDockerToOCI(true),
 	}
 	var match platforms.MatchComparer
-	if !*all {
+	if !all {
 		match = platforms.DefaultStrict()
-		if *platform != "" {
-			spec, err := platforms.Parse(*platform)
+		if platform != "" {
+			spec, err := platforms.Parse(platform)
 			if err != nil {
-				return fmt.Errorf("%w: --platform: %v", errUsage, err)
+				return usage("--platform: %v", err)
 			}
 			match = platforms.OnlyStrict(spec)
 		}
@@ -67,17 +74,17 @@ func runConvert(ctx context.Context, args []string) error {
 	}
 
 	// Without a socket the client would retry for its whole timeout.
-	if _, err := os.Stat(strings.TrimPrefix(*address, "unix://")); err != nil {
+	if _, err := os.Stat(strings.TrimPrefix(address, "unix://")); err != nil {
 		return fmt.Errorf("converting %s: containerd's socket: %w", src, err)
 	}
-	cl, err := client.New(*address, client.WithDefaultNamespace(*namespace))
+	cl, err := client.New(address, client.WithDefaultNamespace(namespace))
 	if err != nil {
-		return fmt.Errorf("connecting to containerd at %s: %w", *address, err)
+		return fmt.Errorf("connecting to containerd at %s: %w", address, err)
 	}
 	defer cl.Close()
-	ctx = namespaces.WithNamespace(ctx, *namespace)
+	ctx = namespaces.WithNamespace(ctx, namespace)
 	if match != nil {
-		if err := checkPlatform(ctx, cl, src, match, *platform); err != nil {
+		if err := checkPlatform(ctx, cl, src, match, platform); err != nil {
 			return fmt.Errorf("converting %s: %w", src, err)
 		}
 	}

@@ -8,34 +8,39 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/urfave/cli/v3"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
+func inspectCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "inspect",
+		Usage:     "validate an image and list its tree",
+		ArgsUsage: "IMAGE",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "json", Usage: "print the tree as JSON (the upstream fixture's expected.json format)"},
+		},
+		Action: runInspect,
+	}
+}
+
 // runInspect validates an image file and lists its tree: one ls -l style
 // line per path, or with --json the JSON array of the upstream fixture's
 // expected.json format.
-func runInspect(ctx context.Context, args []string) error {
-	asJSON := false
-	var path string
-	for _, a := range args {
-		switch {
-		case a == "--json" || a == "-json":
-			asJSON = true
-		case len(a) > 0 && a[0] == '-':
-			return fmt.Errorf("%w: unknown flag %s", errUsage, a)
-		case path != "":
-			return fmt.Errorf("%w: more than one image", errUsage)
-		default:
-			path = a
-		}
+func runInspect(_ context.Context, cmd *cli.Command) error {
+	switch cmd.NArg() {
+	case 0:
+		return usage("no image given")
+	case 1:
+	default:
+		return usage("more than one image")
 	}
-	if path == "" {
-		return fmt.Errorf("%w: no image given", errUsage)
-	}
+	path, asJSON := cmd.Args().First(), cmd.Bool("json")
 	b, unmap, err := mmapFile(path)
 	if err != nil {
 		return err
@@ -98,18 +103,20 @@ func listLine(e daxfs.TreeEntry) string {
 	default:
 		typ = '-'
 	}
-	line := fmt.Sprintf("%s %3s %5d %5d %12s", modeString(typ, e.Mode), linkCount(nlink), e.UID, e.GID, size)
+	var line strings.Builder
+	fmt.Fprintf(&line, "%s %3s %5d %5d %12s", modeString(typ, e.Mode), linkCount(nlink), e.UID, e.GID, size)
 	if e.HasExt {
-		line += " " + time.Unix(e.MTime.Sec, int64(e.MTime.Nsec)).UTC().Format("2006-01-02 15:04:05")
+		line.WriteString(" " + time.Unix(e.MTime.Sec, int64(e.MTime.Nsec)).UTC().Format("2006-01-02 15:04:05"))
 	}
-	line += " " + e.Path
+	line.WriteString(" " + e.Path)
 	if e.Type == "symlink" {
-		line += " -> " + e.Target
+		line.WriteString(" -> " + e.Target)
 	}
 	for _, x := range e.Xattrs {
-		line += fmt.Sprintf(" [%s=%q]", x.Name, x.Value)
+		fmt.Fprintf(&line, " [%s=%q]", x.Name, x.Value)
 	}
-	return line + "\n"
+	line.WriteByte('\n')
+	return line.String()
 }
 
 func linkCount(n uint32) string {
@@ -122,7 +129,7 @@ func linkCount(n uint32) string {
 func modeString(typ byte, perm uint32) string {
 	const rwx = "rwxrwxrwx"
 	s := []byte{typ, '-', '-', '-', '-', '-', '-', '-', '-', '-'}
-	for i := 0; i < 9; i++ {
+	for i := range 9 {
 		if perm&(1<<(8-i)) != 0 {
 			s[1+i] = rwx[i]
 		}

@@ -6,75 +6,102 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
-	"sort"
 	"syscall"
+
+	"github.com/urfave/cli/v3"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxmem/regioncmd"
 )
 
-// command is one sub-command. run gets the arguments after its name.
-type command struct {
-	summary string
-	run     func(ctx context.Context, args []string) error
+const name = "containerd-daxfs-grpc"
+
+// app is the command line: the daemon's flags at the top (it is the
+// default command) and one sub-command per operator tool, each in its own
+// file. Every command prints its usage and flags with --help.
+func app() *cli.Command {
+	c := &cli.Command{
+		Name:   name,
+		Usage:  "the daxfs snapshotter daemon (the default command) and its operator tools",
+		Flags:  serveFlags(true),
+		Action: runServe,
+		Commands: []*cli.Command{
+			serveCommand(),
+			regioncmd.Command(),
+			mkfsCommand(),
+			inspectCommand(),
+			viewCommand(),
+			mountCommand(),
+			umountCommand(),
+			convertCommand(),
+			fuseServeCommand(),
+		},
+	}
+	nameErrors(c)
+	return c
 }
 
-// commands lists every sub-command; each lives in its own file.
-func commands() map[string]command {
-	return map[string]command{
-		"serve":   {"run the snapshotter daemon (the default)", runServe},
-		"mkfs":    {"mkfs SRC OUT: make a DAXFS image from a directory or a layer tar", runMkfs},
-		"convert": {"convert [--address A] [--namespace N] [--uncompressed] [--platform P | --all-platforms] SRC DST: make a pre-converted image in containerd", runConvert},
-		"inspect": {"inspect [--json] IMAGE: validate an image and list its tree", runInspect},
-		"view":    {"view OUT LAYER...: write a merged view followed by its layers", runView},
-		"region":  {"region init|status|ls|gc|verify: operate the shared memory region", runRegion},
-		"mount":   {"mount IMAGE DIR: mount an image file or region entry read-only", runMount},
-		"umount":  {"umount DIR: unmount what mount mounted", runUmount},
-		// fuse-serve is the long-lived FUSE serving process the daemon
-		// starts; operators do not run it by hand.
-		"fuse-serve": {"fuse-serve: serve FUSE mounts (started by the daemon)", runFuseServe},
+// errUsage marks a usage error: main prints it with a pointer to the
+// command's --help and exits 2.
+var errUsage = errors.New("usage")
+
+// cmdError is an error of a command, named by its full name.
+type cmdError struct {
+	cmd string
+	err error
+}
+
+func (e *cmdError) Error() string { return e.cmd + ": " + e.err.Error() }
+func (e *cmdError) Unwrap() error { return e.err }
+
+// nameErrors makes every error of c and its sub-commands a cmdError, and
+// flag errors usage errors.
+func nameErrors(c *cli.Command) {
+	if action := c.Action; action != nil {
+		c.Action = func(ctx context.Context, cmd *cli.Command) error {
+			if err := action(ctx, cmd); err != nil {
+				return &cmdError{cmd.FullName(), err}
+			}
+			return nil
+		}
+	}
+	c.OnUsageError = func(_ context.Context, cmd *cli.Command, err error, _ bool) error {
+		return &cmdError{cmd.FullName(), fmt.Errorf("%w: %v", errUsage, err)}
+	}
+	for _, sub := range c.Commands {
+		nameErrors(sub)
 	}
 }
-
-// errUsage marks a usage error: main prints the usage and exits 2.
-var errUsage = errors.New("usage")
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-
-	cmds := commands()
-	name, args := "serve", os.Args[1:]
-	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
-		name, args = args[0], args[1:]
-	}
-	if name == "help" {
-		usage(os.Stdout, cmds)
-		return
-	}
-	cmd, ok := cmds[name]
-	if !ok {
-		fmt.Fprintf(os.Stderr, "containerd-daxfs-grpc: unknown command %q\n", name)
-		usage(os.Stderr, cmds)
-		os.Exit(2)
-	}
-	if err := cmd.run(ctx, args); err != nil {
-		if errors.Is(err, errUsage) {
-			fmt.Fprintf(os.Stderr, "containerd-daxfs-grpc %s: %v\nusage: %s\n", name, err, cmd.summary)
-			os.Exit(2)
-		}
-		fmt.Fprintf(os.Stderr, "containerd-daxfs-grpc %s: %v\n", name, err)
-		os.Exit(1)
-	}
+	code := execute(ctx, os.Args, os.Stderr)
+	stop()
+	os.Exit(code)
 }
 
-func usage(w *os.File, cmds map[string]command) {
-	names := make([]string, 0, len(cmds))
-	for n := range cmds {
-		names = append(names, n)
+// execute runs the command line args and returns the exit status: 0, 1 for a
+// failure, 2 for a usage error.
+func execute(ctx context.Context, args []string, stderr io.Writer) int {
+	err := app().Run(ctx, args)
+	if err == nil {
+		return 0
 	}
-	sort.Strings(names)
-	fmt.Fprintln(w, "usage: containerd-daxfs-grpc [COMMAND] [ARGS]")
-	for _, n := range names {
-		fmt.Fprintf(w, "  %-8s %s\n", n, cmds[n].summary)
+	fmt.Fprintln(stderr, err)
+	if errors.Is(err, errUsage) || errors.Is(err, regioncmd.ErrUsage) {
+		cmd := name
+		if ce, ok := errors.AsType[*cmdError](err); ok {
+			cmd = ce.cmd
+		}
+		fmt.Fprintf(stderr, "Run '%s --help' for its usage.\n", cmd)
+		return 2
 	}
+	return 1
+}
+
+// usage returns a usage error.
+func usage(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{errUsage}, args...)...)
 }

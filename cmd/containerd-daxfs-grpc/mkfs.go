@@ -2,15 +2,28 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
+
+	"github.com/urfave/cli/v3"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
+
+func mkfsCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "mkfs",
+		Usage:     "make a DAXFS image from a directory or a layer tar (plain, gzip, zstd)",
+		ArgsUsage: "SRC OUT",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "no-extension", Usage: "omit the extension block (mtimes, xattrs, device numbers): only what the kernel module reads"},
+			&cli.Int64Flag{Name: "max-size", Usage: "fail if the image would exceed this many bytes (0: no limit)"},
+		},
+		Action: runMkfs,
+	}
+}
 
 // runMkfs makes a DAXFS image file from a directory or a layer blob (a tar,
 // plain, gzip or zstd, detected from its bytes; an existing DAXFS image is
@@ -18,19 +31,13 @@ import (
 // 0/0 character devices become whiteouts, opaque directories get the OCI
 // marker (see converter.ConvertDir). The output appears under its name only
 // once complete.
-func runMkfs(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("mkfs", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	noExt := fs.Bool("no-extension", false, "omit the extension block (mtimes, xattrs, device numbers): only what the kernel module reads")
-	maxSize := fs.Int64("max-size", 0, "fail if the image would exceed this many bytes (0: no limit)")
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+func runMkfs(ctx context.Context, cmd *cli.Command) error {
+	if cmd.NArg() != 2 {
+		return usage("want SRC and OUT")
 	}
-	if fs.NArg() != 2 {
-		return fmt.Errorf("%w: want SRC and OUT", errUsage)
-	}
-	src, dst := fs.Arg(0), fs.Arg(1)
-	wopts := daxfs.WriterOptions{NoExtension: *noExt}
+	src, dst := cmd.Args().Get(0), cmd.Args().Get(1)
+	wopts := daxfs.WriterOptions{NoExtension: cmd.Bool("no-extension")}
+	maxSize := cmd.Int64("max-size")
 
 	fi, err := os.Stat(src)
 	if err != nil {
@@ -38,7 +45,7 @@ func runMkfs(ctx context.Context, args []string) error {
 	}
 	return writeAtomically(dst, func(out *os.File) error {
 		if fi.IsDir() {
-			res, err := converter.ConvertDir(ctx, src, out, converter.DirOptions{MaxSize: *maxSize, Writer: wopts})
+			res, err := converter.ConvertDir(ctx, src, out, converter.DirOptions{MaxSize: maxSize, Writer: wopts})
 			if err != nil {
 				return err
 			}
@@ -50,7 +57,7 @@ func runMkfs(ctx context.Context, args []string) error {
 			return err
 		}
 		defer in.Close()
-		res, err := converter.ConvertLayer(ctx, in, out, converter.LayerOptions{MaxSize: *maxSize, Writer: wopts})
+		res, err := converter.ConvertLayer(ctx, in, out, converter.LayerOptions{MaxSize: maxSize, Writer: wopts})
 		if err != nil {
 			return fmt.Errorf("%s: %w", src, err)
 		}

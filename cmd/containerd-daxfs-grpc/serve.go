@@ -2,10 +2,7 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -18,11 +15,13 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	contentproxy "github.com/containerd/containerd/v2/core/content/proxy"
 	"github.com/containerd/log"
+	"github.com/urfave/cli/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 
+	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/converter/gunzip"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 	"github.com/containerd-daxfs/containerd-daxfs/mounter"
@@ -30,48 +29,58 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/snapshotter"
 )
 
+// serveFlags are the daemon's flags; they override the config file. On
+// the root command (the daemon is the default) they are its own, not its
+// sub-commands'.
+func serveFlags(root bool) []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "config", Value: defaultConfigPath, Usage: "configuration file", Local: root},
+		&cli.StringFlag{Name: "root", Usage: "state directory (overrides root)", Local: root},
+		&cli.StringFlag{Name: "address", Usage: "unix socket to serve on (overrides address)", Local: root},
+		&cli.StringFlag{Name: "containerd-address", Usage: "containerd's socket (overrides containerd_address)", Local: root},
+		&cli.StringFlag{Name: "log-level", Usage: "log level (overrides log_level)", Local: root},
+		&cli.StringFlag{Name: "region-path", Usage: "region file or device (overrides region.path)", Local: root},
+		&cli.StringFlag{Name: "region-size", Usage: "region size when creating it, e.g. 8G: binary units (overrides region.size)", Local: root},
+		&cli.StringFlag{Name: "mount-mode", Usage: "auto, kernel, erofs-dax, erofs or fuse (overrides mount.mode)", Local: root},
+	}
+}
+
+func serveCommand() *cli.Command {
+	return &cli.Command{
+		Name:   "serve",
+		Usage:  "run the snapshotter daemon (the default command)",
+		Flags:  serveFlags(false),
+		Action: runServe,
+	}
+}
+
 // runServe runs the daemon: it joins the region, serves the snapshots and
 // diff services on one unix socket, collects garbage periodically, and
 // stops cleanly on SIGTERM or SIGINT (mounted views stay mounted: they are
 // served by the separate fuse-serve process and adopted at the next start).
-func runServe(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	configPath := fs.String("config", defaultConfigPath, "configuration file")
-	root := fs.String("root", "", "state directory (overrides root)")
-	address := fs.String("address", "", "unix socket to serve on (overrides address)")
-	ctrdAddress := fs.String("containerd-address", "", "containerd's socket (overrides containerd_address)")
-	logLevel := fs.String("log-level", "", "log level (overrides log_level)")
-	regionPath := fs.String("region-path", "", "region file or device (overrides region.path)")
-	regionSize := fs.String("region-size", "", "region size when creating it, e.g. 8GiB (overrides region.size)")
-	mountMode := fs.String("mount-mode", "", "auto, kernel, erofs-dax, erofs or fuse (overrides mount.mode)")
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+func runServe(ctx context.Context, cmd *cli.Command) error {
+	if cmd.Args().Present() {
+		return usage("unknown command %q", cmd.Args().First())
 	}
-	explicit := false
-	fs.Visit(func(f *flag.Flag) {
-		if f.Name == "config" {
-			explicit = true
-		}
-	})
-	cfg, err := LoadConfig(*configPath, explicit)
+	cfg, err := LoadConfig(cmd.String("config"), cmd.IsSet("config"))
 	if err != nil {
 		return err
 	}
-	override := func(dst *string, v string) {
-		if v != "" {
-			*dst = v
+	for _, o := range []struct {
+		flag string
+		dst  *string
+	}{
+		{"root", &cfg.Root}, {"address", &cfg.Address}, {"containerd-address", &cfg.ContainerdAddress},
+		{"log-level", &cfg.LogLevel}, {"region-path", &cfg.Region.Path}, {"mount-mode", &cfg.Mount.Mode},
+	} {
+		if v := cmd.String(o.flag); v != "" {
+			*o.dst = v
 		}
 	}
-	override(&cfg.Root, *root)
-	override(&cfg.Address, *address)
-	override(&cfg.ContainerdAddress, *ctrdAddress)
-	override(&cfg.LogLevel, *logLevel)
-	override(&cfg.Region.Path, *regionPath)
-	override(&cfg.Mount.Mode, *mountMode)
-	if *regionSize != "" {
-		n, err := ParseSize(*regionSize)
+	if v := cmd.String("region-size"); v != "" {
+		n, err := daxmem.ParseSize(v)
 		if err != nil {
-			return err
+			return usage("--region-size: %v", err)
 		}
 		cfg.Region.Size = Size(n)
 	}
@@ -100,6 +109,7 @@ func serve(ctx context.Context, cfg Config) error {
 		Entries:      cfg.Region.Entries,
 		Participants: cfg.Region.Participants,
 		Align:        int64(cfg.Region.Align),
+		ViewArea:     int64(cfg.Region.ViewArea),
 	})
 	if err != nil {
 		return fmt.Errorf("opening region %s: %w", cfg.Region.Path, err)
@@ -132,21 +142,27 @@ func serve(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("starting the %s mounter: %w", cfg.Mount.Mode, err)
 	}
 
+	cc := &containerdContent{address: cfg.ContainerdAddress}
+	defer cc.Close()
 	sn, err := snapshotter.New(ctx, snapshotter.Config{
+		Content:      cc.Provider,
 		Root:         cfg.Root,
 		Region:       region,
 		Mounter:      mnt,
 		Overlay:      overlay.DefaultOptions(),
 		MaxLayerSize: int64(cfg.Region.MaxLayerSize),
-		WarmViews:    time.Duration(cfg.Mount.WarmViews),
+		Limits: converter.Limits{
+			MaxEntries: cfg.Limits.MaxEntries,
+			MaxPathLen: cfg.Limits.MaxPathLen,
+			MaxDepth:   cfg.Limits.MaxDepth,
+		},
+		WarmViews: time.Duration(cfg.Mount.WarmViews),
 	})
 	if err != nil {
 		return err
 	}
 	defer sn.Close()
 
-	cc := &containerdContent{address: cfg.ContainerdAddress}
-	defer cc.Close()
 	blobs := ""
 	if cfg.ContainerdRoot != "" {
 		blobs = filepath.Join(cfg.ContainerdRoot, "io.containerd.content.v1.content")
@@ -157,15 +173,9 @@ func serve(ctx context.Context, cfg Config) error {
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(differ, differ))
 
-	if err := os.MkdirAll(filepath.Dir(cfg.Address), 0o711); err != nil {
-		return err
-	}
-	if err := os.Remove(cfg.Address); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("removing stale socket %s: %w", cfg.Address, err)
-	}
-	l, err := net.Listen("unix", cfg.Address)
+	l, err := listenSocket(cfg.Address, cfg.SocketGroup)
 	if err != nil {
-		return fmt.Errorf("listening on %s: %w", cfg.Address, err)
+		return err
 	}
 	defer os.Remove(cfg.Address)
 
@@ -173,7 +183,11 @@ func serve(ctx context.Context, cfg Config) error {
 	defer stopGC()
 	go collectGarbage(gcCtx, region, time.Duration(cfg.GC.Interval), time.Duration(cfg.GC.ReapAfter))
 	if cfg.MetricsAddress != "" {
-		if err := serveMetrics(gcCtx, cfg.MetricsAddress, sn, region); err != nil {
+		reg, err := metricsRegistry(sn.Metrics(), regionCollector{region})
+		if err != nil {
+			return err
+		}
+		if _, err := serveMetrics(gcCtx, cfg.MetricsAddress, reg); err != nil {
 			return err
 		}
 	}

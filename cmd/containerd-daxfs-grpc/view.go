@@ -3,33 +3,37 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 
+	"github.com/urfave/cli/v3"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 )
 
+func viewCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "view",
+		Usage:     "write the merged view of layers (tars, images or directories, bottom first) followed by them, in one file",
+		ArgsUsage: "OUT LAYER...",
+		Action:    runView,
+	}
+}
+
 // runView writes one file holding the merged view of a layer chain
 // followed by its layer images, each page aligned: the layout a view has in
 // the region, so inspect and mount read the file as the merged tree. Each
 // LAYER (bottom first) is a layer tar in any compression, a DAXFS layer
 // image, or a directory in overlay-upper form (as mkfs reads it).
-func runView(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("view", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+func runView(ctx context.Context, cmd *cli.Command) error {
+	if cmd.NArg() < 2 {
+		return usage("want OUT and at least one LAYER")
 	}
-	if fs.NArg() < 2 {
-		return fmt.Errorf("%w: want OUT and at least one LAYER", errUsage)
-	}
-	dst, srcs := fs.Arg(0), fs.Args()[1:]
+	dst, srcs := cmd.Args().First(), cmd.Args().Tail()
 
 	tmpDir, err := os.MkdirTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".layers-*")
 	if err != nil {

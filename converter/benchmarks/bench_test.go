@@ -155,12 +155,12 @@ func BenchmarkImageSmallFiles(b *testing.B) {
 	r := rand.New(rand.NewSource(1))
 	buf := make([]byte, 8192)
 	r.Read(buf)
-	for d := 0; d < 100; d++ {
+	for d := range 100 {
 		sub := filepath.Join(dir, fmt.Sprintf("dir%03d", d))
 		if err := os.MkdirAll(sub, 0o755); err != nil {
 			b.Fatal(err)
 		}
-		for f := 0; f < 500; f++ {
+		for f := range 500 {
 			n := 64 + r.Intn(4000)
 			if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("file%04d.txt", f)), buf[:n], 0o644); err != nil {
 				b.Fatal(err)
@@ -269,7 +269,7 @@ func debianChain(b *testing.B) [][]byte {
 		if err := w.WriteHeader(h); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := io.Copy(w, tr); err != nil {
+		if _, err := io.Copy(w, tr); err != nil { //nolint:gosec // G110: the benchmark's own tar
 			b.Fatal(err)
 		}
 	}
@@ -283,11 +283,11 @@ func debianChain(b *testing.B) [][]byte {
 		}
 	}
 	apt = append(apt, testimage.Dir("var", 0o755), testimage.Dir("var/cache", 0o755), testimage.Dir("var/cache/apt", 0o755), testimage.Opaque("var/cache/apt"))
-	for i := 0; i < 200; i++ {
+	for i := range 200 {
 		apt = append(apt, testimage.File(fmt.Sprintf("var/cache/apt/pkg%03d.deb", i), bytes.Repeat([]byte{byte(i)}, 1000+i), 0o644))
 	}
 	app := []testimage.Entry{testimage.Dir("app", 0o755)}
-	for i := 0; i < 500; i++ {
+	for i := range 500 {
 		app = append(app, testimage.File(fmt.Sprintf("app/mod%03d.py", i), []byte(strings.Repeat("x = 1\n", i+1)), 0o644))
 	}
 	aptTar, err := testimage.TarEntries(apt)

@@ -139,10 +139,10 @@ func TestConvertLayerShuffledTar(t *testing.T) {
 }
 
 func rank(e tarEnt) int {
-	switch {
-	case e.typ == tar.TypeDir:
+	switch e.typ {
+	case tar.TypeDir:
 		return strings.Count(strings.TrimSuffix(e.name, "/"), "/")
-	case e.typ == tar.TypeLink:
+	case tar.TypeLink:
 		return 101
 	}
 	return 100

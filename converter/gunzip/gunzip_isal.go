@@ -51,11 +51,13 @@ static dx_step_result dx_step(struct inflate_state *s, uint8_t *in, uint32_t in_
 import "C"
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
-	"sync"
 	"unsafe"
+
+	"github.com/containerd-daxfs/containerd-daxfs/internal/readahead"
 )
 
 const implementation = "isa-l"
@@ -72,40 +74,20 @@ const (
 	ahead = 3
 )
 
-type block struct {
-	b   []byte
-	n   int
-	err error
-}
-
+// isalReader inflates in a goroutine of its own (package readahead), a
+// few blocks ahead of the reader.
 type isalReader struct {
-	r      io.Reader
-	blocks chan *block // inflated, in order
-	free   chan *block
-	done   chan struct{}
-	wg     sync.WaitGroup
-	cur    *block
-	off    int
-	err    error
-	closed sync.Once
+	ra *readahead.Reader
+	st *C.struct_inflate_state // freed by the inflater at the stream's end, else by Close
 }
 
 func newReader(r io.Reader) (io.ReadCloser, error) {
-	z := &isalReader{
-		r:      r,
-		blocks: make(chan *block, ahead),
-		free:   make(chan *block, ahead+1),
-		done:   make(chan struct{}),
-	}
-	for i := 0; i < ahead+1; i++ {
-		z.free <- &block{b: make([]byte, blockSize)}
-	}
 	st := C.dx_new()
 	if st == nil {
 		return nil, errors.New("gzip: allocating the ISA-L inflate state failed")
 	}
-	z.wg.Add(1)
-	go z.inflate(st)
+	z := &isalReader{st: st}
+	z.ra = readahead.New(context.Background(), blockSize, ahead, z.inflater(r))
 	return z, nil
 }
 
@@ -130,25 +112,25 @@ func status(ret C.int) string {
 	return fmt.Sprintf("ISA-L status %d", int(ret))
 }
 
-// inflate runs in its own goroutine: it fills free blocks and sends them,
-// the last one with the error (io.EOF at the clean end of the stream).
-func (z *isalReader) inflate(st *C.struct_inflate_state) {
-	defer z.wg.Done()
-	defer C.free(unsafe.Pointer(st))
+// inflater returns the readahead.FillFunc that inflates r into blocks:
+// each call fills a block, or ends the stream with what it inflated and
+// the error (io.EOF at the clean end of the last member). Its state lives
+// across calls; it frees the inflate state when the stream ends.
+func (z *isalReader) inflater(r io.Reader) readahead.FillFunc {
 	in := make([]byte, inSize)
 	var pending []byte // unread part of in
 	eof := false
 	var total int64 // compressed bytes consumed, for error messages
-	// fill reads more input when pending is empty; it reports false at
+	// more reads more input when pending is empty; it reports false at
 	// the end of r.
-	fill := func() (bool, error) {
+	more := func() (bool, error) {
 		if len(pending) > 0 {
 			return true, nil
 		}
 		if eof {
 			return false, nil
 		}
-		n, err := io.ReadAtLeast(z.r, in, 1)
+		n, err := io.ReadAtLeast(r, in, 1)
 		pending = in[:n]
 		switch {
 		case err == io.EOF:
@@ -159,113 +141,68 @@ func (z *isalReader) inflate(st *C.struct_inflate_state) {
 		}
 		return true, nil
 	}
-	var cur *block
-	send := func(err error) bool {
-		if cur == nil {
-			select {
-			case cur = <-z.free:
-				cur.n = 0
-			case <-z.done:
-				return false
-			}
-		}
-		cur.err = err
-		select {
-		case z.blocks <- cur:
-			cur = nil
-			return true
-		case <-z.done:
-			return false
-		}
-	}
 	started := false // inside a member
-	for {
-		if cur == nil {
-			select {
-			case cur = <-z.free:
-				cur.n, cur.err = 0, nil
-			case <-z.done:
-				return
+	return func(ctx context.Context, b []byte) (n int, err error) {
+		defer func() {
+			if err != nil {
+				C.free(unsafe.Pointer(z.st))
+				z.st = nil
+			}
+		}()
+		for n < len(b) {
+			if err := ctx.Err(); err != nil {
+				return n, err
+			}
+			ok, err := more()
+			if err != nil {
+				return n, err
+			}
+			if !ok {
+				if started {
+					return n, fmt.Errorf("gzip: %w: stream ends inside a member after %d compressed bytes: %w", ErrCorrupt, total, io.ErrUnexpectedEOF)
+				}
+				return n, io.EOF
+			}
+			var inPtr *C.uint8_t
+			if len(pending) > 0 {
+				inPtr = (*C.uint8_t)(unsafe.Pointer(&pending[0]))
+			}
+			space := b[n:]
+			res := C.dx_step(z.st, inPtr, C.uint32_t(len(pending)), (*C.uint8_t)(unsafe.Pointer(&space[0])), C.uint32_t(len(space)))
+			if res.ret < 0 {
+				return n, fmt.Errorf("gzip: %w: %s near compressed byte %d", ErrCorrupt, status(res.ret), total+int64(res.in_used))
+			}
+			started = true
+			pending = pending[res.in_used:]
+			total += int64(res.in_used)
+			n += int(res.out_used)
+			if res.finished != 0 {
+				// A member ended (trailer checked). Another may follow.
+				C.dx_reset(z.st)
+				started = false
+			} else if res.in_used == 0 && res.out_used == 0 && len(pending) > 0 {
+				return n, fmt.Errorf("gzip: %w: inflater made no progress near compressed byte %d", ErrCorrupt, total)
 			}
 		}
-		more, err := fill()
-		if err != nil {
-			send(err)
-			return
-		}
-		if !more {
-			if started {
-				send(fmt.Errorf("gzip: %w: stream ends inside a member after %d compressed bytes: %w", ErrCorrupt, total, io.ErrUnexpectedEOF))
-			} else {
-				send(io.EOF)
-			}
-			return
-		}
-		var inPtr *C.uint8_t
-		if len(pending) > 0 {
-			inPtr = (*C.uint8_t)(unsafe.Pointer(&pending[0]))
-		}
-		space := cur.b[cur.n:]
-		res := C.dx_step(st, inPtr, C.uint32_t(len(pending)), (*C.uint8_t)(unsafe.Pointer(&space[0])), C.uint32_t(len(space)))
-		if res.ret < 0 {
-			send(fmt.Errorf("gzip: %w: %s near compressed byte %d", ErrCorrupt, status(res.ret), total+int64(res.in_used)))
-			return
-		}
-		started = true
-		pending = pending[res.in_used:]
-		total += int64(res.in_used)
-		cur.n += int(res.out_used)
-		if res.finished != 0 {
-			// A member ended (trailer checked). Another may follow.
-			C.dx_reset(st)
-			started = false
-		}
-		if cur.n == len(cur.b) {
-			if !send(nil) {
-				return
-			}
-		} else if res.in_used == 0 && res.out_used == 0 && res.finished == 0 && len(pending) > 0 {
-			send(fmt.Errorf("gzip: %w: inflater made no progress near compressed byte %d", ErrCorrupt, total))
-			return
-		}
+		return n, nil
 	}
 }
 
 func (z *isalReader) Read(p []byte) (int, error) {
-	for {
-		if z.cur != nil {
-			if z.off < z.cur.n {
-				n := copy(p, z.cur.b[z.off:z.cur.n])
-				z.off += n
-				return n, nil
-			}
-			if z.cur.err != nil {
-				z.err = z.cur.err
-			}
-			z.free <- z.cur
-			z.cur = nil
-		}
-		if z.err != nil {
-			return 0, z.err
-		}
-		if len(p) == 0 {
-			return 0, nil
-		}
-		select {
-		case b := <-z.blocks:
-			z.cur, z.off = b, 0
-		case <-z.done:
-			return 0, errClosed
-		}
+	n, err := z.ra.Read(p)
+	if errors.Is(err, readahead.ErrClosed) {
+		err = errClosed
 	}
+	return n, err
 }
 
 // Close stops the inflater and waits for it. It does not close the
 // underlying reader.
 func (z *isalReader) Close() error {
-	z.closed.Do(func() {
-		close(z.done)
-		z.wg.Wait()
-	})
+	z.ra.Close()
+	if z.st != nil { // the inflater stopped before the stream's end
+		C.free(unsafe.Pointer(z.st))
+		z.st = nil
+	}
 	return nil
 }

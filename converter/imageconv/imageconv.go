@@ -11,9 +11,14 @@
 //		ctrconverter.WithLayerConvertFunc(imageconv.LayerConvertFunc()),
 //		ctrconverter.WithDockerToOCI(true))
 //
-// Snapshotters other than daxfs cannot unpack such images, and containerd
-// only unpacks them when the transfer service's unpack_config lists both
-// media types in layer_types.
+// Every containerd client counts such layers as layers (their media types
+// carry the OCI layer prefix), so nerdctl, client.Pull, the transfer
+// service and CRI all pull and unpack them with the daxfs snapshotter
+// (each layer carries its diffID in the annotation
+// containerd.io/snapshot/diff-id for clients that do not tell the
+// snapshotter which layer they unpack);
+// other snapshotters refuse them (containerd's differs know no processor
+// for the media type) rather than unpack them as tars.
 package imageconv
 
 import (
@@ -25,6 +30,7 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
 	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/labels"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -126,14 +132,21 @@ func LayerConvertFunc(opts ...Option) ctrconverter.ConvertFunc {
 		out.MediaType = mediaType
 		out.Digest = dgst
 		out.Size = n
-		if len(desc.Annotations) > 0 {
-			out.Annotations = make(map[string]string, len(desc.Annotations))
-			for k, v := range desc.Annotations {
-				if k != labels.LabelUncompressed {
-					out.Annotations[k] = v
-				}
+		out.Annotations = make(map[string]string, len(desc.Annotations)+1)
+		for k, v := range desc.Annotations {
+			if k != labels.LabelUncompressed {
+				out.Annotations[k] = v
 			}
 		}
+		// The unpacker passes a layer's containerd.io/snapshot/
+		// annotations to the snapshotter as labels of its extraction
+		// snapshot. containerd 2.4 labels it with the layer's diffID
+		// itself; older clients (containerd 2.2 in nerdctl 2.2) do not,
+		// and without it the daxfs snapshotter cannot tell which layer
+		// it is unpacking (the walking differ, which cannot unpack a
+		// DAXFS image, would get the layer). Our differ checks the
+		// digest it computes against it.
+		out.Annotations[snapshots.LabelSnapshotDiffID] = diffID.String()
 		return &out, nil
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
 	ctrconverter "github.com/containerd/containerd/v2/core/images/converter"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/platforms"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
@@ -82,6 +83,9 @@ func TestConvertImage(t *testing.T) {
 			for i, l := range mf.Layers {
 				if l.MediaType != tc.mediaType {
 					t.Errorf("layer %d: media type %s, want %s", i, l.MediaType, tc.mediaType)
+				}
+				if got := l.Annotations[snapshots.LabelSnapshotDiffID]; got != cfg.RootFS.DiffIDs[i].String() {
+					t.Errorf("layer %d: annotation %s=%q, want its diff_id %s", i, snapshots.LabelSnapshotDiffID, got, cfg.RootFS.DiffIDs[i])
 				}
 				blob, err := content.ReadBlob(ctx, cs, l)
 				if err != nil {

@@ -288,7 +288,7 @@ func (x *explorer) check(s *State) string {
 		if s.p[p].crashed {
 			continue
 		}
-		for k := 0; k < maxK; k++ {
+		for k := range maxK {
 			if s.p[p].holds&(1<<k) == 0 {
 				continue
 			}

@@ -1,20 +1,22 @@
 // Package regioncmd is the operator command `containerd-daxfs-grpc region
 // init|status|ls|gc|verify`: it operates the shared region without the
 // daemon. Only gc joins the region (as a short-lived participant that
-// leaves when done); the others just read it.
+// leaves when done); the others just read it. Every sub-command prints a
+// table, or JSON with --json (snake_case keys; a list is [] when empty).
 package regioncmd
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/urfave/cli/v3"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
 )
@@ -24,181 +26,289 @@ var ErrUsage = errors.New("usage")
 
 // Main runs `region ARGS...`, writing tables (or JSON with --json) to out.
 func Main(ctx context.Context, args []string, out io.Writer) error {
-	if len(args) == 0 {
-		return fmt.Errorf("%w: region needs a sub-command: init, status, ls, gc or verify", ErrUsage)
-	}
-	sub, args := args[0], args[1:]
-	fs := flag.NewFlagSet("region "+sub, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	var (
-		o        daxmem.Options
-		size     string
-		asJSON   bool
-		dryRun   bool
-		minAge   time.Duration
-		lease    time.Duration
-		entries  int
-		parts    int
-		backendF string
-		align    string
-	)
-	fs.StringVar(&o.Path, "path", "", "region file or device (default "+daxmem.DefaultPath+")")
-	fs.StringVar(&backendF, "backend", "file", "file, hugetlbfs, devdax or fsdax")
-	fs.BoolVar(&asJSON, "json", false, "print JSON")
-	switch sub {
-	case "init":
-		fs.StringVar(&size, "size", "1G", "region size (K, M, G, T suffixes)")
-		fs.IntVar(&entries, "entries", daxmem.DefaultEntries, "index slots")
-		fs.IntVar(&parts, "participants", daxmem.DefaultParticipants, "participant slots (at most 64)")
-		fs.StringVar(&align, "align", "", "alignment to record (e.g. 2M for a file that device DAX will map; default: the backend's)")
-	case "gc":
-		fs.BoolVar(&dryRun, "dry-run", false, "report what would be freed")
-		fs.DurationVar(&minAge, "min-age", 0, "keep unreferenced images published less than this long ago")
-		fs.DurationVar(&lease, "lease", 0, "heartbeat age after which a participant is dead (default 10s; must match the daemons)")
-	case "status", "ls", "verify":
-	default:
-		return fmt.Errorf("%w: unknown region sub-command %q", ErrUsage, sub)
-	}
-	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", ErrUsage, err)
-	}
-	o.Backend = backendF
-	if size != "" {
-		n, err := parseSize(size)
-		if err != nil {
-			return fmt.Errorf("%w: --size: %v", ErrUsage, err)
-		}
-		o.Size = n
-	}
-	if align != "" {
-		n, err := parseSize(align)
-		if err != nil {
-			return fmt.Errorf("%w: --align: %v", ErrUsage, err)
-		}
-		o.Align = n
-	}
-	o.Entries, o.Participants = entries, parts
-	if lease > 0 {
-		o.LeaseTimeout = lease
-		o.HeartbeatInterval = lease / 4
-	}
-	emit := func(v any, table func()) error {
-		if asJSON {
-			enc := json.NewEncoder(out)
-			enc.SetIndent("", "  ")
-			return enc.Encode(v)
-		}
-		table()
-		return nil
-	}
+	c := Command()
+	c.Writer, c.ErrWriter = out, io.Discard
+	return c.Run(ctx, append([]string{"region"}, args...))
+}
 
-	if sub == "init" {
-		r, err := daxmem.Create(ctx, o)
-		if err != nil {
-			return err
-		}
-		defer r.Close()
-		st := r.Stats()
-		return emit(statusJSON(st), func() { printStatus(out, st) })
+// Command is the `region` command with its sub-commands. It writes to its
+// root command's Writer.
+func Command() *cli.Command {
+	c := &cli.Command{
+		Name:  "region",
+		Usage: "operate the shared memory region without the daemon",
+		Commands: []*cli.Command{
+			{
+				Name:   "init",
+				Usage:  "create a region (fails if one exists at the path)",
+				Flags:  append(commonFlags(), initFlags()...),
+				Action: runInit,
+			},
+			{
+				Name:   "status",
+				Usage:  "show the region's header, space and participants",
+				Flags:  commonFlags(),
+				Action: runStatus,
+			},
+			{
+				Name:   "ls",
+				Usage:  "list the region's index entries",
+				Flags:  commonFlags(),
+				Action: runLs,
+			},
+			{
+				Name:  "gc",
+				Usage: "reclaim dead participants and free unreferenced images",
+				Flags: append(commonFlags(),
+					&cli.BoolFlag{Name: "dry-run", Usage: "report what would be freed"},
+					&cli.DurationFlag{Name: "min-age", Usage: "keep unreferenced images published less than this long ago"},
+					&cli.DurationFlag{Name: "lease", Usage: "heartbeat age after which a participant is dead (default 10s; must match the daemons)"},
+				),
+				Action: runGC,
+			},
+			{
+				Name:      "verify",
+				Usage:     "check the checksums of READY images (all, or those named)",
+				ArgsUsage: "[DIGEST...]",
+				Flags:     commonFlags(),
+				Action:    runVerify,
+			},
+		},
+		// Without a sub-command, or with an unknown one.
+		Action: func(ctx context.Context, cmd *cli.Command) error {
+			if cmd.Args().Present() {
+				return fmt.Errorf("%w: unknown region sub-command %q (want init, status, ls, gc or verify)", ErrUsage, cmd.Args().First())
+			}
+			return fmt.Errorf("%w: region needs a sub-command: init, status, ls, gc or verify", ErrUsage)
+		},
 	}
+	c.OnUsageError = usageError
+	for _, sub := range c.Commands {
+		sub.OnUsageError = usageError
+	}
+	return c
+}
+
+// usageError marks flag errors as usage errors.
+func usageError(_ context.Context, cmd *cli.Command, err error, _ bool) error {
+	return fmt.Errorf("%w: %v", ErrUsage, err)
+}
+
+// commonFlags are every sub-command's.
+func commonFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "path", Usage: "region file or device (default " + daxmem.DefaultPath + ")"},
+		&cli.StringFlag{Name: "backend", Value: daxmem.BackendFile, Usage: "file, hugetlbfs, devdax or fsdax"},
+		&cli.BoolFlag{Name: "json", Usage: "print JSON"},
+	}
+}
+
+// initFlags are init's own: the geometry of the new region.
+func initFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "size", Usage: "region size: bytes with an optional binary unit K, M, G, T or P (default 8G)"},
+		&cli.IntFlag{Name: "entries", Value: daxmem.DefaultEntries, Usage: "index slots"},
+		&cli.IntFlag{Name: "participants", Value: daxmem.DefaultParticipants, Usage: "participant slots (at most 64)"},
+		&cli.StringFlag{Name: "view-area", Usage: "bytes at the bottom of the data area kept for views, about 370 per file of the images in use at once (default an eighth)"},
+		&cli.StringFlag{Name: "align", Usage: "alignment to record, e.g. 2M for a file that device DAX will map too (default: the backend's)"},
+	}
+}
+
+// options reads the flags every sub-command has, and with geometry init's.
+func options(cmd *cli.Command, geometry bool) (daxmem.Options, error) {
+	o := daxmem.Options{Path: cmd.String("path"), Backend: cmd.String("backend")}
+	if !geometry {
+		return o, nil
+	}
+	for _, f := range []struct {
+		name string
+		dst  *int64
+	}{{"size", &o.Size}, {"view-area", &o.ViewArea}, {"align", &o.Align}} {
+		if v := cmd.String(f.name); v != "" {
+			n, err := daxmem.ParseSize(v)
+			if err != nil {
+				return o, fmt.Errorf("%w: --%s: %v", ErrUsage, f.name, err)
+			}
+			*f.dst = n
+		}
+	}
+	o.Entries, o.Participants = cmd.Int("entries"), cmd.Int("participants")
+	return o, nil
+}
+
+// emit writes v as JSON with --json, else runs table.
+func emit(cmd *cli.Command, v any, table func(out io.Writer)) error {
+	out := cmd.Root().Writer
+	if cmd.Bool("json") {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	table(out)
+	return nil
+}
+
+// open opens an existing region read-only in spirit: nothing is created.
+func open(ctx context.Context, o daxmem.Options) (*daxmem.Region, error) {
 	o.NoCreate = true
-	r, err := daxmem.Open(ctx, o)
+	return daxmem.Open(ctx, o)
+}
+
+func noArgs(cmd *cli.Command) error {
+	if cmd.Args().Present() {
+		return fmt.Errorf("%w: %s takes no arguments, got %q", ErrUsage, cmd.FullName(), cmd.Args().Slice())
+	}
+	return nil
+}
+
+func runInit(ctx context.Context, cmd *cli.Command) error {
+	if err := noArgs(cmd); err != nil {
+		return err
+	}
+	o, err := options(cmd, true)
+	if err != nil {
+		return err
+	}
+	r, err := daxmem.Create(ctx, o)
 	if err != nil {
 		return err
 	}
 	defer r.Close()
-	switch sub {
-	case "status":
-		st := r.Stats()
-		return emit(statusJSON(st), func() { printStatus(out, st) })
-	case "ls":
-		es := r.Entries()
-		return emit(entriesJSON(es), func() { printEntries(out, es) })
-	case "gc":
-		if _, err := r.Join(ctx, daxmem.ParticipantInfo{}, ""); err != nil {
+	st := r.Stats()
+	return emit(cmd, statusJSON(st), func(out io.Writer) { printStatus(out, st) })
+}
+
+// reading runs a command that takes no arguments and only reads the
+// region: f gets the region opened without joining it.
+func reading(f func(cmd *cli.Command, r *daxmem.Region) error) cli.ActionFunc {
+	return func(ctx context.Context, cmd *cli.Command) error {
+		if err := noArgs(cmd); err != nil {
 			return err
 		}
-		defer r.Leave(ctx)
-		gs, err := r.GC(ctx, daxmem.GCOptions{MinAge: minAge, DryRun: dryRun})
+		o, _ := options(cmd, false)
+		r, err := open(ctx, o)
 		if err != nil {
 			return err
 		}
-		return emit(gs, func() {
-			verb := "freed"
-			if dryRun {
-				verb = "would free"
-			}
-			fmt.Fprintf(out, "dead participants reclaimed: %v\nreference bits cleared: %d\nclaims reclaimed: %d\nimages %s: %d (%s)\nkept by policy: %d\n",
-				gs.DeadParticipants, gs.BitsCleared, gs.ClaimsReclaimed, verb, gs.EntriesFreed, human(gs.BytesFreed), gs.Kept)
-		})
-	case "verify":
-		type result struct {
-			Kind, Key, Error string
-			OK               bool
-		}
-		var res []result
-		bad := 0
-		want := map[string]bool{}
-		for _, a := range fs.Args() {
-			k, err := daxmem.KeyFromDigest(a)
-			if err != nil {
-				return fmt.Errorf("%w: %v", ErrUsage, err)
-			}
-			want[k.String()] = true
-		}
-		for _, e := range r.Entries() {
-			if e.State != daxmem.StateReady || (len(want) > 0 && !want[e.Key.String()]) {
-				continue
-			}
-			rs := result{Kind: e.Kind.String(), Key: e.Key.String(), OK: true}
-			if err := r.VerifyEntry(e); err != nil {
-				rs.OK, rs.Error = false, err.Error()
-				bad++
-			}
-			res = append(res, rs)
-		}
-		if err := emit(res, func() {
-			tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "KIND\tKEY\tRESULT")
-			for _, rs := range res {
-				s := "ok"
-				if !rs.OK {
-					s = rs.Error
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\n", rs.Kind, rs.Key, s)
-			}
-			tw.Flush()
-		}); err != nil {
-			return err
-		}
-		if bad > 0 {
-			return fmt.Errorf("%d of %d images failed verification", bad, len(res))
-		}
-		return nil
+		defer r.Close()
+		return f(cmd, r)
 	}
-	return errors.New("unreachable")
 }
 
-func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	u := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B"))
-	if n := len(u); n > 0 {
-		switch u[n-1] {
-		case 'K':
-			mult, u = 1<<10, u[:n-1]
-		case 'M':
-			mult, u = 1<<20, u[:n-1]
-		case 'G':
-			mult, u = 1<<30, u[:n-1]
-		case 'T':
-			mult, u = 1<<40, u[:n-1]
+var runStatus = reading(func(cmd *cli.Command, r *daxmem.Region) error {
+	st := r.Stats()
+	return emit(cmd, statusJSON(st), func(out io.Writer) { printStatus(out, st) })
+})
+
+var runLs = reading(func(cmd *cli.Command, r *daxmem.Region) error {
+	es := r.Entries()
+	return emit(cmd, entriesJSON(es), func(out io.Writer) { printEntries(out, es) })
+})
+
+// gcJSON is gc's --json output.
+type gcJSON struct {
+	DryRun           bool  `json:"dry_run"`
+	DeadParticipants []int `json:"dead_participants"`
+	BitsCleared      int   `json:"bits_cleared"`
+	ClaimsReclaimed  int   `json:"claims_reclaimed"`
+	ImagesFreed      int   `json:"images_freed"`
+	BytesFreed       int64 `json:"bytes_freed"`
+	AliasesFreed     int   `json:"aliases_freed"`
+	Kept             int   `json:"kept"`
+}
+
+func runGC(ctx context.Context, cmd *cli.Command) error {
+	if err := noArgs(cmd); err != nil {
+		return err
+	}
+	o, _ := options(cmd, false)
+	if lease := cmd.Duration("lease"); lease > 0 {
+		o.LeaseTimeout = lease
+		o.HeartbeatInterval = lease / 4
+	}
+	r, err := open(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	if _, err := r.Join(ctx, daxmem.ParticipantInfo{}, ""); err != nil {
+		return err
+	}
+	defer r.Leave(ctx)
+	dryRun := cmd.Bool("dry-run")
+	gs, err := r.GC(ctx, daxmem.GCOptions{MinAge: cmd.Duration("min-age"), DryRun: dryRun})
+	if err != nil {
+		return err
+	}
+	j := gcJSON{DryRun: dryRun, DeadParticipants: []int{}, BitsCleared: gs.BitsCleared, ClaimsReclaimed: gs.ClaimsReclaimed,
+		ImagesFreed: gs.EntriesFreed, BytesFreed: gs.BytesFreed, AliasesFreed: gs.AliasesFreed, Kept: gs.Kept}
+	for _, p := range gs.DeadParticipants {
+		j.DeadParticipants = append(j.DeadParticipants, int(p))
+	}
+	return emit(cmd, j, func(out io.Writer) {
+		verb := "freed"
+		if dryRun {
+			verb = "would free"
 		}
+		fmt.Fprintf(out, "dead participants reclaimed: %v\nreference bits cleared: %d\nclaims reclaimed: %d\nimages %s: %d (%s)\naliases %s: %d\nkept by policy: %d\n",
+			j.DeadParticipants, gs.BitsCleared, gs.ClaimsReclaimed, verb, gs.EntriesFreed, human(gs.BytesFreed), verb, gs.AliasesFreed, gs.Kept)
+	})
+}
+
+// verifyJSON is one image's line of verify's --json output.
+type verifyJSON struct {
+	Kind  string `json:"kind"`
+	Key   string `json:"key"`
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+}
+
+func runVerify(ctx context.Context, cmd *cli.Command) error {
+	want := map[string]bool{}
+	for _, a := range cmd.Args().Slice() {
+		k, err := daxmem.KeyFromDigest(a)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrUsage, err)
+		}
+		want[k.String()] = true
 	}
-	v, err := strconv.ParseInt(u, 10, 64)
-	if err != nil || v <= 0 || v > (1<<62)/mult {
-		return 0, fmt.Errorf("bad size %q", s)
+	o, _ := options(cmd, false)
+	r, err := open(ctx, o)
+	if err != nil {
+		return err
 	}
-	return v * mult, nil
+	defer r.Close()
+	res := []verifyJSON{}
+	bad := 0
+	for _, e := range r.Entries() {
+		if e.State != daxmem.StateReady || (len(want) > 0 && !want[e.Key.String()]) {
+			continue
+		}
+		rs := verifyJSON{Kind: e.Kind.String(), Key: e.Key.String(), OK: true}
+		if err := r.VerifyEntry(e); err != nil {
+			rs.OK, rs.Error = false, err.Error()
+			bad++
+		}
+		res = append(res, rs)
+	}
+	if err := emit(cmd, res, func(out io.Writer) {
+		tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "KIND\tKEY\tRESULT")
+		for _, rs := range res {
+			s := "ok"
+			if !rs.OK {
+				s = rs.Error
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", rs.Kind, rs.Key, s)
+		}
+		tw.Flush()
+	}); err != nil {
+		return err
+	}
+	if bad > 0 {
+		return fmt.Errorf("%d of %d images failed verification", bad, len(res))
+	}
+	return nil
 }
 
 func human(n int64) string {
@@ -236,8 +346,11 @@ type statusOut struct {
 	Used         int64             `json:"used"`
 	Free         int64             `json:"free"`
 	LargestFree  int64             `json:"largest_free"`
+	ViewArea     int64             `json:"view_area"`
+	ViewFree     int64             `json:"view_free"`
 	EntrySlots   int               `json:"entry_slots"`
 	Ready        int               `json:"ready"`
+	Aliases      int               `json:"aliases"`
 	Writing      int               `json:"writing"`
 	Dying        int               `json:"dying"`
 	Created      time.Time         `json:"created"`
@@ -246,8 +359,8 @@ type statusOut struct {
 
 func statusJSON(st daxmem.Stats) statusOut {
 	s := statusOut{Path: st.Path, Backend: st.Backend, Durability: st.Durability, Size: st.Size, Align: st.Align, DataOffset: st.DataOffset,
-		DataSize: st.DataSize, Used: st.Used, Free: st.Free, LargestFree: st.LargestFree, EntrySlots: st.EntrySlots,
-		Ready: st.Ready, Writing: st.Writing, Dying: st.Dying, Created: st.Created, Participants: []participantJSON{}}
+		DataSize: st.DataSize, Used: st.Used, Free: st.Free, LargestFree: st.LargestFree, ViewArea: st.ViewArea, ViewFree: st.ViewFree,
+		EntrySlots: st.EntrySlots, Ready: st.Ready, Aliases: st.Aliases, Writing: st.Writing, Dying: st.Dying, Created: st.Created, Participants: []participantJSON{}}
 	if st.PhysKnown {
 		p := st.PhysAddr
 		s.PhysAddr = &p
@@ -269,8 +382,9 @@ func printStatus(out io.Writer, st daxmem.Stats) {
 	fmt.Fprintf(tw, "physical address:\t%s\n", phys)
 	fmt.Fprintf(tw, "size:\t%s (data area %s at offset %d)\n", human(st.Size), human(st.DataSize), st.DataOffset)
 	fmt.Fprintf(tw, "alignment:\t%s\n", human(st.Align))
-	fmt.Fprintf(tw, "used / free:\t%s / %s (largest free extent %s)\n", human(st.Used), human(st.Free), human(st.LargestFree))
-	fmt.Fprintf(tw, "images:\t%d ready, %d being written, %d dying (%d index slots)\n", st.Ready, st.Writing, st.Dying, st.EntrySlots)
+	fmt.Fprintf(tw, "used / free:\t%s / %s (largest free extent for a layer %s)\n", human(st.Used), human(st.Free), human(st.LargestFree))
+	fmt.Fprintf(tw, "view area:\t%s, %s free\n", human(st.ViewArea), human(st.ViewFree))
+	fmt.Fprintf(tw, "images:\t%d ready, %d being written, %d dying, %d aliases (%d index slots)\n", st.Ready, st.Writing, st.Dying, st.Aliases, st.EntrySlots)
 	fmt.Fprintf(tw, "created:\t%s\n", st.Created.UTC().Format(time.RFC3339))
 	tw.Flush()
 	if len(st.Participants) == 0 {
@@ -298,6 +412,7 @@ type entryJSON struct {
 	Checksum  string    `json:"checksum"`
 	Writer    int       `json:"writer"`
 	Refs      []int     `json:"refs"`
+	Target    string    `json:"target,omitempty"`
 	Created   time.Time `json:"created"`
 	Published time.Time `json:"published,omitzero"`
 }
@@ -310,6 +425,9 @@ func entriesJSON(es []daxmem.Entry) []entryJSON {
 			Refs: []int{}, Created: e.Created, Published: e.Published}
 		for _, p := range e.RefList() {
 			j.Refs = append(j.Refs, int(p))
+		}
+		if e.Kind == daxmem.KindAlias {
+			j.Target = e.Target.String()
 		}
 		out = append(out, j)
 	}
@@ -327,6 +445,11 @@ func printEntries(out io.Writer, es []daxmem.Entry) {
 		pub := "-"
 		if !e.Published.IsZero() {
 			pub = e.Published.UTC().Format(time.RFC3339)
+		}
+		if e.Kind == daxmem.KindAlias {
+			// An alias has no bytes: its "offset" column names its layer.
+			fmt.Fprintf(tw, "%s\t%s\t%s\t-> %s\t-\t%d\t-\t%s\n", e.State, e.Kind, e.Key.Short(), e.Target.Short(), e.Writer, pub)
+			continue
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%s\t%s\n", e.State, e.Kind, e.Key.Short(), e.Offset, human(e.Length), e.Writer,
 			strings.Join(refs, ","), pub)

@@ -151,3 +151,124 @@ func TestRegionInitAlign(t *testing.T) {
 		t.Fatalf("--align 3M: %v", err)
 	}
 }
+
+// TestRegionJSON: on an empty region every list is [] (not null), and
+// every sub-command's JSON keys are snake_case.
+func TestRegionJSON(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "region")
+	if _, err := run(t, "init", "--path", path, "--size", "8M", "--entries", "64"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		keys []string // keys of the object, or of a list's elements
+		list bool
+	}{
+		{[]string{"status"}, []string{"path", "data_size", "largest_free", "entry_slots", "participants"}, false},
+		{[]string{"ls"}, nil, true},
+		{[]string{"verify"}, nil, true},
+		{[]string{"gc", "--dry-run"}, []string{"dry_run", "dead_participants", "bits_cleared", "claims_reclaimed", "images_freed", "bytes_freed", "aliases_freed", "kept"}, false},
+	} {
+		args := append(append([]string{}, tc.args...), "--path", path, "--json")
+		out, err := run(t, args...)
+		if err != nil {
+			t.Fatalf("%v: %v", tc.args, err)
+		}
+		if tc.list {
+			if strings.TrimSpace(out) != "[]" {
+				t.Errorf("%v on an empty region: %q, want []", tc.args, out)
+			}
+			continue
+		}
+		var obj map[string]json.RawMessage
+		if err := json.Unmarshal([]byte(out), &obj); err != nil {
+			t.Fatalf("%v: %v\n%s", tc.args, err, out)
+		}
+		for k, v := range obj {
+			if strings.ToLower(k) != k || strings.Contains(k, " ") {
+				t.Errorf("%v: key %q is not snake_case", tc.args, k)
+			}
+			if string(v) == "null" {
+				t.Errorf("%v: %s is null", tc.args, k)
+			}
+		}
+		for _, k := range tc.keys {
+			if _, ok := obj[k]; !ok {
+				t.Errorf("%v: no key %q in %s", tc.args, k, out)
+			}
+		}
+	}
+
+	// With an image, verify's and ls's elements have snake_case keys too.
+	ctx := context.Background()
+	r, err := daxmem.Open(ctx, daxmem.Options{Path: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := r.Join(ctx, daxmem.ParticipantInfo{}, ""); err != nil {
+		t.Fatal(err)
+	}
+	k := daxmem.Key(sha256.Sum256([]byte("x")))
+	c, err := r.Claim(ctx, daxmem.KindLayer, k, 8192, daxmem.ClaimOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Publish(ctx, 4096); err != nil {
+		t.Fatal(err)
+	}
+	for _, sub := range []string{"verify", "ls"} {
+		out, err := run(t, sub, "--path", path, "--json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var list []map[string]any
+		if err := json.Unmarshal([]byte(out), &list); err != nil || len(list) != 1 {
+			t.Fatalf("%s --json: %v\n%s", sub, err, out)
+		}
+		for key := range list[0] {
+			if strings.ToLower(key) != key {
+				t.Errorf("%s --json: key %q is not snake_case", sub, key)
+			}
+		}
+		if list[0]["key"] != k.String() {
+			t.Errorf("%s --json: key %v, want %s", sub, list[0]["key"], k)
+		}
+	}
+}
+
+// TestRegionHelp: every sub-command prints its usage with its flags.
+func TestRegionHelp(t *testing.T) {
+	for sub, flags := range map[string][]string{
+		"init":   {"--size", "--entries", "--participants", "--view-area", "--align", "--path", "--json"},
+		"status": {"--path", "--backend", "--json"},
+		"ls":     {"--path", "--json"},
+		"gc":     {"--dry-run", "--min-age", "--lease", "--path"},
+		"verify": {"--path", "DIGEST"},
+	} {
+		out, err := run(t, sub, "--help")
+		if err != nil {
+			t.Fatalf("%s --help: %v", sub, err)
+		}
+		for _, f := range flags {
+			if !strings.Contains(out, f) {
+				t.Errorf("%s --help lacks %s:\n%s", sub, f, out)
+			}
+		}
+	}
+	out, err := run(t, "--help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sub := range []string{"init", "status", "ls", "gc", "verify"} {
+		if !strings.Contains(out, sub) {
+			t.Errorf("region --help does not list %s:\n%s", sub, out)
+		}
+	}
+	if _, err := run(t); !errors.Is(err, ErrUsage) {
+		t.Fatalf("region without a sub-command: %v, want a usage error", err)
+	}
+	if _, err := run(t, "init", "--no-such-flag"); !errors.Is(err, ErrUsage) {
+		t.Fatalf("unknown flag: %v, want a usage error", err)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
 )
 
 // ContainerdOptions configures StartContainerd. The zero value starts a
@@ -29,10 +30,16 @@ type ContainerdOptions struct {
 
 	// ExtraConfig is TOML appended verbatim to the generated config
 	// (version = 3), e.g. the [proxy_plugins.daxfs], diff-service and
-	// transfer unpack_config blocks of DESIGN section 1. It may add tables
+	// transfer unpack_config blocks the README's "Using it with containerd
+	// 2.4" shows. It may add tables
 	// only (top-level keys must precede all tables) and must not repeat the
 	// tables the harness writes: [grpc], [ttrpc], [debug] and [metrics].
 	ExtraConfig string
+
+	// Imports are configuration files containerd merges over the
+	// generated config (its top-level imports key), as it does with
+	// /etc/containerd/conf.d/*.toml.
+	Imports []string
 
 	// DisabledPlugins are disabled in addition to the harness defaults
 	// (CRI unless EnableCRI, NRI, and snapshotters that cannot work here).
@@ -149,7 +156,15 @@ func (c *Containerd) config(opts ContainerdOptions) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "version = 3\nroot = %q\nstate = %q\n", c.Root, c.State)
-	fmt.Fprintf(&b, "disabled_plugins = [%s]\n\n", strings.Join(quoted, ", "))
+	fmt.Fprintf(&b, "disabled_plugins = [%s]\n", strings.Join(quoted, ", "))
+	if len(opts.Imports) > 0 {
+		imports := make([]string, len(opts.Imports))
+		for i, p := range opts.Imports {
+			imports[i] = fmt.Sprintf("%q", p)
+		}
+		fmt.Fprintf(&b, "imports = [%s]\n", strings.Join(imports, ", "))
+	}
+	b.WriteString("\n")
 	fmt.Fprintf(&b, "[grpc]\n  address = %q\n\n", c.address)
 	fmt.Fprintf(&b, "[ttrpc]\n  address = %q\n\n", c.ttrpcAddress)
 	fmt.Fprintf(&b, "[debug]\n  address = \"\"\n  level = %q\n\n", level)
@@ -212,6 +227,14 @@ func (c *Containerd) serving() bool {
 	defer cl.Close()
 	ok, err := cl.IsServing(ctx)
 	return err == nil && ok
+}
+
+// InNamespace returns a handle on the same daemon whose Ctr, Client and
+// Context use namespace ns: another tenant of the same containerd.
+func (c *Containerd) InNamespace(ns string) *Containerd {
+	other := *c
+	other.Namespace = ns
+	return &other
 }
 
 // Address returns the daemon's gRPC unix socket path.
@@ -405,16 +428,27 @@ func (c *Containerd) deleteContainers() error {
 		}
 		for _, ctr := range ctrs {
 			if task, err := ctr.Task(nctx, nil); err == nil {
-				if _, err := task.Delete(nctx, client.WithProcessKill); err != nil {
+				if err := deleteTask(nctx, task); err != nil {
 					errs = append(errs, fmt.Errorf("deleting task %s/%s: %w", ns, ctr.ID(), err))
 				}
 			}
-			if err := ctr.Delete(nctx, client.WithSnapshotCleanup); err != nil {
+			if err := ctr.Delete(nctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
 				errs = append(errs, fmt.Errorf("deleting container %s/%s: %w", ns, ctr.ID(), err))
 			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// deleteTask kills and deletes a task. One that is gone already is no
+// error: the CRI plugin deletes its pods' tasks by itself, and may do so
+// between our listing the task and deleting it ("cannot delete a deleted
+// process: not found").
+func deleteTask(ctx context.Context, task client.Task) error {
+	if _, err := task.Delete(ctx, client.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	return nil
 }
 
 // logTail returns the last n lines of the daemon log.

@@ -114,7 +114,7 @@ func TestContainerdEnableCRI(t *testing.T) {
 	testenv.RequireRoot(t)
 	ctrd := testenv.StartContainerd(t, testenv.ContainerdOptions{EnableCRI: true})
 	out := ctrd.CtrOK(t, "plugins", "ls")
-	for _, line := range strings.Split(out, "\n") {
+	for line := range strings.SplitSeq(out, "\n") {
 		f := strings.Fields(line)
 		if len(f) >= 4 && f[0] == "io.containerd.grpc.v1" && f[1] == "cri" {
 			if f[len(f)-1] != "ok" {

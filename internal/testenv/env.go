@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -102,11 +103,8 @@ func RequireRoot(tb testing.TB) {
 // directories present, for the daemons the harness starts (containerd looks
 // for containerd-shim-runc-v2 and runc in PATH).
 func pathEnv() string {
-	path := BinDir() + string(os.PathListSeparator) + os.Getenv("PATH")
-	for _, dir := range []string{"/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"} {
-		path += string(os.PathListSeparator) + dir
-	}
-	return path
+	dirs := []string{BinDir(), os.Getenv("PATH"), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"}
+	return strings.Join(dirs, string(os.PathListSeparator))
 }
 
 // shortTempDir makes a temporary directory with a short path, removed at

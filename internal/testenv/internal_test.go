@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
@@ -135,5 +136,33 @@ func TestModuleRootAndBin(t *testing.T) {
 	}
 	if _, err := lookBin("no-such-binary-testenv"); err == nil {
 		t.Fatal("lookBin found a binary that does not exist")
+	}
+}
+
+// TestDeleteTaskToleratesAGoneTask: the harness's cleanup deletes a task
+// that someone else (the CRI plugin) deleted after the harness listed it.
+// It once failed the test with "cannot delete a deleted process: not
+// found".
+func TestDeleteTaskToleratesAGoneTask(t *testing.T) {
+	RequireRoot(t)
+	ctrd := StartContainerd(t, ContainerdOptions{})
+	archive, _ := WriteImageArchive(t, BusyboxImage(t), "docker.io/library/bb:gone")
+	ctrd.CtrOK(t, "image", "import", archive)
+	ctrd.CtrOK(t, "run", "-d", "docker.io/library/bb:gone", "gone", "sleep", "600")
+	cl := ctrd.Client(t)
+	ctx := ctrd.Context(context.Background())
+	c, err := cl.LoadContainer(ctx, "gone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale, err := c.Task(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Someone else deletes it first.
+	ctrd.CtrOK(t, "task", "kill", "-s", "SIGKILL", "gone")
+	ctrd.CtrOK(t, "task", "rm", "-f", "gone")
+	if err := deleteTask(ctx, stale); err != nil {
+		t.Fatalf("deleting a task deleted meanwhile: %v", err)
 	}
 }

@@ -7,9 +7,8 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
-
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 )
 
 // MountsUnder returns the mount points at or below dir, as listed in
@@ -26,15 +25,15 @@ func MountsUnder(dir string) ([]string, error) {
 	if err != nil {
 		real = dir
 	}
-	entries, err := mountinfo.Read()
+	entries, err := mountinfo.GetMounts(nil)
 	if err != nil {
 		return nil, fmt.Errorf("reading /proc/self/mountinfo: %w", err)
 	}
 	var points []string
 	for _, e := range entries {
 		for _, d := range []string{dir, real} {
-			if e.MountPoint == d || strings.HasPrefix(e.MountPoint, d+"/") {
-				points = append(points, e.MountPoint)
+			if e.Mountpoint == d || strings.HasPrefix(e.Mountpoint, d+"/") {
+				points = append(points, e.Mountpoint)
 				break
 			}
 		}
@@ -55,7 +54,7 @@ func MountsUnder(dir string) ([]string, error) {
 // an error when something is still mounted afterwards, so callers never
 // remove a directory tree through a live mount.
 func unmountUnder(dir string) error {
-	for attempt := 0; attempt < 3; attempt++ {
+	for range 3 {
 		points, err := MountsUnder(dir)
 		if err != nil {
 			return err

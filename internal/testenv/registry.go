@@ -24,7 +24,7 @@ func StartRegistry(tb testing.TB) string {
 	logPath := filepath.Join(dir, "registry.log")
 
 	var lastErr error
-	for attempt := 0; attempt < 5; attempt++ {
+	for range 5 {
 		addr, err := freeLoopbackAddr()
 		if err != nil {
 			tb.Fatalf("testenv: %v", err)

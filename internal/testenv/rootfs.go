@@ -160,9 +160,9 @@ func aptMirror() (uri, suite string, err error) {
 }
 
 func parseDeb822(data string) (string, string) {
-	for _, stanza := range strings.Split(data, "\n\n") {
+	for stanza := range strings.SplitSeq(data, "\n\n") {
 		fields := map[string]string{}
-		for _, line := range strings.Split(stanza, "\n") {
+		for line := range strings.SplitSeq(stanza, "\n") {
 			line = strings.TrimSpace(line)
 			if line == "" || strings.HasPrefix(line, "#") {
 				continue
@@ -184,7 +184,7 @@ func parseDeb822(data string) (string, string) {
 }
 
 func parseOneLine(data string) (string, string) {
-	for _, line := range strings.Split(data, "\n") {
+	for line := range strings.SplitSeq(data, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 3 || f[0] != "deb" {
 			continue

@@ -12,9 +12,8 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
-
-	"github.com/containerd-daxfs/containerd-daxfs/internal/mountinfo"
 )
 
 // FileInfo is what Snapshot records about one path. Paths are keys of the
@@ -73,12 +72,12 @@ func snapshot(root string, oneFS bool) (map[string]FileInfo, error) {
 		if err != nil {
 			return nil, err
 		}
-		ms, err := mountinfo.Read()
+		ms, err := mountinfo.GetMounts(nil)
 		if err != nil {
 			return nil, err
 		}
 		for _, m := range ms {
-			rel, err := filepath.Rel(real, m.MountPoint)
+			rel, err := filepath.Rel(real, m.Mountpoint)
 			if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
 				continue
 			}
@@ -222,7 +221,7 @@ func listXattrs(p string) (map[string]string, error) {
 		return nil, nil
 	}
 	out := map[string]string{}
-	for _, name := range strings.Split(string(buf[:size]), "\x00") {
+	for name := range strings.SplitSeq(string(buf[:size]), "\x00") {
 		if name == "" {
 			continue
 		}
@@ -313,10 +312,10 @@ func diffInfo(p string, a, b FileInfo, skip Field) []string {
 	add(FieldSize, "size", a.Size, b.Size, "%d")
 	add(FieldContent, "sha256", a.SHA256, b.SHA256, "%s")
 	add(FieldLink, "link", a.Link, b.Link, "%q")
-	if !(isDir && skip&FieldDirNlink != 0) {
+	if !isDir || skip&FieldDirNlink == 0 {
 		add(FieldNlink, "nlink", a.Nlink, b.Nlink, "%d")
 	}
-	if !(isDir && skip&FieldDirMtime != 0) {
+	if !isDir || skip&FieldDirMtime == 0 {
 		add(FieldMtime, "mtime", a.Mtime, b.Mtime, "%d")
 	}
 	add(FieldRdev, "rdev", a.Rdev, b.Rdev, "%d")

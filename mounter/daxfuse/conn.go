@@ -4,13 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log"
+	stdlog "log"
 	"os"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"syscall"
 	"unsafe"
 
+	"github.com/containerd/log"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
@@ -62,7 +64,7 @@ var outPool = sync.Pool{New: func() any { b := make([]byte, outBufSize); return 
 
 // MountOptions are the options our INIT reply is built from. A replacement
 // server must use the same values to rebuild the negotiated state.
-func mountOptions(logger *log.Logger) *fuse.MountOptions {
+func mountOptions(logger *log.Entry) *fuse.MountOptions {
 	return &fuse.MountOptions{
 		MaxWrite:             maxWrite,
 		MaxBackground:        maxBackground,
@@ -74,9 +76,9 @@ func mountOptions(logger *log.Logger) *fuse.MountOptions {
 		ExtraCapabilities: fuse.CAP_NO_OPENDIR_SUPPORT,
 		DisableSplice:     true,
 		Debug:             os.Getenv("DAXFUSE_DEBUG") != "",
-		Logger:            logger,
+		Logger:            stdlog.New(logWriter{logger}, "", 0),
 		PanicHandler: func(v any) fuse.Status {
-			logger.Printf("daxfuse: recovered in handler (returning EIO): %v", v)
+			logger.WithField("panic", v).Error("recovered in a FUSE handler: answering EIO")
 			return fuse.EIO
 		},
 	}
@@ -100,7 +102,7 @@ type Conn struct {
 	fs     FileSystem
 	ps     *fuse.ProtocolServer
 	init   []byte
-	logger *log.Logger
+	logger *log.Entry
 	debug  bool
 
 	mu      sync.Mutex
@@ -150,9 +152,9 @@ func ReadInit(ctx context.Context, devFD int) ([]byte, error) {
 	}
 }
 
-func newConn(devFD int, fs FileSystem, init []byte, logger *log.Logger) (*Conn, []byte, error) {
+func newConn(devFD int, fs FileSystem, init []byte, logger *log.Entry) (*Conn, []byte, error) {
 	if logger == nil {
-		logger = log.Default()
+		logger = log.L
 	}
 	// Work on a dup so the caller keeps its own descriptor. Nonblocking,
 	// so waiting readers park in Go's poller instead of holding an OS
@@ -201,7 +203,7 @@ func newConn(devFD int, fs FileSystem, init []byte, logger *log.Logger) (*Conn, 
 // NewConn answers the INIT request init (from ReadInit) on devFD and
 // returns a Conn ready to Serve. devFD stays owned by the caller (the Conn
 // serves a duplicate).
-func NewConn(devFD int, fs FileSystem, init []byte, logger *log.Logger) (*Conn, error) {
+func NewConn(devFD int, fs FileSystem, init []byte, logger *log.Entry) (*Conn, error) {
 	c, reply, err := newConn(devFD, fs, init, logger)
 	if err != nil {
 		return nil, err
@@ -220,7 +222,7 @@ func NewConn(devFD int, fs FileSystem, init []byte, logger *log.Logger) (*Conn, 
 // had read but not answered (FUSE_NOTIFY_RESEND). resent reports whether
 // the kernel accepted that; without it (Linux < 6.9) those few requests
 // stay unanswered.
-func Adopt(devFD int, fs FileSystem, init []byte, logger *log.Logger) (c *Conn, resent bool, err error) {
+func Adopt(devFD int, fs FileSystem, init []byte, logger *log.Entry) (c *Conn, resent bool, err error) {
 	c, _, err = newConn(devFD, fs, init, logger)
 	if err != nil {
 		return nil, false, err
@@ -230,7 +232,7 @@ func Adopt(devFD int, fs FileSystem, init []byte, logger *log.Logger) (c *Conn, 
 	oh.Length = uint32(len(hdr))
 	oh.Status = notifyResend
 	if err := c.write(hdr[:]); err != nil {
-		c.logger.Printf("daxfuse: FUSE_NOTIFY_RESEND not accepted (%v): requests the previous server took are lost", err)
+		c.logger.WithError(err).Warn("FUSE_NOTIFY_RESEND not accepted: requests the previous server took are lost")
 		return c, false, nil
 	}
 	return c, true, nil
@@ -371,14 +373,14 @@ func (c *Conn) loop() {
 // go-fuse's protocol server.
 func (c *Conn) handle(req []byte) {
 	if len(req) < inHeaderSize {
-		c.logger.Printf("daxfuse: short request (%d bytes)", len(req))
+		c.logger.WithField("bytes", len(req)).Warn("short FUSE request")
 		return
 	}
 	h := (*fuse.InHeader)(unsafe.Pointer(&req[0]))
 	unique, opcode := h.Unique, h.Opcode
 	defer func() {
 		if r := recover(); r != nil {
-			c.logger.Printf("daxfuse: request %d (opcode %d) failed: %v", unique, opcode, r)
+			c.logger.WithField("unique", unique).WithField("opcode", opcode).WithField("panic", r).Error("FUSE request failed: answering EIO")
 			c.replyErr(unique, opcode, syscall.EIO)
 		}
 	}()
@@ -386,7 +388,7 @@ func (c *Conn) handle(req []byte) {
 		in := (*fuse.ReadIn)(unsafe.Pointer(&req[0]))
 		data, st := c.fs.ReadSlice(in.NodeId, in.Offset, in.Size)
 		if c.debug {
-			c.logger.Printf("rx %d: READ n%d [%d +%d): %d bytes, %v", unique, in.NodeId, in.Offset, in.Size, len(data), st)
+			c.logger.Debugf("rx %d: READ n%d [%d +%d): %d bytes, %v", unique, in.NodeId, in.Offset, in.Size, len(data), st)
 		}
 		if !st.Ok() {
 			c.replyErr(unique, opcode, syscall.Errno(st))
@@ -406,7 +408,7 @@ func (c *Conn) handle(req []byte) {
 			c.writeFailed(opcode, err)
 		}
 		if c.debug {
-			c.logger.Printf("tx %d: READ done", unique)
+			c.logger.Debugf("tx %d: READ done", unique)
 		}
 		return
 	}
@@ -446,5 +448,14 @@ func (c *Conn) writeFailed(opcode uint32, err error) {
 	if err == unix.ENOENT || err == unix.ENODEV || errors.Is(err, os.ErrClosed) {
 		return
 	}
-	c.logger.Printf("daxfuse: write reply to opcode %d: %v", opcode, err)
+	c.logger.WithError(err).WithField("opcode", opcode).Warn("writing a FUSE reply")
+}
+
+// logWriter gives go-fuse, which logs through the standard log package,
+// our structured logger: one line, one entry.
+type logWriter struct{ e *log.Entry }
+
+func (w logWriter) Write(p []byte) (int, error) {
+	w.e.Info(strings.TrimSuffix(string(p), "\n"))
+	return len(p), nil
 }

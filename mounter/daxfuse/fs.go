@@ -9,7 +9,6 @@ package daxfuse
 
 import (
 	"errors"
-	"log"
 	"syscall"
 	"time"
 
@@ -31,19 +30,15 @@ type FS struct {
 	fuse.RawFileSystem
 	img     *daxfs.Image
 	timeout time.Duration
-	logger  *log.Logger
 }
 
 // NewFS returns a file system serving img. timeout is the entry, attribute
 // and negative-entry timeout given to the kernel (DefaultTimeout if 0).
-func NewFS(img *daxfs.Image, timeout time.Duration, logger *log.Logger) *FS {
+func NewFS(img *daxfs.Image, timeout time.Duration) *FS {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	if logger == nil {
-		logger = log.Default()
-	}
-	return &FS{RawFileSystem: fuse.NewDefaultRawFileSystem(), img: img, timeout: timeout, logger: logger}
+	return &FS{RawFileSystem: fuse.NewDefaultRawFileSystem(), img: img, timeout: timeout}
 }
 
 // String names the file system; go-fuse uses it as the mount subtype.
@@ -201,10 +196,7 @@ func (fs *FS) ReadSlice(nodeID uint64, off uint64, size uint32) ([]byte, fuse.St
 	if off >= uint64(len(data)) {
 		return nil, fuse.OK
 	}
-	end := off + uint64(size)
-	if end > uint64(len(data)) {
-		end = uint64(len(data))
-	}
+	end := min(off+uint64(size), uint64(len(data)))
 	return data[off:end], fuse.OK
 }
 

@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"log"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
@@ -90,8 +90,7 @@ func serveImage(t *testing.T, img string) string {
 		unix.Unmount(mnt, unix.MNT_DETACH)
 		t.Fatal(err)
 	}
-	logger := log.New(os.Stderr, "daxfuse-test: ", 0)
-	c, err := NewConn(fd, NewFS(im, 0, logger), init, logger)
+	c, err := NewConn(fd, NewFS(im, 0), init, log.L)
 	if err != nil {
 		unix.Unmount(mnt, unix.MNT_DETACH)
 		t.Fatal(err)
@@ -293,7 +292,7 @@ func TestTruncatedSource(t *testing.T) {
 // fusectl file system.
 func abortConnection(mnt string) {
 	ms, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(ms), "\n") {
+	for line := range strings.SplitSeq(string(ms), "\n") {
 		f := strings.Fields(line)
 		if len(f) > 4 && f[4] == mnt {
 			_, minor, _ := strings.Cut(f[2], ":")

@@ -25,8 +25,8 @@ func BenchmarkWrite(b *testing.B) {
 	}
 	defer f.Close()
 	w := daxfs.NewWriter(f, daxfs.WriterOptions{})
-	for d := 0; d < dirs; d++ {
-		for i := 0; i < perDir; i++ {
+	for d := range dirs {
+		for i := range perDir {
 			h := &daxfs.Header{Path: fmt.Sprintf("usr/lib/d%03d/file-%03d.so", d, i), Mode: daxfs.ModeRegular | 0o644, Size: 10000,
 				Xattrs: map[string][]byte{"security.selinux": []byte("system_u:object_r:lib_t:s0")}}
 			if err := w.AddExternal(h, 0, uint64(d*perDir+i)*3*4096); err != nil {
@@ -102,7 +102,6 @@ func BenchmarkWarmRead(b *testing.B) {
 	}
 	os.Remove(img)
 	r := placeImage(b, dir, raw, 4*blockSize, 0)
-	raw = nil
 	mnt := mountErofs(b, writeMeta(b, dir, r), r.path)
 	disk := filepath.Join(b.TempDir(), "big")
 	if err := os.WriteFile(disk, data, 0o644); err != nil {

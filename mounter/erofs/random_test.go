@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -131,9 +132,9 @@ func writeRandomTree(tb testing.TB, root string, rnd *rand.Rand) {
 		}
 		return nil
 	})
-	for i := len(all) - 1; i >= 0; i-- {
+	for _, a := range slices.Backward(all) {
 		ts := unix.NsecToTimespec(time.Unix(rnd.Int63n(4e9)-1e9, rnd.Int63n(1e9)).UnixNano())
-		must(unix.UtimesNanoAt(unix.AT_FDCWD, all[i], []unix.Timespec{ts, ts}, unix.AT_SYMLINK_NOFOLLOW))
+		must(unix.UtimesNanoAt(unix.AT_FDCWD, a, []unix.Timespec{ts, ts}, unix.AT_SYMLINK_NOFOLLOW))
 	}
 	// Directories last of all could not get a mode without search
 	// permission earlier (the walk needs it); give some of them one now.

@@ -7,13 +7,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log"
 	"net"
 	"os"
 	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 )
 
 // DefaultStateDir is where fuse-serve keeps its sockets unless told
@@ -33,8 +33,18 @@ func Main(ctx context.Context, args []string) error {
 	if fl.NArg() > 0 {
 		return fmt.Errorf("fuse-serve: unexpected arguments %q", fl.Args())
 	}
+	// Our output is the state directory's serve.log or holder.log.
+	if err := log.SetFormat(log.TextFormat); err != nil {
+		return err
+	}
+	if os.Getenv("DAXFUSE_DEBUG") != "" {
+		// daxfuse then logs every request, at debug level.
+		if err := log.SetLevel("debug"); err != nil {
+			return err
+		}
+	}
 	if *holderMode {
-		err := RunHolder(ctx, *state, log.New(os.Stderr, "fuse-holder: ", log.LstdFlags))
+		err := RunHolder(ctx, *state)
 		if errors.Is(err, ErrRunning) {
 			return nil
 		}
@@ -147,17 +157,33 @@ func (c *Client) call(ctx context.Context, req *Request) (*Response, error) {
 			err = fmt.Errorf("%w: %s", errdefs.ErrAlreadyExists, resp.Error)
 		case CodeInvalid:
 			err = fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, resp.Error)
+		case CodeStopping:
+			err = fmt.Errorf("%w: %s", errStopping, resp.Error)
 		}
 		return &resp, err
 	}
 	return &resp, nil
 }
 
-// Mount mounts the image at src on target.
+// Mount mounts the image at src on target. A server that is stopping
+// (stop-idle) refuses; the call then waits for it to go and asks the
+// next one, which it starts.
 func (c *Client) Mount(ctx context.Context, src Source, target string, validate bool) error {
-	_, err := c.call(ctx, &Request{Op: "mount", Source: src, Target: target, Validate: validate})
-	return err
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := c.call(ctx, &Request{Op: "mount", Source: src, Target: target, Validate: validate})
+		if !errors.Is(err, errStopping) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
+
+var errStopping = errors.New("server stopping")
 
 // Unmount detaches target; the connection is served until its last user
 // (an overlay using it as a lower) goes away.
@@ -173,6 +199,22 @@ func (c *Client) List(ctx context.Context) ([]MountRecord, error) {
 		return nil, err
 	}
 	return resp.Mounts, nil
+}
+
+// StopIfIdle stops the server and its holder if the server serves no
+// connection, and reports whether it did. It does not start a server: with
+// none running it reports false and no error.
+func (c *Client) StopIfIdle(ctx context.Context) (bool, error) {
+	q := *c
+	q.command = nil
+	resp, err := q.call(ctx, &Request{Op: "stop-idle"})
+	if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+		return false, nil // no server
+	}
+	if err != nil {
+		return false, err
+	}
+	return resp.Stopped, nil
 }
 
 // Quit detaches every mount and stops the server and the holder. It does

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log"
 	"net"
 	"os"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -20,7 +20,7 @@ import (
 // the kernel connections alive and hands them over.
 type holder struct {
 	dir    string
-	logger *log.Logger
+	logger *log.Entry
 
 	mu      sync.Mutex
 	entries map[string]holderEntry
@@ -44,10 +44,8 @@ const restartDelay = 100 * time.Millisecond
 // RunHolder runs the descriptor holder for stateDir until ctx ends or a
 // quit request arrives with nothing held. It returns ErrRunning if another
 // holder runs.
-func RunHolder(ctx context.Context, stateDir string, logger *log.Logger) error {
-	if logger == nil {
-		logger = log.New(os.Stderr, "fuse-holder: ", log.LstdFlags)
-	}
+func RunHolder(ctx context.Context, stateDir string) error {
+	logger := log.G(ctx).WithField("fuse", "holder").WithField("state", stateDir)
 	lock, err := lockFile(holderLock(stateDir))
 	if err != nil {
 		return err
@@ -66,7 +64,7 @@ func RunHolder(ctx context.Context, stateDir string, logger *log.Logger) error {
 		}
 		l.Close()
 	}()
-	logger.Printf("holding FUSE descriptors for %s (pid %d)", stateDir, os.Getpid())
+	logger.WithField("pid", os.Getpid()).Info("holding FUSE descriptors")
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
@@ -98,7 +96,7 @@ func (h *holder) serve(c *net.UnixConn) {
 		m, fd, err := recvMsg(c)
 		if err != nil {
 			if !errors.Is(err, errEOF) {
-				h.logger.Printf("read: %v", err)
+				h.logger.WithError(err).Warn("reading from a client")
 			}
 			return
 		}
@@ -112,7 +110,7 @@ func (h *holder) serve(c *net.UnixConn) {
 			n := len(h.entries)
 			h.mu.Unlock()
 			reply.Count = n
-			h.logger.Printf("server connected (%d connections held)", n)
+			h.logger.WithField("held", n).Info("server connected")
 		case "store":
 			if fd < 0 || m.Record == nil || m.Record.ID == "" {
 				reply = &holderMsg{Op: "error", Error: "store needs a record with an id and a descriptor"}
@@ -146,7 +144,7 @@ func (h *holder) serve(c *net.UnixConn) {
 			h.mu.Unlock()
 		case "fetch":
 			if err := h.fetch(c); err != nil {
-				h.logger.Printf("fetch: %v", err)
+				h.logger.WithError(err).Warn("handing the descriptors to the server")
 				return
 			}
 			continue
@@ -222,9 +220,9 @@ func (h *holder) serverGone(c *net.UnixConn) {
 		if attempt > 0 && alive(serveSock(h.dir)) {
 			return // someone else started one; it will say hello
 		}
-		h.logger.Printf("server gone with %d connections held: starting %q", n, cmd)
+		h.logger.WithField("held", n).WithField("command", cmd).Warn("server gone: starting a new one")
 		if err := spawn(cmd, env, logPath(h.dir, "serve.log")); err != nil {
-			h.logger.Printf("start server: %v", err)
+			h.logger.WithError(err).Error("starting the server")
 		}
 		delay = min(delay*2, 5*time.Second)
 		// Wait for its hello; try again if it does not come.

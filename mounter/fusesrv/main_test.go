@@ -61,8 +61,8 @@ func startServer(t *testing.T) *Client {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := c.Quit(ctx); err != nil {
-			t.Errorf("quit: %v", err)
+		if err := c.Quit(ctx); err != nil && alive(serveSock(state)) {
+			t.Errorf("quit: %v", err) // (a test may have stopped it already)
 		}
 		// Both processes must be gone: their locks become free.
 		for _, lock := range []string{serveLock(state), holderLock(state)} {
@@ -89,6 +89,23 @@ func startServer(t *testing.T) *Client {
 		os.RemoveAll(state)
 	})
 	return c
+}
+
+// waitFree waits until no process holds lock (its holder exited).
+func waitFree(t *testing.T, lock string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		f, err := lockFile(lock)
+		if err == nil {
+			f.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still held", lock)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // testImage writes the conformance tree and its image; it returns both.

@@ -1,6 +1,7 @@
 package fusesrv
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -33,6 +34,24 @@ func lockFile(path string) (*os.File, error) {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
 	return f, nil
+}
+
+// lockServer takes the server lock of stateDir. A server that is stopping
+// holds it for a moment after closing its socket: wait for that one, but
+// fail at once with ErrRunning while a server answers on the socket.
+func lockServer(ctx context.Context, stateDir string) (*os.File, error) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		f, err := lockFile(serveLock(stateDir))
+		if !errors.Is(err, ErrRunning) || alive(serveSock(stateDir)) || time.Now().After(deadline) {
+			return f, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 func logPath(dir, name string) string { return filepath.Join(dir, name) }

@@ -5,7 +5,7 @@
 //
 // Processes and files in the state directory:
 //
-//	serve.sock   the server's control socket (JSON lines: mount, unmount, list, ping, quit)
+//	serve.sock   the server's control socket (JSON lines: mount, unmount, list, ping, quit, stop-idle)
 //	serve.lock   flock held by the one running server
 //	holder.sock  the holder's socket (SOCK_SEQPACKET, JSON + SCM_RIGHTS)
 //	holder.lock  flock held by the one running holder
@@ -76,21 +76,23 @@ type MountRecord struct {
 
 // Request is one control request to the server.
 type Request struct {
-	Op       string `json:"op"` // mount, unmount, list, ping, quit
+	Op       string `json:"op"` // mount, unmount, list, ping, quit, stop-idle
 	Target   string `json:"target,omitempty"`
-	Source   Source `json:"source,omitempty"`
+	Source   Source `json:"source,omitzero"`
 	Validate bool   `json:"validate,omitempty"`
 }
 
 // Response answers a Request.
 type Response struct {
 	Error  string        `json:"error,omitempty"`
-	Code   string        `json:"code,omitempty"` // "not_found", "already_exists", "invalid" or ""
+	Code   string        `json:"code,omitempty"` // "not_found", "already_exists", "invalid", "stopping" or ""
 	Mounts []MountRecord `json:"mounts,omitempty"`
 	PID    int           `json:"pid,omitempty"`
 	// Holder reports whether a descriptor holder is connected, i.e.
 	// whether the mounts survive this server's death.
 	Holder bool `json:"holder,omitempty"`
+	// Stopped answers stop-idle: the server served nothing and stops.
+	Stopped bool `json:"stopped,omitempty"`
 }
 
 // Error codes.
@@ -98,6 +100,9 @@ const (
 	CodeNotFound      = "not_found"
 	CodeAlreadyExists = "already_exists"
 	CodeInvalid       = "invalid"
+	// CodeStopping: the server is stopping (it was idle and told to
+	// stop); a client starts a new one and asks again.
+	CodeStopping = "stopping"
 )
 
 // Paths in the state directory.

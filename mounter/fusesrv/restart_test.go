@@ -3,7 +3,7 @@ package fusesrv
 import (
 	"bytes"
 	"context"
-	"crypto/md5"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -99,9 +99,7 @@ func TestServerKilled(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for _, root := range []string{mnt, merged} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			buf, err := unix.Mmap(-1, 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
 			if err != nil {
 				panic(err)
@@ -133,7 +131,7 @@ func TestServerKilled(t *testing.T) {
 					ops.Add(1)
 				}
 			}
-		}()
+		})
 	}
 	waitOps := func(n int64) {
 		t.Helper()
@@ -243,9 +241,9 @@ func TestRuncContainer(t *testing.T) {
 
 	var checks []string
 	for _, f := range []string{"sizes/f65537", "sizes/f1048579", "bin/busybox"} {
-		sum := md5.Sum(mustRead(t, filepath.Join(src, f)))
+		sum := sha256.Sum256(mustRead(t, filepath.Join(src, f)))
 		checks = append(checks, fmt.Sprintf(
-			`s=$(/bin/busybox dd if=/%s iflag=direct bs=65536 2>/dev/null | /bin/busybox md5sum) || exit 1; [ "${s%%%% *}" = %s ] || { echo "bad /%s: $s"; exit 1; }`,
+			`s=$(/bin/busybox dd if=/%s iflag=direct bs=65536 2>/dev/null | /bin/busybox sha256sum) || exit 1; [ "${s%%%% *}" = %s ] || { echo "bad /%s: $s"; exit 1; }`,
 			f, hex.EncodeToString(sum[:]), f))
 	}
 	script := `set -o pipefail; i=0; end=$(( $(/bin/busybox date +%s) + 6 ))

@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"log"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
 	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
@@ -24,7 +24,6 @@ import (
 // Options configure the serving process.
 type Options struct {
 	StateDir string
-	Logger   *log.Logger
 	// Command is the argv the holder runs to start a replacement server.
 	// Default: this executable with this process's arguments.
 	Command []string
@@ -45,12 +44,13 @@ type served struct {
 // Server owns the FUSE connections.
 type Server struct {
 	opts   Options
-	logger *log.Logger
+	logger *log.Entry
 
-	mu      sync.Mutex
-	mounts  map[string]*served // by ID
-	pending map[string]bool    // targets being mounted
-	hc      *holderClient      // nil while no holder is reachable
+	mu       sync.Mutex
+	mounts   map[string]*served // by ID
+	pending  map[string]bool    // targets being mounted
+	hc       *holderClient      // nil while no holder is reachable
+	stopping bool               // stop-idle succeeded: no more mounts
 
 	quitting chan struct{}
 	wg       sync.WaitGroup
@@ -61,9 +61,6 @@ type Server struct {
 func Run(ctx context.Context, opts Options) error {
 	if opts.StateDir == "" {
 		return errors.New("fuse-serve: no state directory")
-	}
-	if opts.Logger == nil {
-		opts.Logger = log.New(os.Stderr, "fuse-serve: ", log.LstdFlags)
 	}
 	if len(opts.Command) == 0 {
 		exe, err := os.Executable()
@@ -78,25 +75,25 @@ func Run(ctx context.Context, opts Options) error {
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return err
 	}
-	lock, err := lockFile(serveLock(opts.StateDir))
+	lock, err := lockServer(ctx, opts.StateDir)
 	if err != nil {
 		return err
 	}
 	defer lock.Close()
 
 	s := &Server{
-		opts: opts, logger: opts.Logger,
+		opts: opts, logger: log.G(ctx).WithField("fuse", "serve").WithField("state", opts.StateDir),
 		mounts: map[string]*served{}, pending: map[string]bool{},
 		quitting: make(chan struct{}),
 	}
 	if err := s.connectHolder(ctx); err != nil {
-		s.logger.Printf("no descriptor holder (mounts will not survive this process): %v", err)
+		s.logger.WithError(err).Warn("no descriptor holder: mounts will not survive this process")
 	} else if err := s.adoptAll(); err != nil {
-		s.logger.Printf("adopt: %v", err)
+		s.logger.WithError(err).Error("adopting the held connections")
 	}
 	if s.hc != nil {
 		if _, err := s.hc.call(&holderMsg{Op: "hello", Command: opts.Command, Env: os.Environ()}, -1); err != nil {
-			s.logger.Printf("hello to holder: %v", err)
+			s.logger.WithError(err).Warn("saying hello to the holder")
 		}
 	}
 
@@ -107,7 +104,7 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	defer l.Close()
 	os.Chmod(serveSock(opts.StateDir), 0o600)
-	s.logger.Printf("serving FUSE mounts for %s (pid %d, %d adopted)", opts.StateDir, os.Getpid(), len(s.mounts))
+	s.logger.WithField("pid", os.Getpid()).WithField("adopted", len(s.mounts)).Info("serving FUSE mounts")
 
 	go s.watchHolder(ctx)
 	go func() {
@@ -149,7 +146,7 @@ func (s *Server) serveControl(ctx context.Context, c *net.UnixConn) {
 		if err := writeJSONLine(c, resp); err != nil {
 			return
 		}
-		if req.Op == "quit" && resp.Error == "" {
+		if resp.Error == "" && (req.Op == "quit" || req.Op == "stop-idle" && resp.Stopped) {
 			close(s.quitting)
 			return
 		}
@@ -170,8 +167,7 @@ func (s *Server) handle(ctx context.Context, req *Request) *Response {
 		return &Response{PID: os.Getpid(), Mounts: s.list()}
 	case "mount":
 		if err := s.mount(ctx, req.Source, req.Target, req.Validate); err != nil {
-			var ce *codeError
-			if errors.As(err, &ce) {
+			if ce, ok := errors.AsType[*codeError](err); ok {
 				return errResp(ce.code, err)
 			}
 			return errResp("", err)
@@ -179,8 +175,7 @@ func (s *Server) handle(ctx context.Context, req *Request) *Response {
 		return &Response{}
 	case "unmount":
 		if err := s.unmount(req.Target); err != nil {
-			var ce *codeError
-			if errors.As(err, &ce) {
+			if ce, ok := errors.AsType[*codeError](err); ok {
 				return errResp(ce.code, err)
 			}
 			return errResp("", err)
@@ -191,6 +186,12 @@ func (s *Server) handle(ctx context.Context, req *Request) *Response {
 			return errResp("", err)
 		}
 		return &Response{}
+	case "stop-idle":
+		stopped, err := s.stopIfIdle()
+		if err != nil {
+			return errResp("", err)
+		}
+		return &Response{Stopped: stopped}
 	}
 	return errResp(CodeInvalid, fmt.Errorf("unknown request %q", req.Op))
 }
@@ -237,6 +238,10 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 		return &codeError{CodeInvalid, errors.New("mount: no image source")}
 	}
 	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		return &codeError{CodeStopping, errors.New("mount: the server is stopping")}
+	}
 	if s.pending[target] || s.byTarget(target) != nil {
 		s.mu.Unlock()
 		return &codeError{CodeAlreadyExists, fmt.Errorf("%s: already mounted", target)}
@@ -270,8 +275,8 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 	if err != nil {
 		return fail(fmt.Errorf("mount %s: %w", target, err))
 	}
-	fs := daxfuse.NewFS(img, s.opts.Timeout, s.logger)
-	conn, err := daxfuse.NewConn(devFD, fs, init, s.logger)
+	fs := daxfuse.NewFS(img, s.opts.Timeout)
+	conn, err := daxfuse.NewConn(devFD, fs, init, s.logger.WithField("target", target))
 	if err != nil {
 		return fail(fmt.Errorf("mount %s: %w", target, err))
 	}
@@ -284,17 +289,17 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 	}
 	conn.Serve()
 	if err := daxfuse.DisablePoll(target); err != nil {
-		s.logger.Printf("%v", err)
+		s.logger.WithError(err).Warn("tuning the mount")
 	}
 	if err := daxfuse.Tune(target); err != nil {
-		s.logger.Printf("%v", err)
+		s.logger.WithError(err).Warn("tuning the mount")
 	}
 	s.mu.Lock()
 	s.mounts[m.rec.ID] = m
 	s.mu.Unlock()
 	s.store(m)
 	go s.watch(m)
-	s.logger.Printf("mounted %s on %s (%s)", src, target, m.rec.ID)
+	s.logger.WithField("source", src.String()).WithField("target", target).WithField("id", m.rec.ID).Info("mounted")
 	return nil
 }
 
@@ -303,14 +308,14 @@ func (s *Server) mount(ctx context.Context, src Source, target string, validate 
 func (s *Server) watch(m *served) {
 	<-m.conn.Done()
 	if err := m.conn.Err(); err != nil {
-		s.logger.Printf("connection %s (%s) ended: %v", m.rec.ID, m.rec.Target, err)
+		s.logger.WithError(err).WithField("id", m.rec.ID).WithField("target", m.rec.Target).Warn("connection ended")
 	}
 	s.mu.Lock()
 	hc := s.hc
 	s.mu.Unlock()
 	if hc != nil {
 		if _, err := hc.call(&holderMsg{Op: "drop", ID: m.rec.ID}, -1); err != nil {
-			s.logger.Printf("drop %s from holder: %v", m.rec.ID, err)
+			s.logger.WithError(err).WithField("id", m.rec.ID).Warn("dropping a connection from the holder")
 		}
 	}
 	s.mu.Lock()
@@ -320,7 +325,7 @@ func (s *Server) watch(m *served) {
 	if m.win != nil {
 		m.win.Close()
 	}
-	s.logger.Printf("released %s (%s)", m.rec.ID, m.rec.Source)
+	s.logger.WithField("id", m.rec.ID).WithField("source", m.rec.Source.String()).Info("released")
 }
 
 // byTarget finds the mounted (not detached) entry on target. s.mu held.
@@ -388,7 +393,7 @@ func (s *Server) quit() error {
 	s.mu.Unlock()
 	for _, t := range targets {
 		if err := s.unmount(t); err != nil {
-			s.logger.Printf("quit: %v", err)
+			s.logger.WithError(err).Warn("quit: detaching a mount")
 		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
@@ -403,6 +408,9 @@ func (s *Server) quit() error {
 	}
 	s.mu.Lock()
 	n, hc := len(s.mounts), s.hc
+	if n == 0 {
+		s.stopping = true // no more mounts, and no new holder
+	}
 	s.mu.Unlock()
 	if n > 0 {
 		return fmt.Errorf("quit: %d connections still in use (detached mounts under an overlay?)", n)
@@ -419,6 +427,32 @@ func (s *Server) quit() error {
 	return nil
 }
 
+// stopIfIdle stops the server, and its holder, when it serves no
+// connection and mounts nothing: a server started for a mount command
+// should not outlive that mount's last user. Once it said yes, mounts are
+// refused (CodeStopping: the client starts a new server).
+func (s *Server) stopIfIdle() (bool, error) {
+	s.mu.Lock()
+	if len(s.mounts) > 0 || len(s.pending) > 0 {
+		s.mu.Unlock()
+		return false, nil
+	}
+	s.stopping = true
+	hc := s.hc
+	s.hc = nil
+	s.mu.Unlock()
+	if hc != nil {
+		// The holder holds nothing either: every connection it held
+		// was one of ours, dropped when it ended.
+		if _, err := hc.call(&holderMsg{Op: "quit"}, -1); err != nil {
+			s.logger.WithError(err).Warn("stopping the holder")
+		}
+		hc.close()
+	}
+	s.logger.Info("stopping: no connection left to serve")
+	return true, nil
+}
+
 // store hands a duplicate of m's descriptor and its record to the holder.
 func (s *Server) store(m *served) {
 	s.mu.Lock()
@@ -429,7 +463,7 @@ func (s *Server) store(m *served) {
 		return
 	}
 	if _, err := hc.call(&holderMsg{Op: "store", Record: &rec}, m.devFD); err != nil {
-		s.logger.Printf("store %s in holder: %v", rec.ID, err)
+		s.logger.WithError(err).WithField("id", rec.ID).Warn("storing a connection in the holder")
 	}
 }
 
@@ -450,14 +484,14 @@ func (s *Server) adopt(rec MountRecord, devFD int) {
 	win, img, err := openImage(rec.Source, false)
 	broken := false
 	if err != nil {
-		s.logger.Printf("adopt %s (%s): %v; answering EIO", rec.ID, rec.Target, err)
+		s.logger.WithError(err).WithField("id", rec.ID).WithField("target", rec.Target).Error("adopting a connection whose image cannot be opened: answering EIO")
 		fs, broken = daxfuse.NewBrokenFS(), true
 	} else {
-		fs = daxfuse.NewFS(img, s.opts.Timeout, s.logger)
+		fs = daxfuse.NewFS(img, s.opts.Timeout)
 	}
-	conn, resent, err := daxfuse.Adopt(devFD, fs, rec.Init, s.logger)
+	conn, resent, err := daxfuse.Adopt(devFD, fs, rec.Init, s.logger.WithField("target", rec.Target))
 	if err != nil {
-		s.logger.Printf("adopt %s (%s): %v", rec.ID, rec.Target, err)
+		s.logger.WithError(err).WithField("id", rec.ID).WithField("target", rec.Target).Error("adopting a connection")
 		unix.Close(devFD)
 		if win != nil {
 			win.Close()
@@ -475,11 +509,17 @@ func (s *Server) adopt(rec MountRecord, devFD int) {
 		hc.call(&holderMsg{Op: "update", Record: &rec}, -1)
 	}
 	go s.watch(m)
-	s.logger.Printf("adopted %s on %s (%s, resend=%v)", rec.Source, rec.Target, rec.ID, resent)
+	s.logger.WithField("source", rec.Source.String()).WithField("target", rec.Target).WithField("id", rec.ID).WithField("resend", resent).Info("adopted")
 }
 
 // connectHolder connects to the holder, starting one if none runs.
 func (s *Server) connectHolder(ctx context.Context) error {
+	s.mu.Lock()
+	stopping := s.stopping
+	s.mu.Unlock()
+	if stopping {
+		return errors.New("the server is stopping")
+	}
 	hc, err := dialHolder(s.opts.StateDir)
 	if err != nil {
 		if err := spawn(s.opts.HolderCommand, nil, logPath(s.opts.StateDir, "holder.log")); err != nil {
@@ -498,8 +538,17 @@ func (s *Server) connectHolder(ctx context.Context) error {
 		}
 	}
 	s.mu.Lock()
-	s.hc = hc
+	stopping = s.stopping
+	if !stopping {
+		s.hc = hc
+	}
 	s.mu.Unlock()
+	if stopping {
+		// Stopped meanwhile: the holder we reached has nothing to hold.
+		_, _ = hc.call(&holderMsg{Op: "quit"}, -1)
+		hc.close()
+		return errors.New("the server is stopping")
+	}
 	return nil
 }
 
@@ -517,8 +566,11 @@ func (s *Server) watchHolder(ctx context.Context) {
 		case <-t.C:
 		}
 		s.mu.Lock()
-		hc := s.hc
+		hc, stopping := s.hc, s.stopping
 		s.mu.Unlock()
+		if stopping {
+			return // the holder was told to quit: do not start another
+		}
 		if hc != nil {
 			if _, err := hc.call(&holderMsg{Op: "ping"}, -1); err == nil {
 				continue
@@ -527,10 +579,10 @@ func (s *Server) watchHolder(ctx context.Context) {
 			s.mu.Lock()
 			s.hc = nil
 			s.mu.Unlock()
-			s.logger.Printf("holder gone: starting a new one")
+			s.logger.Warn("holder gone: starting a new one")
 		}
 		if err := s.connectHolder(ctx); err != nil {
-			s.logger.Printf("holder: %v", err)
+			s.logger.WithError(err).Error("starting the holder")
 			continue
 		}
 		s.mu.Lock()

@@ -197,3 +197,52 @@ func TestOverlayLower(t *testing.T) {
 }
 
 var _ = mtest.Busybox
+
+// TestStopIfIdle: stop-idle leaves a server that serves a mount alone,
+// stops an idle one and its holder (both processes exit), and a later
+// mount starts a new server.
+func TestStopIfIdle(t *testing.T) {
+	c := startServer(t)
+	_, img := testImage(t)
+	mnt := mkdir(t, filepath.Join(t.TempDir(), "mnt"))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := mountImage(t, c, Source{Path: img}, mnt, false); err != nil {
+		t.Fatal(err)
+	}
+	first := serverPID(t, c)
+	if stopped, err := c.StopIfIdle(ctx); err != nil || stopped {
+		t.Fatalf("stop-idle with a mount: stopped %v, %v; want it to keep serving", stopped, err)
+	}
+	if err := c.Unmount(ctx, mnt); err != nil {
+		t.Fatal(err)
+	}
+	// The connection ends once the kernel lets it go.
+	for deadline := time.Now().Add(10 * time.Second); len(listMounts(t, c)) > 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("connection still served after unmount: %s", describe(listMounts(t, c)))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if stopped, err := c.StopIfIdle(ctx); err != nil || !stopped {
+		t.Fatalf("stop-idle of an idle server: stopped %v, %v", stopped, err)
+	}
+	waitFree(t, serveLock(c.StateDir()))
+	waitFree(t, holderLock(c.StateDir()))
+	if alive(serveSock(c.StateDir())) {
+		t.Fatal("the stopped server still answers")
+	}
+	if stopped, err := c.StopIfIdle(ctx); err != nil || stopped {
+		t.Fatalf("stop-idle with no server: stopped %v, %v; want false and no error", stopped, err)
+	}
+	// The next mount starts a new server.
+	if err := mountImage(t, c, Source{Path: img}, mnt, false); err != nil {
+		t.Fatal(err)
+	}
+	if pid := serverPID(t, c); pid == first {
+		t.Fatalf("mount after stop-idle served by the old server (pid %d)", pid)
+	}
+	if _, err := os.Stat(filepath.Join(mnt, "one")); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -178,7 +178,7 @@ func readXattrs(path string) (map[string]string, error) {
 		return nil, fmt.Errorf("listxattr %s: %w", path, err)
 	}
 	out := map[string]string{}
-	for _, name := range strings.Split(string(buf[:size]), "\x00") {
+	for name := range strings.SplitSeq(string(buf[:size]), "\x00") {
 		if name == "" {
 			continue
 		}

@@ -3,6 +3,7 @@ package mtest
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -101,9 +102,19 @@ func Conformance(t *testing.T, src, mnt string) {
 					break
 				}
 				for off := 0; off < n; {
-					reclen := int(buf[off+16]) | int(buf[off+17])<<8
-					typ := buf[off+18]
-					name := buf[off+19 : off+reclen]
+					// linux_dirent64: ino, off, reclen (u16 @16), type
+					// (@18), NUL-terminated name (@19).
+					rec := buf[off:n]
+					if len(rec) < 20 {
+						t.Fatalf("getdents: record at %d of %d bytes", off, n)
+					}
+					reclen := int(binary.LittleEndian.Uint16(rec[16:18]))
+					if reclen < 20 || reclen > len(rec) {
+						t.Fatalf("getdents: record length %d at %d of %d bytes", reclen, off, n)
+					}
+					rec = rec[:reclen]
+					typ := rec[18]
+					name := rec[19:]
 					name = name[:bytes.IndexByte(name, 0)]
 					names[string(name)] = typ
 					off += reclen
@@ -216,7 +227,7 @@ func Conformance(t *testing.T, src, mnt string) {
 	})
 
 	t.Run("negative", func(t *testing.T) {
-		for i := 0; i < 3; i++ {
+		for range 3 {
 			if _, err := os.Lstat(filepath.Join(mnt, "dir/absent")); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("lookup of a missing name: %v", err)
 			}

@@ -9,6 +9,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -99,7 +100,7 @@ func xattrs(p string) (map[string][]byte, error) {
 		return nil, fmt.Errorf("listxattr %s: %w", p, err)
 	}
 	out := map[string][]byte{}
-	for _, name := range strings.Split(string(buf[:n]), "\x00") {
+	for name := range strings.SplitSeq(string(buf[:n]), "\x00") {
 		if name == "" {
 			continue
 		}
@@ -157,7 +158,7 @@ func WriteTree(tb testing.TB, root string) {
 	must(os.Chmod(filepath.Join(root, "dir"), 0o2750))
 	must(os.MkdirAll(filepath.Join(root, "emptydir"), 0o700))
 	file(strings.Repeat("n", 255), 0o644, []byte("long name\n"))
-	for i := 0; i < 300; i++ {
+	for i := range 300 {
 		file(fmt.Sprintf("many/entry-%03d", i), 0o644, []byte(fmt.Sprint(i)))
 	}
 	hl := file("links/hard1", 0o644, []byte("hard\n"))
@@ -199,10 +200,10 @@ func WriteTree(tb testing.TB, root string) {
 		}
 		return nil
 	})
-	for j := len(paths) - 1; j >= 0; j-- {
+	for _, path := range slices.Backward(paths) {
 		ts := []unix.Timespec{unix.NsecToTimespec(t0.Add(time.Duration(i) * 1001 * time.Millisecond).UnixNano()), unix.NsecToTimespec(t0.Add(time.Duration(i) * 1001 * time.Millisecond).UnixNano())}
 		i++
-		must(unix.UtimesNanoAt(unix.AT_FDCWD, paths[j], ts, unix.AT_SYMLINK_NOFOLLOW))
+		must(unix.UtimesNanoAt(unix.AT_FDCWD, path, ts, unix.AT_SYMLINK_NOFOLLOW))
 	}
 }
 
