@@ -62,9 +62,11 @@ func newEROFSDAX(ctx context.Context, o DAXOptions, validate bool) (*erofsDAXMou
 	}
 	b, err := os.ReadFile("/proc/filesystems")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("the erofs-dax mounter: %w", err)
 	}
-	if ok, err := hasFilesystem(b, EROFSFSType); err != nil || !ok {
+	if ok, err := hasFilesystem(b, EROFSFSType); err != nil {
+		return nil, fmt.Errorf("the erofs-dax mounter: reading /proc/filesystems: %w", err)
+	} else if !ok {
 		return nil, fmt.Errorf("%w: erofs is not in /proc/filesystems", errdefs.ErrNotImplemented)
 	}
 	if _, err := exec.LookPath("dmsetup"); err != nil {
@@ -77,16 +79,38 @@ func newEROFSDAX(ctx context.Context, o DAXOptions, validate bool) (*erofsDAXMou
 	m := &erofsDAXMounter{dev: o.Device, devSize: size, region: o.Region, validate: validate}
 	ms, err := mountinfo.GetMounts(mountinfo.FSTypeFilter(EROFSFSType))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("the erofs-dax mounter: %w", err)
 	}
+	inUse := map[string]bool{}
 	for _, e := range ms {
 		if k, ok := daxMetaKey(e.Source); ok {
+			inUse[filepath.Base(e.Source)] = true
 			if err := m.region.Ref(daxmem.KindView, k); err != nil {
 				log.G(ctx).WithError(err).WithField("target", e.Mountpoint).Warn("the erofs metadata of a mounted view is not in the region")
 			}
 		}
 	}
+	removeUnusedDevices(ctx, inUse)
 	return m, nil
+}
+
+// removeUnusedDevices removes our device-mapper devices that no mount
+// uses: left by a crash between creating one and mounting it, or by a
+// mount detached without us.
+func removeUnusedDevices(ctx context.Context, inUse map[string]bool) {
+	out, err := dmsetup(ctx, "", "ls")
+	if err != nil {
+		log.G(ctx).WithError(err).Debug("listing device-mapper devices")
+		return
+	}
+	for line := range strings.Lines(out) {
+		f := strings.Fields(line)
+		if len(f) == 0 || !strings.HasPrefix(f[0], daxDMPrefix) || inUse[f[0]] {
+			continue
+		}
+		log.G(ctx).WithField("device", f[0]).Info("removing an unused erofs-dax device-mapper device")
+		dmRemove(ctx, "/dev/mapper/"+f[0])
+	}
 }
 
 // checkRegionDevice reads the first page of dev directly (no page cache:
@@ -105,7 +129,7 @@ func checkRegionDevice(dev string, r *daxmem.Region) (int64, error) {
 	// O_DIRECT wants an aligned buffer: a page of an anonymous mapping.
 	page, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("erofs-dax device %s: a buffer for its first page: %w", dev, err)
 	}
 	defer unix.Munmap(page)
 	if _, err := f.ReadAt(page, 0); err != nil {
@@ -202,6 +226,12 @@ func (m *erofsDAXMounter) store(ctx context.Context, key daxmem.Key, meta []byte
 					continue // collected meanwhile
 				}
 				return daxmem.Entry{}, err
+			}
+			// The kernel's erofs parses these bytes: they must be the
+			// ones built here, whoever published them.
+			if b, err := m.region.Slice(e.Offset, int64(len(meta))); err != nil || e.Length != int64(len(meta)) || !bytes.Equal(b, meta) {
+				_ = m.region.Unref(daxmem.KindView, key)
+				return daxmem.Entry{}, fmt.Errorf("%w: the erofs metadata image %s in the region differs from the one built from the view", errdefs.ErrDataLoss, key)
 			}
 			return e, nil
 		}

@@ -4,14 +4,19 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
@@ -72,7 +77,19 @@ func KernelMountData(src Source) (string, error) {
 const KernelMountFlags = unix.MS_RDONLY
 
 // kernelMounter mounts with the daxfs module.
-type kernelMounter struct{}
+type kernelMounter struct {
+	// mu guards execOK: whether the module lets a program on its mounts
+	// run (known after the first mount holding a regular file).
+	mu       sync.Mutex
+	execOK   bool
+	execSeen bool
+}
+
+// ErrModuleNoExec says the loaded daxfs module refuses private writable
+// mappings of a static image: exec maps a program's data segment that
+// way, so every program on such a mount dies of SIGSEGV. The module as
+// published at aa9c212 does it; auto mode then mounts with something else.
+var ErrModuleNoExec = errors.New("the loaded daxfs module refuses private writable mappings of static images, so no program on its mounts can run (exec dies of SIGSEGV): load a module that allows them (only shared writable mappings must be refused) or use another mount mode")
 
 // newKernel returns the kernel daxfs mounter, or an error when the module
 // is not loaded.
@@ -87,7 +104,7 @@ func newKernel() (*kernelMounter, error) {
 	return &kernelMounter{}, nil
 }
 
-func (kernelMounter) Mount(ctx context.Context, src Source, target string) error {
+func (k *kernelMounter) Mount(ctx context.Context, src Source, target string) error {
 	data, err := KernelMountData(src)
 	if err != nil {
 		return err
@@ -96,10 +113,90 @@ func (kernelMounter) Mount(ctx context.Context, src Source, target string) error
 	if err != nil {
 		return err
 	}
+	if !k.usable() {
+		return fmt.Errorf("image %s: %w: %w", src, errdefs.ErrNotImplemented, ErrModuleNoExec)
+	}
 	if err := unix.Mount("none", target, KernelFSType, KernelMountFlags, data); err != nil {
 		return fmt.Errorf("mount -t daxfs -o %s none %s: %w", data, target, err)
 	}
+	if err := k.checkExec(ctx, target); err != nil {
+		_ = detach(target)
+		return fmt.Errorf("image %s: %w", src, err)
+	}
 	return nil
+}
+
+func (k *kernelMounter) usable() bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return !k.execSeen || k.execOK
+}
+
+// checkExec finds out, on the first mount that holds a regular file,
+// whether the module lets programs on its mounts run: it maps the file
+// privately and writably, as exec maps a data segment. A module that
+// refuses is not used again (ErrModuleNoExec, errdefs.ErrNotImplemented).
+func (k *kernelMounter) checkExec(ctx context.Context, target string) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.execSeen {
+		if k.execOK {
+			return nil
+		}
+		return fmt.Errorf("%w: %w", errdefs.ErrNotImplemented, ErrModuleNoExec)
+	}
+	file := firstRegularFile(target, 4096)
+	if file == "" {
+		return nil // nothing to map: the next mount tells
+	}
+	err := mapPrivateWritable(file)
+	switch {
+	case err == nil:
+		k.execSeen, k.execOK = true, true
+		return nil
+	case errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM):
+		k.execSeen = true
+		log.G(ctx).WithError(err).WithField("file", file).Warn("not mounting with the daxfs module: " + ErrModuleNoExec.Error())
+		return fmt.Errorf("%w: %w", errdefs.ErrNotImplemented, ErrModuleNoExec)
+	}
+	// Another failure says nothing about the module; try again later.
+	log.G(ctx).WithError(err).WithField("file", file).Debug("checking the daxfs module's private mappings")
+	return nil
+}
+
+// firstRegularFile returns a non-empty regular file below dir, looking at
+// no more than limit entries; "" when there is none.
+func firstRegularFile(dir string, limit int) string {
+	found, seen := "", 0
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if seen++; seen > limit {
+			return fs.SkipAll
+		}
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		if fi, err := d.Info(); err == nil && fi.Size() > 0 {
+			found = p
+			return fs.SkipAll
+		}
+		return nil
+	})
+	return found
+}
+
+// mapPrivateWritable maps the first page of file MAP_PRIVATE with
+// PROT_WRITE, as exec maps a program's data, and unmaps it.
+func mapPrivateWritable(file string) error {
+	f, err := os.Open(file)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	b, err := unix.Mmap(int(f.Fd()), 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE)
+	if err != nil {
+		return fmt.Errorf("mmap(MAP_PRIVATE, PROT_WRITE) of %s: %w", file, err)
+	}
+	return unix.Munmap(b)
 }
 
 // kernelSource reads the window of a daxfs module mount back from its

@@ -165,7 +165,8 @@ type imageMounter struct {
 // (the kernel's erofs with dax=always over fo.DAX's block device), "erofs"
 // (the kernel's erofs over loop devices, indexing the image in place),
 // "fuse", or "auto": the daxfs module for sources with a physical address
-// when /proc/filesystems lists daxfs, else erofs-dax when fo.DAX is set,
+// when /proc/filesystems lists daxfs and the module lets programs on its
+// mounts run (ErrModuleNoExec), else erofs-dax when fo.DAX is set,
 // else erofs where it works, else FUSE (also the fallback for an image
 // erofs cannot index).
 func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
@@ -199,11 +200,13 @@ func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
 		if m.kernel, err = newKernel(); err != nil {
 			log.G(ctx).WithError(err).Debug("daxfs kernel module not usable")
 		}
-		if m.kernel == nil && fo.DAX != nil {
+		// With the module loaded too: it may turn out unusable
+		// (ErrModuleNoExec) at its first mount.
+		if fo.DAX != nil {
 			if m.dax, err = newEROFSDAX(ctx, *fo.DAX, fo.Validate); err != nil {
 				return nil, fmt.Errorf("mount.dax_device is set but unusable: %w", err)
 			}
-			log.G(ctx).WithField("device", fo.DAX.Device).Info("mounting images with erofs dax=always (no daxfs kernel module)")
+			log.G(ctx).WithField("device", fo.DAX.Device).Info("mounting images without the daxfs module with erofs dax=always")
 		}
 		if m.erofs, err = newEROFS(ctx, fo.erofsDir(), fo.Validate); err == nil {
 			log.G(ctx).Debug("mounting images with erofs over loop devices (no daxfs kernel module)")
@@ -240,7 +243,10 @@ func (m *imageMounter) Mount(ctx context.Context, src Source, target string) err
 		return m.fuse.Mount(ctx, src, target)
 	}
 	if m.kernel != nil && src.HasPhys {
-		return m.kernel.Mount(ctx, src, target)
+		err := m.kernel.Mount(ctx, src, target)
+		if !errors.Is(err, ErrModuleNoExec) {
+			return err
+		}
 	}
 	if m.dax != nil {
 		err := m.dax.Mount(ctx, src, target)
@@ -404,6 +410,9 @@ func DetachStale(ctx context.Context, target string) error {
 		log.G(ctx).WithField("target", target).WithField("fstype", m.FSType).Warn("detaching a stale mount")
 		if err := unix.Unmount(target, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
 			return fmt.Errorf("detaching the stale mount on %s: %w", target, err)
+		}
+		if isDAXMetaDevice(m.Source) {
+			dmRemove(ctx, m.Source)
 		}
 	}
 	return nil

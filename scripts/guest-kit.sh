@@ -221,9 +221,11 @@ $(tail -n 20 "$blog")"
 	local ird="$root/tmp/initrd"
 	mkdir -p "$ird"/{bin,dev,proc,sys,newroot,lib/modules}
 	cp "$root/bin/busybox" "$ird/bin/busybox"
-	local f n=0
+	local f n=0 mods
 	: >"$ird/lib/modules/order"
-	for f in $(resolve_modules "$kver" "$root" $modules_initrd); do
+	# Resolved first: a failure inside $(...) in the for list would not stop the build.
+	mods=$(resolve_modules "$kver" "$root" $modules_initrd) || die "resolving the initrd's modules ($modules_initrd) failed"
+	for f in $mods; do
 		n=$((n + 1))
 		local base=${f##*/}
 		case "$base" in

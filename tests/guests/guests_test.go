@@ -724,7 +724,10 @@ func testStockKernel(t *testing.T, reg string, n *node) {
 	// The legacy persistent memory range (memmap=SIZE!BASE) becomes a raw
 	// pmem namespace, DAX capable; its number depends on the regions the
 	// kernel registered before it.
-	pmem := strings.TrimSpace(n.sh(t, `rmmod daxfs
+	// The daxfs module as published is loaded: auto mode must find out
+	// that programs on its mounts cannot run (testModuleExec) and mount
+	// with erofs dax=always instead.
+	pmem := strings.TrimSpace(n.sh(t, `rmmod daxfs && insmod /lib/modules/$(uname -r)/daxfs-upstream.ko
 modprobe -a nd_e820 nd_pmem dm_mod
 i=0; while ! ls /dev/pmem* >/dev/null 2>&1 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 for p in /dev/pmem*; do [ "$(blockdev --getsize64 $p)" = `+strconv.Itoa(sharedSize)+` ] && echo $p; done; true`))
@@ -746,6 +749,12 @@ for p in /dev/pmem*; do [ "$(blockdev --getsize64 $p)" = `+strconv.Itoa(sharedSi
 	if got := n.ctr(t, "run", "--rm", "--snapshotter", "daxfs", ref, "stock1", "sh", "-c", "'cat /data/keep /data/replaced; sha256sum /big/3'"); got != want {
 		t.Fatalf("container printed %q, want %q", got, want)
 	}
+	if l := n.daemonLog(t); !strings.Contains(l, "not mounting with the daxfs module") || !strings.Contains(l, "refuses private writable mappings") {
+		t.Fatalf("the daemon did not say why it left the published daxfs module alone:\n%s", l)
+	}
+	if out := n.sh(t, "grep -c ' daxfs ' /proc/mounts || true"); strings.TrimSpace(out) != "0" {
+		t.Fatalf("the published daxfs module still has mounts: %s", out)
+	}
 
 	// The same view served by the product's FUSE mounter, read the same
 	// way through an overlay.
@@ -760,7 +769,7 @@ for p in /dev/pmem*; do [ "$(blockdev --getsize64 $p)" = `+strconv.Itoa(sharedSi
 	}
 	length = stockRegionSize - off
 	res := strings.Fields(n.sh(t, fmt.Sprintf(`mkdir -p /mnt/fuse /tmp/ovl/u /tmp/ovl/w /tmp/ovl/m
-containerd-daxfs-grpc mount --mode fuse --fuse-state /run/stock-fuse --offset %d --length %d `+devDAX+` /mnt/fuse
+containerd-daxfs-grpc mount --mode fuse --state /run/stock-fuse --offset %d --length %d `+devDAX+` /mnt/fuse
 mount -t overlay overlay -o lowerdir=/mnt/fuse,upperdir=/tmp/ovl/u,workdir=/tmp/ovl/w /tmp/ovl/m
 sync; echo 3 > /proc/sys/vm/drop_caches
 cached() { awk '$1 == "Cached:" {print $2 * 1024}' /proc/meminfo; }
@@ -768,7 +777,7 @@ c0=$(cached)
 r=$(chroot /tmp/ovl/m /bin/sh -c 'find `+imageDirs+` -type f -exec cat {} + | wc -c')
 c1=$(cached)
 umount /tmp/ovl/m
-containerd-daxfs-grpc umount --fuse-state /run/stock-fuse /mnt/fuse
+containerd-daxfs-grpc umount --state /run/stock-fuse /mnt/fuse
 echo $r $((c1 - c0))`, off, length)))
 	if len(res) != 2 {
 		t.Fatalf("measurement printed %v", res)
@@ -798,5 +807,17 @@ echo $r $((c1 - c0))`, off, length)))
 	}
 	if got := n.ctr(t, "run", "--rm", "--snapshotter", "daxfs", ref, "stock2", "sh", "-c", "'cat /data/keep /data/replaced; sha256sum /big/3'"); got != want {
 		t.Fatalf("container after the restart printed %q, want %q", got, want)
+	}
+
+	// Removing the image takes the views off, with their device-mapper
+	// devices and this participant's references to their metadata
+	// images: a collection then frees every entry of the region.
+	removeImage(t, n, ref)
+	if _, out, ok := n.try(t, `i=0; while dmsetup ls | grep -q `+"daxfs-erofs-"+`; do sleep 0.5; i=$((i+1)); [ $i -lt 240 ] || { dmsetup ls >&2; exit 1; }; done`); !ok {
+		t.Fatalf("the erofs-dax device-mapper devices outlived the image's views:\n%s", out)
+	}
+	n.sh(t, "containerd-daxfs-grpc region gc --backend devdax --path "+devDAX)
+	if es := regionEntries(t, n); len(es) != 0 {
+		t.Fatalf("after the image was removed and collected the region still holds %v", es)
 	}
 }

@@ -113,10 +113,13 @@ func (c *cluster) boot(tb testing.TB, registry string, names ...string) []*node 
 		}()
 	}
 	wg.Wait()
-	for i, n := range nodes {
+	// Every started guest is stopped at cleanup, whichever failed.
+	for _, n := range nodes {
 		if n.Machine != nil {
 			n.Machine.StopAtCleanup(tb)
 		}
+	}
+	for i := range nodes {
 		if errs[i] != nil {
 			tb.Fatalf("booting guest %s: %v", names[i], errs[i])
 		}
@@ -223,6 +226,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
   capabilities = ["rebase"]
   [proxy_plugins.daxfs.exports]
     root = "` + daxfsRoot + `"
+    enable_remote_snapshot_annotations = "true"
 [proxy_plugins.daxfs-diff]
   type = "diff"
   address = "` + daxfsSocket + `"
