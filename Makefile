@@ -48,7 +48,7 @@ unit:
 # they skip where QEMU or the kernel packages are out of reach, are in the
 # output.
 guests:
-	$(GO) test -count=1 -race -v -timeout 40m ./tests/guests/ ./internal/guest/...
+	$(GO) test -count=1 -race -v -timeout 40m ./tests/guests/
 
 # fuzz runs every fuzz target of the module for FUZZTIME each (see the
 # script for how it treats the fuzzing engine's deadline endings).

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"testing"
 )
@@ -80,9 +81,6 @@ func TestAliases(t *testing.T) {
 	if err := a.Unref(KindLayer, layer); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.GC(ctx, GCOptions{}); err != nil {
-		t.Fatal(err)
-	}
 	st, err := a.GC(ctx, GCOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -92,6 +90,33 @@ func TestAliases(t *testing.T) {
 	}
 	if s := a.Stats(); s.Aliases != 0 {
 		t.Fatalf("%d aliases left after their layer went (last GC %+v)", s.Aliases, st)
+	}
+}
+
+// TestGCFreesAliasesInOnePass: one collection frees unreferenced layers
+// and their aliases, whichever slots they hash to (it once checked each
+// alias in slot order, and kept those before their layer's slot until a
+// second collection).
+func TestGCFreesAliasesInOnePass(t *testing.T) {
+	ctx := context.Background()
+	_, a, _, _ := twoParticipants(t)
+	const n = 32
+	for i := range n {
+		layer := key(fmt.Sprint("layer ", i))
+		publish(t, a, KindLayer, layer, 4096, 4096, ClaimOptions{})
+		if err := a.Alias(ctx, key(fmt.Sprint("blob ", i)), layer); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Unref(KindLayer, layer); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := a.GC(ctx, GCOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := a.Stats(); st.EntriesFreed != n || st.AliasesFreed != n || s.Aliases != 0 || s.Ready != 0 {
+		t.Fatalf("one GC freed %d layers and %d aliases of %d each; %d aliases and %d images left", st.EntriesFreed, st.AliasesFreed, n, s.Aliases, s.Ready)
 	}
 }
 

@@ -172,6 +172,9 @@ func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 		st.ClaimsReclaimed += claims
 		logger.WithField("participant", p).WithField("bits", bits).WithField("claims", claims).Info("reclaimed dead participant")
 	}
+	// Aliases after every image: one pass frees an alias whose layer it
+	// frees, wherever their slots lie.
+	var aliases []int
 	for s := 0; s < r.g.entries; s++ {
 		if err := ctx.Err(); err != nil {
 			return st, err
@@ -200,13 +203,7 @@ func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 			}
 		case StateReady:
 			if e.Kind == KindAlias {
-				// An alias lives as long as its layer: it holds no
-				// reference of its own.
-				if _, _, ok := r.find(KindLayer, e.Target); !ok {
-					if opts.DryRun || r.freeEntry(s, w) {
-						st.AliasesFreed++
-					}
-				}
+				aliases = append(aliases, s)
 				continue
 			}
 			if e.Refs != 0 {
@@ -228,6 +225,19 @@ func (r *Region) GC(ctx context.Context, opts GCOptions) (GCStats, error) {
 			if r.resolveDying(s, dying) {
 				st.EntriesFreed++
 				st.BytesFreed += e.Extent
+			}
+		}
+	}
+	for _, s := range aliases {
+		// An alias lives as long as its layer: it holds no reference of
+		// its own. (A dry run counts it only if its layer is gone now.)
+		e, w, ok := r.readEntry(s)
+		if !ok || e.Kind != KindAlias || e.State != StateReady {
+			continue
+		}
+		if _, _, ok := r.find(KindLayer, e.Target); !ok {
+			if opts.DryRun || r.freeEntry(s, w) {
+				st.AliasesFreed++
 			}
 		}
 	}

@@ -82,6 +82,9 @@ func startTwoGuests(tb testing.TB) *twoGuests {
 // garbage collection frees the image only when neither kernel uses it.
 func TestTwoKernelsOneMemory(t *testing.T) {
 	requireGuests(t)
+	// Beside TestOneGuest: a guest under TCG keeps one core busy only
+	// while it works, and the two tests' guests mostly wait in turn.
+	t.Parallel()
 	g := startTwoGuests(t)
 	steps := []struct {
 		name string
@@ -444,12 +447,16 @@ func testKillDaemonInA(t testing.TB, g *twoGuests) {
 	a.startDaxfs(t)
 	down := time.Since(killed)
 	restartLog := a.daemonLog(t)[logBefore:]
+	// The same mounts (mount IDs and all): adopted, not made again.
 	after := viewMounts(t, a)
 	if fmt.Sprint(after) != fmt.Sprint(before) {
 		t.Fatalf("A's view mounts changed across the restart: %v, then %v", before, after)
 	}
 	for _, m := range before {
-		if !strings.Contains(restartLog, "adopted mounted view") || !strings.Contains(restartLog, filepath.Base(m.Target)) {
+		adopted := slices.ContainsFunc(strings.Split(restartLog, "\n"), func(l string) bool {
+			return strings.Contains(l, "adopted mounted view") && strings.Contains(l, filepath.Base(m.Target))
+		})
+		if !adopted {
 			t.Fatalf("the restarted daemon did not log adopting view %s:\n%s", filepath.Base(m.Target), restartLog)
 		}
 	}
@@ -568,6 +575,20 @@ func testGCAcrossKernels(t testing.TB, g *twoGuests) {
 	if es := layerEntries(t, b, g.built); len(es) != 0 {
 		t.Fatalf("after both removed the image and A collected, the region still lists its layers: %v", es)
 	}
+	// Nor anything else of it: views (taken off by each daemon's cleanup
+	// once the image's snapshots are gone) and aliases.
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		a.sh(t, "containerd-daxfs-grpc region gc --backend devdax --path "+devDAX)
+		es := regionEntries(t, a)
+		if len(es) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("2 minutes after both removed the image the region still holds %v", es)
+		}
+		time.Sleep(2 * time.Second)
+	}
 }
 
 // TestOneGuest boots one guest on a region made on a file with 4 KiB
@@ -576,6 +597,7 @@ func testGCAcrossKernels(t testing.TB, g *twoGuests) {
 // without the module.
 func TestOneGuest(t *testing.T) {
 	requireGuests(t)
+	t.Parallel()
 	reg := testenv.StartRegistry(t)
 	c := newCluster(t, sharedSize)
 	c.pmemAlias = true
@@ -738,7 +760,7 @@ for p in /dev/pmem*; do [ "$(blockdev --getsize64 $p)" = `+strconv.Itoa(sharedSi
 	n.daxfsConfig = daxfsConfig + "dax_device = \"" + pmem + "\"\n"
 	n.startProduct(t)
 	n.ctr(t, "image", "pull", "--plain-http", "--snapshotter", "daxfs", ref)
-	daxRead, _, daxCached := pageCacheGrowth(t, n, ref, "daxfs", "pc-erofs-dax")
+	daxRead, daxCgroup, daxCached := pageCacheGrowth(t, n, ref, "daxfs", "pc-erofs-dax")
 
 	top := topView(t, n)
 	out := n.sh(t, "grep ' "+top+" ' /proc/mounts")
@@ -784,18 +806,20 @@ echo $r $((c1 - c0))`, off, length)))
 	}
 	fuseRead, _ := strconv.ParseInt(res[0], 10, 64)
 	fuseCached, _ := strconv.ParseInt(res[1], 10, 64)
-	t.Logf("stock kernel (no daxfs module), reading every file of the image's root:\n"+
-		"  erofs dax=always over pmem (mount.dax_device): %5.1f MiB read, guest Cached %+6.1f MiB\n"+
-		"  FUSE on device DAX (without it):              %5.1f MiB read, guest Cached %+6.1f MiB",
-		mib(daxRead), mib(daxCached), mib(fuseRead), mib(fuseCached))
+	t.Logf("stock kernel (no usable daxfs module), reading every file of the image's root:\n"+
+		"  erofs dax=always over pmem (mount.dax_device): %5.1f MiB read, container's cgroup file pages %+6.1f MiB, guest Cached %+6.1f MiB\n"+
+		"  FUSE on device DAX (without it):              %5.1f MiB read,                                          guest Cached %+6.1f MiB",
+		mib(daxRead), mib(daxCgroup), mib(daxCached), mib(fuseRead), mib(fuseCached))
 	if daxRead != fuseRead || daxRead < bigFiles*bigFileLen {
 		t.Fatalf("read %d bytes through erofs dax=always and %d through FUSE, want the same, at least %d", daxRead, fuseRead, bigFiles*bigFileLen)
 	}
 	if fuseCached < fuseRead/2 {
 		t.Errorf("FUSE added only %d bytes of page cache reading %d: the measurement does not see page cache", fuseCached, fuseRead)
 	}
-	if daxCached > daxRead/20 {
-		t.Errorf("erofs with dax=always added %d bytes of page cache reading %d", daxCached, daxRead)
+	// The container's own cgroup: the guest-wide figure moves with
+	// whatever else the guest writes meanwhile (logs).
+	if daxCgroup > daxRead/20 {
+		t.Errorf("erofs with dax=always added %d bytes of page cache to the container's cgroup reading %d", daxCgroup, daxRead)
 	}
 
 	// A restarted daemon adopts the mounts and their metadata images.

@@ -337,9 +337,10 @@ func (n *node) metrics(tb testing.TB) map[string]float64 {
 	return m
 }
 
-// daxfsMount is a view mounted by the daxfs module.
+// daxfsMount is a view mounted by the daxfs module. ID is the mount's
+// ID in mountinfo: a remount on the same target gets another.
 type daxfsMount struct {
-	Target, Options string
+	ID, Target, Options string
 }
 
 // daxfsMounts lists the daxfs module's mounts in the guest (mountinfo:
@@ -357,7 +358,7 @@ func (n *node) daxfsMounts(tb testing.TB) []daxfsMount {
 		if len(f) < 5 || len(g) < 3 || g[0] != "daxfs" {
 			continue
 		}
-		ms = append(ms, daxfsMount{Target: f[4], Options: g[2]})
+		ms = append(ms, daxfsMount{ID: f[0], Target: f[4], Options: g[2]})
 	}
 	return ms
 }
