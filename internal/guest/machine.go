@@ -268,11 +268,13 @@ func (m *Machine) ping() bool {
 	return resp.StatusCode == http.StatusOK
 }
 
-// Stop kills QEMU (the guest's disk writes are discarded: snapshot=on).
+// Stop kills QEMU (the guest's disk writes are discarded: snapshot=on)
+// and whatever it started (the registry relays): its process group.
 func (m *Machine) Stop() {
 	if m.cmd == nil || m.cmd.Process == nil {
 		return
 	}
+	defer func() { _ = syscall.Kill(-m.cmd.Process.Pid, syscall.SIGKILL) }()
 	select {
 	case <-m.exited:
 		return

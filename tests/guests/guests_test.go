@@ -82,9 +82,6 @@ func startTwoGuests(tb testing.TB) *twoGuests {
 // garbage collection frees the image only when neither kernel uses it.
 func TestTwoKernelsOneMemory(t *testing.T) {
 	requireGuests(t)
-	// Beside TestOneGuest: a guest under TCG keeps one core busy only
-	// while it works, and the two tests' guests mostly wait in turn.
-	t.Parallel()
 	g := startTwoGuests(t)
 	steps := []struct {
 		name string
@@ -597,7 +594,6 @@ func testGCAcrossKernels(t testing.TB, g *twoGuests) {
 // without the module.
 func TestOneGuest(t *testing.T) {
 	requireGuests(t)
-	t.Parallel()
 	reg := testenv.StartRegistry(t)
 	c := newCluster(t, sharedSize)
 	c.pmemAlias = true
