@@ -18,12 +18,8 @@ import (
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
 
-// sharedSize is the memory the guests share: the region. Not less: the
-// differ claims a generous extent for each layer (8 times its blob, at
-// least 64 MiB; the unused tail is given back at publish), and the claims
-// of this image's layers must leave room below them for the views (which
-// lie below their layers). In 256 MiB the 24 MiB layer's claim starts at
-// the bottom of the data area and no view fits under it.
+// sharedSize is the memory the guests share: the region (TestOneGuest
+// keeps its last 128 MiB for a test image of its own).
 const sharedSize = 1 << 30
 
 // twoGuests is the setting of the tests: a registry on the host with the
