@@ -115,9 +115,10 @@ func qemuArgs(cfg Config, hostPort int) []string {
 			total += s.Size
 		}
 	}
-	netdev := fmt.Sprintf("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:%d-:%d", hostPort, agent.Port)
+	var netdev strings.Builder
+	fmt.Fprintf(&netdev, "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:%d-:%d", hostPort, agent.Port)
 	for _, f := range cfg.Forwards {
-		netdev += fmt.Sprintf(",guestfwd=tcp:%s:%d-cmd:%s %s", ForwardIP, f.GuestPort, strings.Join(cfg.Relay, " "), f.HostAddr)
+		fmt.Fprintf(&netdev, ",guestfwd=tcp:%s:%d-cmd:%s %s", ForwardIP, f.GuestPort, strings.Join(cfg.Relay, " "), f.HostAddr)
 	}
 	args := []string{
 		"-name", cfg.Name,
@@ -132,7 +133,7 @@ func qemuArgs(cfg Config, hostPort int) []string {
 		"-initrd", cfg.Kit.Initrd,
 		"-append", KernelArgs(cfg),
 		"-drive", "file="+cfg.Kit.RootImage+",if=virtio,format=raw,snapshot=on,cache=unsafe",
-		"-netdev", netdev,
+		"-netdev", netdev.String(),
 		"-device", "virtio-net-pci,netdev=n0",
 		"-virtfs", "local,path="+cfg.Share+",mount_tag=kit,security_model=none,readonly=on",
 		"-nodefaults", "-display", "none", "-no-reboot",
@@ -199,7 +200,7 @@ func Start(cfg Config) (*Machine, error) {
 	}
 	m := &Machine{Name: cfg.Name, Config: cfg, ownDir: ownDir, console: filepath.Join(cfg.Dir, "console.log"), client: &http.Client{}}
 	var lastErr error
-	for attempt := 0; attempt < 5; attempt++ {
+	for range 5 {
 		port, err := freePort()
 		if err != nil {
 			return m, err

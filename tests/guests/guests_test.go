@@ -376,7 +376,7 @@ func rounds(t testing.TB, n *node, id string) (int, string) {
 	out := n.sh(t, `echo "n=$(cat /run/readers/`+id+`/n 2>/dev/null)"; echo "fail=$(cat /run/readers/`+id+`/fail 2>/dev/null | tr "\n" " ")"`)
 	var k int
 	var fails string
-	for _, line := range strings.Split(out, "\n") {
+	for line := range strings.SplitSeq(out, "\n") {
 		if v, ok := strings.CutPrefix(line, "n="); ok && v != "" {
 			var err error
 			if k, err = strconv.Atoi(v); err != nil {
@@ -772,7 +772,7 @@ for p in /dev/pmem*; do [ "$(blockdev --getsize64 $p)" = `+strconv.Itoa(sharedSi
 
 	// The same view served by the product's FUSE mounter, read the same
 	// way through an overlay.
-	var off, length int64 = -1, 0
+	var off int64 = -1
 	for _, e := range regionEntries(t, n) {
 		if e.Kind == "view" && e.Key == "sha256:"+filepath.Base(top) {
 			off = e.Offset
@@ -781,10 +781,10 @@ for p in /dev/pmem*; do [ "$(blockdev --getsize64 $p)" = `+strconv.Itoa(sharedSi
 	if off < 0 {
 		t.Fatalf("view %s is not in the region", filepath.Base(top))
 	}
-	length = stockRegionSize - off
+	length := stockRegionSize - off
 	res := strings.Fields(n.sh(t, fmt.Sprintf(`mkdir -p /mnt/fuse /tmp/ovl/u /tmp/ovl/w /tmp/ovl/m
 containerd-daxfs-grpc mount --mode fuse --state /run/stock-fuse --offset %d --length %d `+devDAX+` /mnt/fuse
-mount -t overlay overlay -o lowerdir=/mnt/fuse,upperdir=/tmp/ovl/u,workdir=/tmp/ovl/w /tmp/ovl/m
+mount -t overlay ovl -o lowerdir=/mnt/fuse,upperdir=/tmp/ovl/u,workdir=/tmp/ovl/w /tmp/ovl/m
 sync; echo 3 > /proc/sys/vm/drop_caches
 cached() { awk '$1 == "Cached:" {print $2 * 1024}' /proc/meminfo; }
 c0=$(cached)

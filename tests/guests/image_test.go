@@ -57,7 +57,7 @@ func guestImage(tb testing.TB) *testimage.Built {
 		testimage.Dir("links", 0o755),
 		testimage.Dir("big", 0o755),
 	}}
-	for i := 0; i < bigFiles; i++ {
+	for i := range bigFiles {
 		base.Entries = append(base.Entries, testimage.File(fmt.Sprintf("big/%d", i), bigData(i), 0o644))
 	}
 	upper := testimage.Layer{Compression: testimage.Zstd, Entries: []testimage.Entry{

@@ -28,8 +28,7 @@ var (
 // guests run, before any test: their minutes are not any test's time.
 func TestMain(m *testing.M) {
 	kit, kitErr = guest.LoadKit()
-	var ue *guest.UnavailableError
-	if errors.As(kitErr, &ue) {
+	if ue, ok := errors.AsType[*guest.UnavailableError](kitErr); ok {
 		kitSkip, kitErr = ue.Reason, nil
 		fmt.Fprintf(os.Stderr, "\n%s\nGUEST TESTS SKIPPED: %s\n%s\n\n", strings.Repeat("!", 72), ue.Reason, strings.Repeat("!", 72))
 	}

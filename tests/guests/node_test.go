@@ -106,11 +106,9 @@ func (c *cluster) boot(tb testing.TB, registry string, names ...string) []*node 
 		if n.proxy != nil {
 			cfg.Forwards = []guest.Forward{{GuestPort: 5000, HostAddr: n.proxy.Addr}}
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			n.Machine, errs[i] = guest.Start(cfg)
-		}()
+		})
 	}
 	wg.Wait()
 	// Every started guest is stopped at cleanup, whichever failed.
@@ -119,9 +117,9 @@ func (c *cluster) boot(tb testing.TB, registry string, names ...string) []*node 
 			n.Machine.StopAtCleanup(tb)
 		}
 	}
-	for i := range nodes {
+	for i, name := range names {
 		if errs[i] != nil {
-			tb.Fatalf("booting guest %s: %v", names[i], errs[i])
+			tb.Fatalf("booting guest %s: %v", name, errs[i])
 		}
 	}
 	for _, n := range nodes {
@@ -317,7 +315,7 @@ func (n *node) metrics(tb testing.TB) map[string]float64 {
 	tb.Helper()
 	out := n.sh(tb, "busybox wget -qO- http://"+metricsAddr+"/metrics")
 	m := map[string]float64{}
-	for _, line := range strings.Split(out, "\n") {
+	for line := range strings.SplitSeq(out, "\n") {
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
@@ -349,7 +347,7 @@ func (n *node) daxfsMounts(tb testing.TB) []daxfsMount {
 	tb.Helper()
 	out := n.sh(tb, "cat /proc/self/mountinfo")
 	var ms []daxfsMount
-	for _, line := range strings.Split(out, "\n") {
+	for line := range strings.SplitSeq(out, "\n") {
 		pre, post, ok := strings.Cut(line, " - ")
 		if !ok {
 			continue

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
 )
@@ -95,7 +97,7 @@ func startCountingProxy(tb testing.TB, registry string) *countingProxy {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	srv := &http.Server{Handler: rp}
+	srv := &http.Server{Handler: rp, ReadHeaderTimeout: time.Minute}
 	go srv.Serve(l)
 	tb.Cleanup(func() { srv.Close() })
 	p.Addr = l.Addr().String()
@@ -107,9 +109,7 @@ func (p *countingProxy) Served() map[string]int64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := make(map[string]int64, len(p.blobs))
-	for k, v := range p.blobs {
-		out[k] = v
-	}
+	maps.Copy(out, p.blobs)
 	return out
 }
 

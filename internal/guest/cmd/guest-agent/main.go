@@ -30,6 +30,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -51,7 +52,7 @@ func main() {
 	mux.HandleFunc(agent.PathPing, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc(agent.PathRun, handleRun)
 	mux.HandleFunc(agent.PathStart, handleStart)
-	srv := &http.Server{Addr: ":" + strconv.Itoa(agent.Port), Handler: mux}
+	srv := &http.Server{Addr: ":" + strconv.Itoa(agent.Port), Handler: mux, ReadHeaderTimeout: time.Minute}
 	log.Fatal(srv.ListenAndServe())
 }
 
@@ -88,7 +89,7 @@ func helper(name string, args []string) error {
 // connection to standard output, until both directions end: QEMU's
 // guestfwd runs it (on the host) for each guest connection.
 func relay(addr string) error {
-	conn, err := net.Dial("tcp", addr)
+	conn, err := net.Dial("tcp", addr) //nolint:gosec // G704: the address is the test's, on QEMU's command line
 	if err != nil {
 		return err
 	}
@@ -177,7 +178,7 @@ func handleRun(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel = context.WithTimeout(ctx, req.Timeout)
 		defer cancel()
 	}
-	cmd := exec.CommandContext(ctx, lookPath(req.Args[0], req.Env), req.Args[1:]...)
+	cmd := exec.CommandContext(ctx, lookPath(req.Args[0], req.Env), req.Args[1:]...) //nolint:gosec // G702: running the test's commands in its guest is this agent's job
 	cmd.Env = append(os.Environ(), req.Env...)
 	cmd.Dir = req.Dir
 	cmd.Stdin = bytes.NewReader(req.Stdin)
@@ -235,8 +236,8 @@ func lookPath(name string, env []string) string {
 	if strings.Contains(name, "/") {
 		return name
 	}
-	for i := len(env) - 1; i >= 0; i-- {
-		if path, ok := strings.CutPrefix(env[i], "PATH="); ok {
+	for _, e := range slices.Backward(env) {
+		if path, ok := strings.CutPrefix(e, "PATH="); ok {
 			for _, dir := range filepath.SplitList(path) {
 				p := filepath.Join(dir, name)
 				if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
