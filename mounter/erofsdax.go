@@ -18,9 +18,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
-	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
 	"github.com/containerd-daxfs/containerd-daxfs/daxmem"
-	"github.com/containerd-daxfs/containerd-daxfs/mounter/erofs"
 )
 
 // DAXOptions configure the erofs-dax mounter: the kernel's own erofs
@@ -200,20 +198,7 @@ func (m *erofsDAXMounter) metaImage(src Source) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", src, err)
 	}
-	if m.validate {
-		if err := daxfs.Validate(b); err != nil {
-			return nil, fmt.Errorf("image %s: %w: %w", src, errdefs.ErrDataLoss, err)
-		}
-	}
-	img, err := daxfs.Open(b)
-	if err != nil {
-		return nil, fmt.Errorf("image %s: %w", src, err)
-	}
-	var buf bytes.Buffer
-	if _, err := erofs.Write(&buf, img, erofs.Options{DataOffset: src.Offset, DataSize: m.region.Size()}); err != nil {
-		return nil, fmt.Errorf("image %s: %w", src, err)
-	}
-	return buf.Bytes(), nil
+	return metadataImage(src, b, m.region.Size(), m.validate)
 }
 
 // store publishes meta under key in the region, or references it where a

@@ -219,32 +219,44 @@ func (m *erofsMounter) writeMeta(src Source) (*metaFile, int64, error) {
 		return nil, 0, fmt.Errorf("image %s: mmap: %w", src, err)
 	}
 	defer unix.Munmap(b)
-	if m.validate {
-		if err := daxfs.Validate(b); err != nil {
-			return nil, 0, fmt.Errorf("image %s: %w: %w", src, errdefs.ErrDataLoss, err)
-		}
-	}
-	img, err := daxfs.Open(b)
-	if err != nil {
-		return nil, 0, fmt.Errorf("image %s: %w", src, err)
-	}
 	// Loop devices count whole 512-byte sectors; erofs reads 4 KiB
 	// blocks. File data ends on a page of the image, so the data device
 	// needs the file's size rounded down to the page, at most.
 	dataSize := st.Size() / page * page
-	var buf bytes.Buffer
-	if _, err := erofs.Write(&buf, img, erofs.Options{DataOffset: src.Offset, DataSize: dataSize}); err != nil {
-		return nil, 0, fmt.Errorf("image %s: %w", src, err)
+	meta, err := metadataImage(src, b, dataSize, m.validate)
+	if err != nil {
+		return nil, 0, err
 	}
 	mf, err := m.newMetaFile()
 	if err != nil {
 		return nil, 0, err
 	}
-	if _, err := mf.f.Write(buf.Bytes()); err != nil {
+	if _, err := mf.f.Write(meta); err != nil {
 		mf.Close()
 		return nil, 0, fmt.Errorf("writing the erofs metadata of %s: %w", src, err)
 	}
 	return mf, dataSize, nil
+}
+
+// metadataImage builds the EROFS metadata image of the DAXFS image b (the
+// window of src): its regular files are chunks of a data device of
+// dataSize bytes holding the image at src.Offset. With validate, b is
+// validated whole first.
+func metadataImage(src Source, b []byte, dataSize int64, validate bool) ([]byte, error) {
+	if validate {
+		if err := daxfs.Validate(b); err != nil {
+			return nil, fmt.Errorf("image %s: %w: %w", src, errdefs.ErrDataLoss, err)
+		}
+	}
+	img, err := daxfs.Open(b)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", src, err)
+	}
+	var buf bytes.Buffer
+	if _, err := erofs.Write(&buf, img, erofs.Options{DataOffset: src.Offset, DataSize: dataSize}); err != nil {
+		return nil, fmt.Errorf("image %s: %w", src, err)
+	}
+	return buf.Bytes(), nil
 }
 
 func (m *erofsMounter) newMetaFile() (*metaFile, error) {

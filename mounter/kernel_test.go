@@ -1,6 +1,9 @@
 package mounter
 
 import (
+	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -87,4 +90,49 @@ func FuzzParseFilesystems(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestKernelExecCheck: the first mount holding a non-empty regular file
+// decides whether the module can run programs; mounts without one (empty
+// files, directories only) decide nothing; a module found unable is not
+// used again.
+func TestKernelExecCheck(t *testing.T) {
+	ctx := t.Context()
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "a", "b"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "a", "empty"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := firstRegularFile(dir, 100); got != "" {
+		t.Fatalf("firstRegularFile found %q among empty files", got)
+	}
+	k := &kernelMounter{}
+	if err := k.checkExec(ctx, dir); err != nil || k.execSeen {
+		t.Fatalf("a mount without a regular file decided (%v, seen %v)", err, k.execSeen)
+	}
+	prog := filepath.Join(dir, "a", "b", "prog")
+	if err := os.WriteFile(prog, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got := firstRegularFile(dir, 100); got != prog {
+		t.Fatalf("firstRegularFile = %q, want %q", got, prog)
+	}
+	if got := firstRegularFile(dir, 2); got != "" {
+		t.Fatalf("firstRegularFile looked past its limit: %q", got)
+	}
+	// A file system that maps privately and writably (this one): usable.
+	if err := k.checkExec(ctx, dir); err != nil || !k.execSeen || !k.execOK || !k.usable() {
+		t.Fatalf("checkExec on a file system allowing private writable mappings: %v (seen %v, ok %v)", err, k.execSeen, k.execOK)
+	}
+	// One found unable: refused from then on, as NotImplemented.
+	k = &kernelMounter{execSeen: true}
+	if k.usable() {
+		t.Fatal("a module found unable to run programs is still usable")
+	}
+	err := k.Mount(ctx, Source{HasPhys: true, PhysAddr: 1 << 32, Length: 1 << 20}, dir)
+	if !errors.Is(err, ErrModuleNoExec) || !errdefs.IsNotImplemented(err) {
+		t.Fatalf("Mount with an unusable module: %v", err)
+	}
 }
