@@ -53,6 +53,9 @@ modules_initrd="virtio_pci virtio_blk ext4"
 
 log() { echo "guest-kit: $*" >&2; }
 die() { echo "guest-kit: error: $*" >&2; exit 1; }
+# unavailable: what the kit needs is not served (exit 3, as probe: the
+# guest tests skip, saying why).
+unavailable() { echo "guest-kit: unavailable: $*" >&2; exit 3; }
 
 key() {
 	[ -f "$module_tar" ] || die "daxfs module source $module_tar is missing (../shared/kernel beside the clone)"
@@ -161,7 +164,7 @@ EOF
 	local pkg kver
 	pkg=$(in_root apt-cache search --names-only '^linux-image-[0-9].*-amd64$' | awk '{print $1}' |
 		grep -E "^linux-image-${series//./\\.}\.[0-9]+\+[a-z0-9]+-amd64\$" | sort -V | tail -n 1 || true)
-	[ -n "$pkg" ] || die "no linux-image-$series.x-amd64 in $suite-backports (set DAXFS_GUEST_KERNEL to a served series; see ../shared/kernel/README.md)"
+	[ -n "$pkg" ] || unavailable "no linux-image-$series.x-amd64 in $suite-backports any more (set DAXFS_GUEST_KERNEL to a served series the module builds against; see ../shared/kernel/README.md)"
 	kver=${pkg#linux-image-}
 	log "kernel $kver"
 	# The kernel, its modules and its headers (with the compiler the kernel

@@ -75,6 +75,10 @@ func loadKit() (*Kit, error) {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && ee.ExitCode() == 3 {
+			return nil, &UnavailableError{Reason: unavailableReason(stderr.String())}
+		}
 		return nil, fmt.Errorf("%s build: %v\n%s", script, err, stderr.String())
 	}
 	dir := strings.TrimSpace(stdout.String())
@@ -131,4 +135,15 @@ func QEMUBinary() (string, error) {
 		return "", fmt.Errorf("%s --version failed: %v: %s", p, err, bytes.TrimSpace(out))
 	}
 	return p, nil
+}
+
+// unavailableReason picks the script's "unavailable:" line out of its
+// build log (its exit trap writes more after it).
+func unavailableReason(stderr string) string {
+	for line := range strings.Lines(stderr) {
+		if _, reason, ok := strings.Cut(line, "guest-kit: unavailable: "); ok {
+			return strings.TrimSpace(reason)
+		}
+	}
+	return strings.TrimSpace(stderr)
 }
