@@ -366,6 +366,25 @@ func (im *Image) Data(ino uint32) ([]byte, error) {
 	return slices.Clip(b), nil
 }
 
+// KernelLosses names what the daxfs kernel module would not show of the
+// image beyond modification times, which it drops from every image:
+// "xattrs" when an inode has extended attributes (the module lists none),
+// "device nodes" when it holds character or block devices (the module
+// shows them as 0:0, which overlayfs takes for whiteouts). Nil when the
+// module shows the image whole. Linear in the inode count.
+func (im *Image) KernelLosses() []string {
+	var out []string
+	if len(im.xattrs) > 0 {
+		out = append(out, "xattrs")
+	}
+	for ino := uint32(1); ino <= im.count; ino++ {
+		if t := im.rawInode(ino).Mode & ModeTypeMask; t == ModeChar || t == ModeBlock {
+			return append(out, "device nodes")
+		}
+	}
+	return out
+}
+
 // HasExtension reports whether the image carries an extension block.
 func (im *Image) HasExtension() bool { return im.ext != nil }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -482,5 +483,42 @@ func TestReservingWindow(t *testing.T) {
 	h, r := file("big", big)
 	if err := w.Add(h, r); !errors.Is(err, boom) || !strings.Contains(err.Error(), "big") {
 		t.Fatalf("write past a failing reservation: %v, want the reservation's error naming the file", err)
+	}
+}
+
+// TestKernelLosses: what the daxfs module would not show is named; an
+// image of files, directories, links, FIFOs and mtimes loses nothing
+// that counts.
+func TestKernelLosses(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		h    Header
+		want []string
+	}{
+		{"plain", Header{Path: "f", Mode: ModeRegular | 0o644, ModTime: time.Unix(1e9, 0)}, nil},
+		{"fifo", Header{Path: "p", Mode: ModeFIFO | 0o600}, nil},
+		{"xattr", Header{Path: "f", Mode: ModeRegular | 0o755, Xattrs: map[string][]byte{"security.capability": {1}}}, []string{"xattrs"}},
+		{"char", Header{Path: "null", Mode: ModeChar | 0o666, Rdev: 1<<8 | 3}, []string{"device nodes"}},
+		{"block 0:0", Header{Path: "b", Mode: ModeBlock | 0o600}, []string{"device nodes"}},
+		{"both", Header{Path: "d", Mode: ModeChar | 0o600, Rdev: 5, Xattrs: map[string][]byte{"user.x": {1}}}, []string{"xattrs", "device nodes"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := buildImage(t, WriterOptions{}, func(w *Writer) {
+				if err := w.Add(&Header{Path: "dir", Mode: ModeDir | 0o755}, nil); err != nil {
+					t.Fatal(err)
+				}
+				h := tc.h
+				if err := w.Add(&h, bytes.NewReader(nil)); err != nil {
+					t.Fatal(err)
+				}
+			})
+			im, err := Open(b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := im.KernelLosses(); !slices.Equal(got, tc.want) {
+				t.Fatalf("KernelLosses() = %q, want %q", got, tc.want)
+			}
+		})
 	}
 }

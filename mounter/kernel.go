@@ -19,6 +19,9 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/daxfs"
+	"github.com/containerd-daxfs/containerd-daxfs/mounter/daxfuse"
 )
 
 // KernelFSType is the kernel module's file system type.
@@ -162,6 +165,21 @@ func (k *kernelMounter) checkExec(ctx context.Context, target string) error {
 	// Another failure says nothing about the module; try again later.
 	log.G(ctx).WithError(err).WithField("file", file).Debug("checking the daxfs module's private mappings")
 	return nil
+}
+
+// imageLosses maps the image at src and names what the daxfs module would
+// not show of it (daxfs.Image.KernelLosses).
+func imageLosses(src Source) ([]string, error) {
+	w, err := daxfuse.MapWindow(src.Path, src.Offset, src.Length)
+	if err != nil {
+		return nil, err
+	}
+	defer w.Close()
+	im, err := daxfs.Open(w.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	return im.KernelLosses(), nil
 }
 
 // firstRegularFile returns a non-empty regular file below dir, looking at

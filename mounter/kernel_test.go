@@ -8,6 +8,9 @@ import (
 	"testing"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/containerd-daxfs/containerd-daxfs/mounter/internal/mtest"
 )
 
 const sampleFilesystems = `nodev	sysfs
@@ -134,5 +137,46 @@ func TestKernelExecCheck(t *testing.T) {
 	err := k.Mount(ctx, Source{HasPhys: true, PhysAddr: 1 << 32, Length: 1 << 20}, dir)
 	if !errors.Is(err, ErrModuleNoExec) || !errdefs.IsNotImplemented(err) {
 		t.Fatalf("Mount with an unusable module: %v", err)
+	}
+}
+
+// TestImageLosses: the images auto mode keeps from the daxfs module are
+// those with xattrs or device nodes, read through the source window.
+func TestImageLosses(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name  string
+		build func(root string) error
+		want  string
+	}{
+		{"plain", func(root string) error { return os.WriteFile(filepath.Join(root, "f"), []byte("x"), 0o644) }, ""},
+		{"xattr", func(root string) error {
+			f := filepath.Join(root, "f")
+			if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
+				return err
+			}
+			return unix.Setxattr(f, "user.k", []byte("v"), 0)
+		}, "xattrs"},
+		{"device", func(root string) error {
+			return unix.Mknod(filepath.Join(root, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
+		}, "device nodes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := filepath.Join(dir, tc.name)
+			if err := os.Mkdir(root, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.build(root); err != nil {
+				t.Fatal(err)
+			}
+			img := root + ".daxfs"
+			if err := mtest.ImageFromDir(root, img); err != nil {
+				t.Fatal(err)
+			}
+			lost, err := imageLosses(Source{Path: img})
+			if err != nil || strings.Join(lost, ",") != tc.want {
+				t.Fatalf("imageLosses = %q, %v; want %q", lost, err, tc.want)
+			}
+		})
 	}
 }

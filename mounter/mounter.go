@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -165,8 +166,9 @@ type imageMounter struct {
 // (the kernel's erofs with dax=always over fo.DAX's block device), "erofs"
 // (the kernel's erofs over loop devices, indexing the image in place),
 // "fuse", or "auto": the daxfs module for sources with a physical address
-// when /proc/filesystems lists daxfs and the module lets programs on its
-// mounts run (ErrModuleNoExec), else erofs-dax when fo.DAX is set,
+// when /proc/filesystems lists daxfs, the module lets programs on its
+// mounts run (ErrModuleNoExec) and the image has nothing it would drop
+// (daxfs.Image.KernelLosses), else erofs-dax when fo.DAX is set,
 // else erofs where it works, else FUSE (also the fallback for an image
 // erofs cannot index).
 func New(ctx context.Context, mode string, fo FUSEOptions) (Mounter, error) {
@@ -234,6 +236,9 @@ func (m *imageMounter) serveFUSE(ctx context.Context) error {
 func (m *imageMounter) Mount(ctx context.Context, src Source, target string) error {
 	switch m.mode {
 	case ModeKernel:
+		if lost, err := imageLosses(src); err == nil && len(lost) > 0 {
+			log.G(ctx).WithField("image", src.String()).Warnf("mounting with the daxfs module (mount.mode kernel), which drops the image's %s", strings.Join(lost, " and "))
+		}
 		return m.kernel.Mount(ctx, src, target)
 	case ModeEROFS:
 		return m.erofs.Mount(ctx, src, target)
@@ -243,9 +248,20 @@ func (m *imageMounter) Mount(ctx context.Context, src Source, target string) err
 		return m.fuse.Mount(ctx, src, target)
 	}
 	if m.kernel != nil && src.HasPhys {
-		err := m.kernel.Mount(ctx, src, target)
-		if !errors.Is(err, ErrModuleNoExec) {
-			return err
+		// The module shows no xattrs (file capabilities among them) and
+		// no device numbers: such an image goes to a mounter that does.
+		lost, err := imageLosses(src)
+		switch {
+		case err == nil && len(lost) == 0:
+			err := m.kernel.Mount(ctx, src, target)
+			if !errors.Is(err, ErrModuleNoExec) {
+				return err
+			}
+		case err == nil:
+			log.G(ctx).WithField("image", src.String()).Infof("not mounting with the daxfs module, which would drop the image's %s", strings.Join(lost, " and "))
+		default:
+			// The other mounters validate and say what is wrong.
+			log.G(ctx).WithError(err).WithField("image", src.String()).Debug("reading the image for the daxfs module")
 		}
 	}
 	if m.dax != nil {

@@ -39,9 +39,16 @@ func sha(b []byte) string {
 
 // guestImage is busybox plus two layers exercising what OCI layers carry:
 // whiteouts of a file and of a directory, an opaque directory, a replaced
-// file, a hard link, symlinks, a FIFO, a device node, an xattr, a setuid
-// file, and bigFiles large files.
-func guestImage(tb testing.TB) *testimage.Built {
+// file, a hard link, symlinks, a FIFO, a setuid file, and bigFiles large
+// files; nothing the daxfs module would drop, so its views are the
+// module's in auto mode.
+func guestImage(tb testing.TB) *testimage.Built { return buildGuestImage(tb, false) }
+
+// lossyGuestImage is guestImage with a third layer holding what the daxfs
+// module would drop: a device node and an xattr.
+func lossyGuestImage(tb testing.TB) *testimage.Built { return buildGuestImage(tb, true) }
+
+func buildGuestImage(tb testing.TB, lossy bool) *testimage.Built {
 	tb.Helper()
 	base := testimage.Layer{Entries: []testimage.Entry{
 		testimage.Dir("data", 0o755),
@@ -73,11 +80,16 @@ func guestImage(tb testing.TB) *testimage.Built {
 		testimage.Symlink("links/soft", "target"),
 		testimage.Symlink("links/dangling", "/nonexistent/path"),
 		testimage.FIFO("links/fifo", 0o600),
-		testimage.CharDevice("links/null", 0o666, 1, 3),
-		testimage.File("links/xattrs", []byte("x\n"), 0o644).WithXattr("user.note", "hello"),
 		testimage.File("links/setuid", []byte("#!/bin/sh\n"), 0o4755),
 	}}
-	built, err := testenv.BusyboxImage(tb, base, upper).Build()
+	layers := []testimage.Layer{base, upper}
+	if lossy {
+		layers = append(layers, testimage.Layer{Entries: []testimage.Entry{
+			testimage.CharDevice("links/null", 0o666, 1, 3),
+			testimage.File("links/xattrs", []byte("x\n"), 0o644).WithXattr("user.note", "hello"),
+		}})
+	}
+	built, err := testenv.BusyboxImage(tb, layers...).Build()
 	if err != nil {
 		tb.Fatal(err)
 	}
