@@ -114,44 +114,15 @@ func TestBaselineRegistryPushPull(t *testing.T) {
 // symlinks, a FIFO, a device node, xattrs in two namespaces, nanosecond
 // mtimes, a long UTF-8 name and ownership.
 func layeredImage(tb testing.TB) testimage.Image {
-	mtime := time.Date(2023, 5, 6, 7, 8, 9, 123456789, time.UTC)
 	long := strings.Repeat("ü", 100) + ".txt" // 204 bytes of UTF-8
-	base := testimage.Layer{Entries: []testimage.Entry{
-		testimage.Dir("data", 0o755),
-		testimage.File("data/keep", []byte("keep\n"), 0o644),
-		testimage.File("data/gone", []byte("gone\n"), 0o644),
-		testimage.File("data/replaced", []byte("old\n"), 0o600),
-		testimage.Dir("opaque", 0o755),
-		testimage.File("opaque/old1", []byte("old1\n"), 0o644),
-		testimage.Dir("opaque/sub", 0o755),
-		testimage.File("opaque/sub/old2", []byte("old2\n"), 0o644),
-		testimage.Dir("deleted-dir", 0o755),
-		testimage.File("deleted-dir/f", []byte("f\n"), 0o644),
-		testimage.Dir("links", 0o755),
-	}}
-	upper := testimage.Layer{Compression: testimage.Zstd, Entries: []testimage.Entry{
-		testimage.Whiteout("data/gone"),
-		testimage.File("data/replaced", []byte("new\n"), 0o644),
-		testimage.File("data/added", []byte("added\n"), 0o644).WithMtime(mtime),
-		testimage.Dir("opaque", 0o750),
-		testimage.Opaque("opaque"),
-		testimage.File("opaque/new", []byte("new in opaque\n"), 0o644),
-		testimage.Whiteout("deleted-dir"),
-		// A hard link must name a file of its own layer, and carries the
-		// target's metadata: containerd applies the link entry's mode and
-		// owner to the shared inode, as tar writers expect.
-		testimage.File("links/target", []byte("shared bytes\n"), 0o640).WithOwner(1000, 1001),
-		testimage.Hardlink("links/hard", "links/target").WithMode(0o640).WithOwner(1000, 1001),
-		testimage.Symlink("links/soft", "target"),
-		testimage.Symlink("links/dangling", "/nonexistent/path"),
-		testimage.FIFO("links/fifo", 0o600),
+	base, upper := testimage.WhiteoutLayers()
+	upper.Entries = append(upper.Entries,
 		testimage.CharDevice("links/null", 0o666, 1, 3),
 		testimage.File("links/xattrs", []byte("x\n"), 0o644).
 			WithXattr("user.note", "hello").
 			WithXattr("trusted.daxfs-test", "t\x00bin"),
 		testimage.File("links/"+long, []byte("long name\n"), 0o644),
-		testimage.File("links/setuid", []byte("#!/bin/sh\n"), 0o4755),
-	}}
+	)
 	return testenv.BusyboxImage(tb, base, upper)
 }
 

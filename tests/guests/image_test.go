@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"testing"
-	"time"
 
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv/testimage"
@@ -50,38 +49,11 @@ func lossyGuestImage(tb testing.TB) *testimage.Built { return buildGuestImage(tb
 
 func buildGuestImage(tb testing.TB, lossy bool) *testimage.Built {
 	tb.Helper()
-	base := testimage.Layer{Entries: []testimage.Entry{
-		testimage.Dir("data", 0o755),
-		testimage.File("data/keep", []byte("keep\n"), 0o644),
-		testimage.File("data/gone", []byte("gone\n"), 0o644),
-		testimage.File("data/replaced", []byte("old\n"), 0o600),
-		testimage.Dir("opaque", 0o755),
-		testimage.File("opaque/old1", []byte("old1\n"), 0o644),
-		testimage.Dir("opaque/sub", 0o755),
-		testimage.File("opaque/sub/old2", []byte("old2\n"), 0o644),
-		testimage.Dir("deleted-dir", 0o755),
-		testimage.File("deleted-dir/f", []byte("f\n"), 0o644),
-		testimage.Dir("links", 0o755),
-		testimage.Dir("big", 0o755),
-	}}
+	base, upper := testimage.WhiteoutLayers()
+	base.Entries = append(base.Entries, testimage.Dir("big", 0o755))
 	for i := range bigFiles {
 		base.Entries = append(base.Entries, testimage.File(fmt.Sprintf("big/%d", i), bigData(i), 0o644))
 	}
-	upper := testimage.Layer{Compression: testimage.Zstd, Entries: []testimage.Entry{
-		testimage.Whiteout("data/gone"),
-		testimage.File("data/replaced", []byte("new\n"), 0o644),
-		testimage.File("data/added", []byte("added\n"), 0o644).WithMtime(time.Date(2023, 5, 6, 7, 8, 9, 123456789, time.UTC)),
-		testimage.Dir("opaque", 0o750),
-		testimage.Opaque("opaque"),
-		testimage.File("opaque/new", []byte("new in opaque\n"), 0o644),
-		testimage.Whiteout("deleted-dir"),
-		testimage.File("links/target", []byte("shared bytes\n"), 0o640).WithOwner(1000, 1001),
-		testimage.Hardlink("links/hard", "links/target").WithMode(0o640).WithOwner(1000, 1001),
-		testimage.Symlink("links/soft", "target"),
-		testimage.Symlink("links/dangling", "/nonexistent/path"),
-		testimage.FIFO("links/fifo", 0o600),
-		testimage.File("links/setuid", []byte("#!/bin/sh\n"), 0o4755),
-	}}
 	layers := []testimage.Layer{base, upper}
 	if lossy {
 		layers = append(layers, testimage.Layer{Entries: []testimage.Entry{
