@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/containerd-daxfs/containerd-daxfs/converter"
 	"github.com/containerd-daxfs/containerd-daxfs/internal/testenv"
@@ -263,19 +265,41 @@ func (d *daxfsDaemon) start(t testing.TB) {
 	t.Fatalf("containerd-daxfs-grpc did not serve on %s:\n%s", d.Socket, d.logTail())
 }
 
-// waitContainerd waits until containerd reaches the daemon through its
-// proxy plugin. After a restart, containerd's connection to the old
-// daemon is broken and gRPC retries it with a backoff (up to 3 s in
-// containerd 2.4): until it reconnects, containerd fails calls to the
-// snapshotter at once ("connection refused"), as it would for a user who
-// restarts the daemon.
+// waitContainerd waits until containerd reaches the daemon through both
+// of its proxy plugins. After a restart, containerd's connections to the
+// old daemon are broken and gRPC retries each with a backoff (up to 3 s
+// in containerd 2.4): until it reconnects, containerd fails calls to that
+// plugin at once ("connection refused"), as it would for a user who
+// restarts the daemon. The probes must reach the daemon: listing
+// snapshots is answered from containerd's own metadata, so the snapshot
+// probe prepares and removes a snapshot, and the diff probe applies
+// nothing: our differ, first in the diff service's order, declines it as
+// not its mounts and the walking differ then fails to find the content.
+// Any answer but "unavailable" shows our differ was reached.
 func (d *daxfsDaemon) waitContainerd(t testing.TB, deadline time.Time) {
 	t.Helper()
 	if d.ctrd == nil {
 		return
 	}
+	cl := d.ctrd.Client(t)
+	ctx := d.ctrd.Context(context.Background())
+	sn := cl.SnapshotService("daxfs")
+	probe := func() error {
+		key := fmt.Sprintf("probe-%d", time.Now().UnixNano())
+		if _, err := sn.Prepare(ctx, key, ""); err != nil {
+			return fmt.Errorf("snapshotter: %w", err)
+		}
+		if err := sn.Remove(ctx, key); err != nil {
+			return fmt.Errorf("snapshotter: removing %s: %w", key, err)
+		}
+		_, err := cl.DiffService().Apply(ctx, ocispec.Descriptor{MediaType: "application/vnd.daxfs.probe"}, nil)
+		if err != nil && (errdefs.IsUnavailable(err) || strings.Contains(err.Error(), "connection")) {
+			return fmt.Errorf("differ: %w", err)
+		}
+		return nil
+	}
 	for {
-		_, err := d.ctrd.Ctr(t, "snapshot", "--snapshotter", "daxfs", "ls")
+		err := probe()
 		if err == nil {
 			return
 		}
