@@ -448,6 +448,7 @@ func testKillDaemonInA(t testing.TB, g *twoGuests) {
 	ka, kb = waitRounds(t, a, "areader", ka), waitRounds(t, b, "breader", kb)
 	logBefore := len(a.daemonLog(t))
 	a.startDaxfs(t)
+	a.waitContainerdReaches(t)
 	down := time.Since(killed)
 	restartLog := a.daemonLog(t)[logBefore:]
 	// The same mounts (mount IDs and all): adopted, not made again.
@@ -828,6 +829,7 @@ echo $r $((c1 - c0))`, off, length)))
 	n.sh(t, fmt.Sprintf("kill -TERM %d; i=0; while kill -0 %d 2>/dev/null; do sleep 0.1; i=$((i+1)); [ $i -lt 300 ]; done", n.daxfsPID, n.daxfsPID))
 	logBefore := len(n.daemonLog(t))
 	n.startDaxfs(t)
+	n.waitContainerdReaches(t)
 	if l := n.daemonLog(t)[logBefore:]; !strings.Contains(l, "adopted mounted view") || !strings.Contains(l, filepath.Base(top)) {
 		t.Fatalf("the restarted daemon did not adopt the erofs dax=always view %s:\n%s", top, l)
 	}

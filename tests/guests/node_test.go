@@ -293,6 +293,16 @@ func (n *node) startDaxfs(tb testing.TB) {
 	n.waitFor(tb, "containerd-daxfs-grpc", daxfsLog, "[ -S "+daxfsSocket+" ] && busybox wget -qO /dev/null http://"+metricsAddr+"/metrics")
 }
 
+// waitContainerdReaches waits until the node's containerd reaches a
+// restarted daemon: containerd's proxy reconnects with a backoff (up to
+// 3 s), failing calls until then, and only a call the daemon answers
+// proves it (a snapshot listing is containerd's own metadata).
+func (n *node) waitContainerdReaches(tb testing.TB) {
+	tb.Helper()
+	c := "ctr --address " + ctrdSocket + " --namespace " + namespace + " snapshot --snapshotter daxfs "
+	n.waitFor(tb, "containerd's connection to containerd-daxfs-grpc", ctrdLog, c+"prepare probe-$$ >/dev/null 2>&1 && "+c+"rm probe-$$")
+}
+
 // waitFor polls check in the guest for up to 2 minutes.
 func (n *node) waitFor(tb testing.TB, what, logPath, check string) {
 	tb.Helper()
