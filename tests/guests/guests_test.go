@@ -468,8 +468,15 @@ func testKillDaemonInA(t testing.TB, g *twoGuests) {
 	if out := a.ctr(t, "run", "--rm", "--snapshotter", "daxfs", g.ref, "a2", "cat", "/data/keep"); out != want {
 		t.Fatalf("container in A after the restart printed %q", out)
 	}
-	if now := viewMounts(t, a); fmt.Sprint(now) != fmt.Sprint(before) {
-		t.Fatalf("a container after the restart mounted views anew: %v, before %v", now, before)
+	// It runs on an adopted view: none is mounted anew. A view kept only
+	// warm (that of an intermediate layer, warmed while TCG's slow unpack
+	// had not yet prepared the next layer) has no user once adopted, and
+	// the first cleanup after the restart may take it off; the readers'
+	// view has users and stays.
+	for _, m := range viewMounts(t, a) {
+		if !slices.ContainsFunc(before, func(o daxfsMount) bool { return fmt.Sprint(o) == fmt.Sprint(m) }) {
+			t.Fatalf("a container after the restart mounted view %v anew; before the restart: %v", m, before)
+		}
 	}
 	ka, kb = waitRounds(t, a, "areader", ka), waitRounds(t, b, "breader", kb)
 	t.Logf("A's daemon SIGKILLed and back serving in %s, its %d views adopted; readers without a failed read: in A rounds %d to %d, in B %d to %d",
