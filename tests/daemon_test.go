@@ -227,8 +227,10 @@ interval = "1h"
 		t.Fatal(err)
 	}
 	d.bin = bin
-	d.start(t)
+	// Registered first: a daemon that starts but never serves is stopped,
+	// and its region file removed, too.
 	t.Cleanup(func() { d.cleanup(t) })
+	d.start(t)
 	return ctrd, d
 }
 
@@ -339,22 +341,22 @@ func (d *daxfsDaemon) cleanup(t testing.TB) {
 		}
 	}
 	// containerd must drop its containers before the lowers go away.
-	ctx := context.Background()
 	if cl := d.ctrd; cl != nil {
 		_, _ = cl.Ctr(t, "tasks", "ls")
 	}
-	select {
-	case <-d.exited:
-	default:
-		_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	if d.cmd != nil {
 		select {
 		case <-d.exited:
-		case <-time.After(15 * time.Second):
-			_ = d.cmd.Process.Kill()
-			<-d.exited
+		default:
+			_ = d.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-d.exited:
+			case <-time.After(15 * time.Second):
+				_ = d.cmd.Process.Kill()
+				<-d.exited
+			}
 		}
 	}
-	_ = ctx
 	// The FUSE serving process and its descriptor holder outlive the
 	// daemon by design; end them here.
 	killMentioning(filepath.Join(d.Root, "fuse"))
