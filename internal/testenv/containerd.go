@@ -428,7 +428,7 @@ func (c *Containerd) deleteContainers() error {
 		}
 		for _, ctr := range ctrs {
 			if task, err := ctr.Task(nctx, nil); err == nil {
-				if err := deleteTask(nctx, task); err != nil {
+				if err := deleteTask(nctx, ctr, task); err != nil {
 					errs = append(errs, fmt.Errorf("deleting task %s/%s: %w", ns, ctr.ID(), err))
 				}
 			}
@@ -440,15 +440,28 @@ func (c *Containerd) deleteContainers() error {
 	return errors.Join(errs...)
 }
 
-// deleteTask kills and deletes a task. One that is gone already is no
-// error: the CRI plugin deletes its pods' tasks by itself, and may do so
-// between our listing the task and deleting it ("cannot delete a deleted
-// process: not found").
-func deleteTask(ctx context.Context, task client.Task) error {
-	if _, err := task.Delete(ctx, client.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
-		return err
+// deleteTask kills and deletes a task of ctr. One that is gone already is
+// no error: the CRI plugin deletes its pods' tasks by itself, and may do
+// so between our listing the task and deleting it ("cannot delete a
+// deleted process: not found") or while we delete it (its shim exits
+// under our call: "ttrpc: closed").
+func deleteTask(ctx context.Context, ctr client.Container, task client.Task) error {
+	for attempt := 1; ; attempt++ {
+		_, err := task.Delete(ctx, client.WithProcessKill)
+		if err == nil || errdefs.IsNotFound(err) {
+			return nil
+		}
+		// Deleted by someone else while our call was under way: the
+		// shim's connection closes under it ("ttrpc: closed").
+		if _, terr := ctr.Task(ctx, nil); errdefs.IsNotFound(terr) {
+			return nil
+		}
+		if attempt == 10 || ctx.Err() != nil {
+			return err
+		}
+		// A dead shim's task is cleaned up by containerd shortly.
+		time.Sleep(200 * time.Millisecond)
 	}
-	return nil
 }
 
 // logTail returns the last n lines of the daemon log.

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
@@ -162,7 +163,38 @@ func TestDeleteTaskToleratesAGoneTask(t *testing.T) {
 	// Someone else deletes it first.
 	ctrd.CtrOK(t, "task", "kill", "-s", "SIGKILL", "gone")
 	ctrd.CtrOK(t, "task", "rm", "-f", "gone")
-	if err := deleteTask(ctx, stale); err != nil {
+	if err := deleteTask(ctx, c, stale); err != nil {
 		t.Fatalf("deleting a task deleted meanwhile: %v", err)
+	}
+}
+
+// TestDeleteTaskToleratesADeadShim: a task whose shim went away (as when
+// the CRI plugin deletes it while we do: "ttrpc: closed") is deleted, or
+// found gone, without an error.
+func TestDeleteTaskToleratesADeadShim(t *testing.T) {
+	RequireRoot(t)
+	ctrd := StartContainerd(t, ContainerdOptions{})
+	archive, _ := WriteImageArchive(t, BusyboxImage(t), "docker.io/library/bb:deadshim")
+	ctrd.CtrOK(t, "image", "import", archive)
+	ctrd.CtrOK(t, "run", "-d", "docker.io/library/bb:deadshim", "deadshim", "sleep", "600")
+	cl := ctrd.Client(t)
+	ctx := ctrd.Context(context.Background())
+	c, err := cl.LoadContainer(ctx, "deadshim")
+	if err != nil {
+		t.Fatal(err)
+	}
+	task, err := c.Task(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Shims are started with -address <containerd's socket>.
+	if n := killProcessesMentioning(ctrd.Address()); n == 0 {
+		t.Fatal("no shim found to kill")
+	}
+	if err := deleteTask(ctx, c, task); err != nil {
+		t.Fatalf("deleting a task whose shim died: %v", err)
+	}
+	if _, err := c.Task(ctx, nil); !errdefs.IsNotFound(err) {
+		t.Fatalf("the task is still there after deleteTask: %v", err)
 	}
 }
