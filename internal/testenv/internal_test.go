@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
@@ -145,21 +146,7 @@ func TestModuleRootAndBin(t *testing.T) {
 // It once failed the test with "cannot delete a deleted process: not
 // found".
 func TestDeleteTaskToleratesAGoneTask(t *testing.T) {
-	RequireRoot(t)
-	ctrd := StartContainerd(t, ContainerdOptions{})
-	archive, _ := WriteImageArchive(t, BusyboxImage(t), "docker.io/library/bb:gone")
-	ctrd.CtrOK(t, "image", "import", archive)
-	ctrd.CtrOK(t, "run", "-d", "docker.io/library/bb:gone", "gone", "sleep", "600")
-	cl := ctrd.Client(t)
-	ctx := ctrd.Context(context.Background())
-	c, err := cl.LoadContainer(ctx, "gone")
-	if err != nil {
-		t.Fatal(err)
-	}
-	stale, err := c.Task(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctrd, ctx, c, stale := runningTask(t, "gone")
 	// Someone else deletes it first.
 	ctrd.CtrOK(t, "task", "kill", "-s", "SIGKILL", "gone")
 	ctrd.CtrOK(t, "task", "rm", "-f", "gone")
@@ -172,21 +159,7 @@ func TestDeleteTaskToleratesAGoneTask(t *testing.T) {
 // the CRI plugin deletes it while we do: "ttrpc: closed") is deleted, or
 // found gone, without an error.
 func TestDeleteTaskToleratesADeadShim(t *testing.T) {
-	RequireRoot(t)
-	ctrd := StartContainerd(t, ContainerdOptions{})
-	archive, _ := WriteImageArchive(t, BusyboxImage(t), "docker.io/library/bb:deadshim")
-	ctrd.CtrOK(t, "image", "import", archive)
-	ctrd.CtrOK(t, "run", "-d", "docker.io/library/bb:deadshim", "deadshim", "sleep", "600")
-	cl := ctrd.Client(t)
-	ctx := ctrd.Context(context.Background())
-	c, err := cl.LoadContainer(ctx, "deadshim")
-	if err != nil {
-		t.Fatal(err)
-	}
-	task, err := c.Task(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctrd, ctx, c, task := runningTask(t, "deadshim")
 	// Shims are started with -address <containerd's socket>.
 	if n := killProcessesMentioning(ctrd.Address()); n == 0 {
 		t.Fatal("no shim found to kill")
@@ -197,4 +170,26 @@ func TestDeleteTaskToleratesADeadShim(t *testing.T) {
 	if _, err := c.Task(ctx, nil); !errdefs.IsNotFound(err) {
 		t.Fatalf("the task is still there after deleteTask: %v", err)
 	}
+}
+
+// runningTask starts containerd and a busybox container id sleeping, and
+// returns them with a context in containerd's namespace.
+func runningTask(t *testing.T, id string) (*Containerd, context.Context, client.Container, client.Task) {
+	t.Helper()
+	RequireRoot(t)
+	ctrd := StartContainerd(t, ContainerdOptions{})
+	ref := "docker.io/library/bb:" + id
+	archive, _ := WriteImageArchive(t, BusyboxImage(t), ref)
+	ctrd.CtrOK(t, "image", "import", archive)
+	ctrd.CtrOK(t, "run", "-d", ref, id, "sleep", "600")
+	ctx := ctrd.Context(context.Background())
+	c, err := ctrd.Client(t).LoadContainer(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	task, err := c.Task(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ctrd, ctx, c, task
 }
